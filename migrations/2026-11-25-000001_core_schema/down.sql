@@ -1,0 +1,4 @@
+DROP TABLE append_requests;
+DROP TABLE messages;
+DROP TABLE conversations;
+DROP TABLE users;

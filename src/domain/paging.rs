@@ -1,0 +1,272 @@
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::{ConversationId, FieldViolation, Limits, UserId};
+
+/// How many rows a page holds: 0 asks for the default, anything above the
+/// maximum is clamped to it, and a negative size is an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSize(u32);
+
+impl PageSize {
+    pub fn parse(field: &str, requested: i32, limits: &Limits) -> Result<Self, FieldViolation> {
+        match requested {
+            n if n < 0 => Err(FieldViolation::new(
+                field,
+                format!("{field} must not be negative (0 means the default, {})", limits.default_page_size),
+            )),
+            0 => Ok(Self(limits.default_page_size)),
+            n => Ok(Self((n as u32).min(limits.max_page_size))),
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// The page size as a SQL LIMIT, plus one row to learn whether more follow.
+    pub fn limit_with_lookahead(self) -> i64 {
+        i64::from(self.0) + 1
+    }
+}
+
+/// Where a page of ListConversations ended: the last row's sort key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationCursor {
+    pub update_time: DateTime<Utc>,
+    pub id: ConversationId,
+}
+
+/// Where a page of ListMessages ended, and which listing it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageCursor {
+    pub conversation_id: ConversationId,
+    pub newest_first: bool,
+    pub sequence: i64,
+}
+
+const TOKEN_VERSION: u8 = 1;
+const KIND_CONVERSATIONS: u8 = 1;
+const KIND_MESSAGES: u8 = 2;
+const MAC_LEN: usize = 16;
+
+/// Encodes cursors as opaque page tokens that are bound to the user they were
+/// issued to. A keyed MAC makes any edit, and any replay by another user,
+/// detectable: such a token is an `INVALID_ARGUMENT`, never a different page.
+#[derive(Clone)]
+pub struct PageTokenCodec {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for PageTokenCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageTokenCodec(..)")
+    }
+}
+
+impl PageTokenCodec {
+    /// Every replica behind one load balancer must use the same secret, or a
+    /// token issued by one is refused by another.
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            key: Sha256::digest(secret).into(),
+        }
+    }
+
+    pub fn encode_conversations(&self, user: &UserId, cursor: &ConversationCursor) -> String {
+        let mut payload = Vec::with_capacity(24);
+        payload.extend_from_slice(&cursor.update_time.timestamp_micros().to_be_bytes());
+        payload.extend_from_slice(cursor.id.as_uuid().as_bytes());
+        self.seal(user, KIND_CONVERSATIONS, &payload)
+    }
+
+    pub fn decode_conversations(
+        &self,
+        field: &str,
+        user: &UserId,
+        token: &str,
+    ) -> Result<ConversationCursor, FieldViolation> {
+        let payload = self.open(field, user, KIND_CONVERSATIONS, token)?;
+        let (micros, id) = payload.split_at_checked(8).ok_or_else(|| invalid(field))?;
+        let micros = i64::from_be_bytes(micros.try_into().map_err(|_| invalid(field))?);
+        let update_time = DateTime::from_timestamp_micros(micros).ok_or_else(|| invalid(field))?;
+        let id = Uuid::from_slice(id).map_err(|_| invalid(field))?;
+        Ok(ConversationCursor {
+            update_time,
+            id: ConversationId::from_uuid(id),
+        })
+    }
+
+    pub fn encode_messages(&self, user: &UserId, cursor: &MessageCursor) -> String {
+        let mut payload = Vec::with_capacity(25);
+        payload.extend_from_slice(cursor.conversation_id.as_uuid().as_bytes());
+        payload.push(u8::from(cursor.newest_first));
+        payload.extend_from_slice(&cursor.sequence.to_be_bytes());
+        self.seal(user, KIND_MESSAGES, &payload)
+    }
+
+    /// Decodes a ListMessages token, which only continues the listing it came
+    /// from: the same conversation in the same order.
+    pub fn decode_messages(
+        &self,
+        field: &str,
+        user: &UserId,
+        token: &str,
+        conversation_id: ConversationId,
+        newest_first: bool,
+    ) -> Result<MessageCursor, FieldViolation> {
+        let payload = self.open(field, user, KIND_MESSAGES, token)?;
+        if payload.len() != 25 {
+            return Err(invalid(field));
+        }
+        let id = Uuid::from_slice(&payload[..16]).map_err(|_| invalid(field))?;
+        let cursor = MessageCursor {
+            conversation_id: ConversationId::from_uuid(id),
+            newest_first: payload[16] == 1,
+            sequence: i64::from_be_bytes(payload[17..25].try_into().map_err(|_| invalid(field))?),
+        };
+        if cursor.conversation_id != conversation_id || cursor.newest_first != newest_first {
+            return Err(FieldViolation::new(
+                field,
+                "page_token continues a different listing: use it with the same conversation_id and newest_first it was issued for",
+            ));
+        }
+        Ok(cursor)
+    }
+
+    fn mac(&self, user: &UserId, body: &[u8]) -> [u8; MAC_LEN] {
+        // new_from_slice accepts keys of any length for HMAC; 32 bytes always fits.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(&(user.as_str().len() as u32).to_be_bytes());
+        mac.update(user.as_str().as_bytes());
+        mac.update(body);
+        let full = mac.finalize().into_bytes();
+        let mut short = [0u8; MAC_LEN];
+        short.copy_from_slice(&full[..MAC_LEN]);
+        short
+    }
+
+    fn seal(&self, user: &UserId, kind: u8, payload: &[u8]) -> String {
+        let mut body = Vec::with_capacity(2 + payload.len() + MAC_LEN);
+        body.push(TOKEN_VERSION);
+        body.push(kind);
+        body.extend_from_slice(payload);
+        let mac = self.mac(user, &body);
+        body.extend_from_slice(&mac);
+        URL_SAFE_NO_PAD.encode(body)
+    }
+
+    fn open(&self, field: &str, user: &UserId, kind: u8, token: &str) -> Result<Vec<u8>, FieldViolation> {
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid(field))?;
+        if bytes.len() < 2 + MAC_LEN {
+            return Err(invalid(field));
+        }
+        let (body, mac) = bytes.split_at(bytes.len() - MAC_LEN);
+        let expected = self.mac(user, body);
+        // Constant-time comparison: a token must not be forgeable byte by byte.
+        let differs = expected.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if differs != 0 || body[0] != TOKEN_VERSION || body[1] != kind {
+            return Err(invalid(field));
+        }
+        Ok(body[2..].to_vec())
+    }
+}
+
+fn invalid(field: &str) -> FieldViolation {
+    FieldViolation::new(
+        field,
+        "page_token is not valid here: pass the next_page_token of the previous response unchanged, from the same caller",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    #[test]
+    fn page_size_defaults_clamps_and_rejects_negative() {
+        let limits = Limits::CONTRACT;
+        assert_eq!(PageSize::parse("page_size", 0, &limits).unwrap().get(), 50);
+        assert_eq!(PageSize::parse("page_size", 1, &limits).unwrap().get(), 1);
+        assert_eq!(PageSize::parse("page_size", 1000, &limits).unwrap().get(), 1000);
+        assert_eq!(PageSize::parse("page_size", 1001, &limits).unwrap().get(), 1000);
+        assert_eq!(PageSize::parse("page_size", i32::MAX, &limits).unwrap().get(), 1000);
+        assert!(PageSize::parse("page_size", -1, &limits).is_err());
+    }
+
+    #[test]
+    fn conversation_cursor_round_trips_for_its_user_only() {
+        let codec = PageTokenCodec::new(b"secret");
+        let cursor = ConversationCursor {
+            update_time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: ConversationId::generate(),
+        };
+        let token = codec.encode_conversations(&user("alice"), &cursor);
+        assert_eq!(codec.decode_conversations("page_token", &user("alice"), &token).unwrap(), cursor);
+        assert!(codec.decode_conversations("page_token", &user("bob"), &token).is_err());
+        assert!(PageTokenCodec::new(b"other").decode_conversations("page_token", &user("alice"), &token).is_err());
+    }
+
+    #[test]
+    fn any_edited_byte_is_detected() {
+        let codec = PageTokenCodec::new(b"secret");
+        let cursor = MessageCursor {
+            conversation_id: ConversationId::generate(),
+            newest_first: false,
+            sequence: 42,
+        };
+        let alice = user("alice");
+        let token = codec.encode_messages(&alice, &cursor);
+        let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
+        for i in 0..bytes.len() {
+            bytes[i] ^= 1;
+            let edited = URL_SAFE_NO_PAD.encode(&bytes);
+            assert!(
+                codec
+                    .decode_messages("page_token", &alice, &edited, cursor.conversation_id, false)
+                    .is_err(),
+                "edit at byte {i} went unnoticed"
+            );
+            bytes[i] ^= 1;
+        }
+        assert_eq!(
+            codec.decode_messages("page_token", &alice, &token, cursor.conversation_id, false).unwrap(),
+            cursor
+        );
+    }
+
+    #[test]
+    fn message_token_only_continues_its_own_listing() {
+        let codec = PageTokenCodec::new(b"secret");
+        let alice = user("alice");
+        let cursor = MessageCursor {
+            conversation_id: ConversationId::generate(),
+            newest_first: true,
+            sequence: 7,
+        };
+        let token = codec.encode_messages(&alice, &cursor);
+        assert!(codec.decode_messages("page_token", &alice, &token, cursor.conversation_id, false).is_err());
+        assert!(codec.decode_messages("page_token", &alice, &token, ConversationId::generate(), true).is_err());
+        let conversations_token = codec.encode_conversations(
+            &alice,
+            &ConversationCursor { update_time: Utc::now(), id: ConversationId::generate() },
+        );
+        assert!(codec.decode_messages("page_token", &alice, &conversations_token, cursor.conversation_id, true).is_err());
+    }
+
+    #[test]
+    fn garbage_is_rejected_without_panicking() {
+        let codec = PageTokenCodec::new(b"secret");
+        for junk in ["", "!", "AAAA", "not base64 at all", &"A".repeat(10_000)] {
+            assert!(codec.decode_conversations("page_token", &user("a"), junk).is_err());
+        }
+    }
+}

@@ -1,0 +1,41 @@
+use std::time::Duration;
+
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use super::SERVICE_NAME;
+use crate::store::Store;
+
+/// Keeps gRPC health in step with the database: `""` and the service are
+/// SERVING only while a query succeeds, NOT_SERVING otherwise. Probes every
+/// `interval` until the task is dropped; logs only when the status changes.
+pub async fn watch_database_health(store: Store, reporter: HealthReporter, interval: Duration) {
+    let mut last: Option<ServingStatus> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let status = match tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            Ok(Err(error)) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(%error, "database health check failed");
+                }
+                ServingStatus::NotServing
+            }
+            Err(_) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!("database health check timed out");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            if status == ServingStatus::Serving {
+                tracing::info!("database reachable: serving");
+            }
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(SERVICE_NAME, status).await;
+            last = Some(status);
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The gRPC edge: identity, parsing into domain types, the handlers, the one
+//! mapping from errors to `Status`, and the health probe. No SQL and no
+//! business rules live here.
+
+mod convert;
+mod error;
+mod handlers;
+mod health;
+mod identity;
+mod parse;
+
+pub use handlers::ConversationApi;
+pub use health::watch_database_health;
+pub use identity::{USER_ID_HEADER, require_user_id};
+
+/// Code generated from `proto/convo/v1/convo.proto` by `build.rs`.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("convo.v1");
+
+    /// The encoded descriptor set of convo.v1, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/convo_descriptor.bin"));
+}
+
+/// The fully qualified name of the service, as health and reflection report it.
+pub const SERVICE_NAME: &str = "convo.v1.ConversationService";

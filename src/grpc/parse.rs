@@ -1,0 +1,235 @@
+//! Requests in, domain commands out: the one place where wire values are
+//! checked against the contract. Every violation of a request is collected, so
+//! a client learns all that is wrong with it at once.
+
+use crate::{
+    domain::{
+        Content, ConversationCursor, ConversationId, FieldViolation, Limits, Metadata,
+        NewConversation, NewMessage, PageSize, PageTokenCodec, RequestId, Role, Title, UserId,
+        Violations,
+    },
+    service::{AppendMessages, ListMessages},
+    store::{ConversationChanges, MessageOrder},
+};
+
+use super::proto;
+
+/// What parsing needs besides the request: the limits in force and the key
+/// that page tokens are sealed with.
+#[derive(Debug, Clone)]
+pub(super) struct Parser {
+    pub limits: Limits,
+    pub tokens: PageTokenCodec,
+}
+
+type Parsed<T> = Result<T, Vec<FieldViolation>>;
+
+pub(super) fn conversation_id(value: &str) -> Parsed<ConversationId> {
+    ConversationId::parse("conversation_id", value).map_err(|v| vec![v])
+}
+
+impl Parser {
+    pub fn create_conversation(
+        &self,
+        request: proto::CreateConversationRequest,
+    ) -> Parsed<(NewConversation, Option<RequestId>)> {
+        let mut v = Violations::new();
+        let title = v.check(Title::parse("title", request.title, &self.limits));
+        let metadata = v.check(Metadata::parse("metadata", request.metadata, &self.limits));
+        let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
+        v.finish(|| {
+            Some((
+                NewConversation {
+                    title: title?,
+                    metadata: metadata?,
+                },
+                request_id?,
+            ))
+        })
+    }
+
+    pub fn list_conversations(
+        &self,
+        owner: &UserId,
+        request: &proto::ListConversationsRequest,
+    ) -> Parsed<(PageSize, Option<ConversationCursor>)> {
+        let mut v = Violations::new();
+        let size = v.check(PageSize::parse("page_size", request.page_size, &self.limits));
+        let cursor = v.check(match request.page_token.as_str() {
+            "" => Ok(None),
+            token => self.tokens.decode_conversations("page_token", owner, token).map(Some),
+        });
+        v.finish(|| Some((size?, cursor?)))
+    }
+
+    pub fn update_conversation(
+        &self,
+        request: proto::UpdateConversationRequest,
+    ) -> Parsed<(ConversationId, ConversationChanges)> {
+        let mut v = Violations::new();
+        let id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let (mut wants_title, mut wants_metadata) = (false, false);
+        match &request.update_mask {
+            None => v.push(FieldViolation::new(
+                "update_mask",
+                "update_mask is required: name the fields to change, `title` and/or `metadata`",
+            )),
+            Some(mask) if mask.paths.is_empty() => v.push(FieldViolation::new(
+                "update_mask",
+                "update_mask names no field: use `title` and/or `metadata`",
+            )),
+            Some(mask) => {
+                for path in &mask.paths {
+                    match path.as_str() {
+                        "title" => wants_title = true,
+                        "metadata" => wants_metadata = true,
+                        other => v.push(FieldViolation::new(
+                            "update_mask",
+                            format!("unknown field {other:?} in update_mask: only `title` and `metadata` can be updated"),
+                        )),
+                    }
+                }
+            }
+        }
+        let title = if wants_title {
+            v.check(Title::parse("title", request.title, &self.limits)).map(Some)
+        } else {
+            Some(None)
+        };
+        let metadata = if wants_metadata {
+            v.check(Metadata::parse("metadata", request.metadata, &self.limits)).map(Some)
+        } else {
+            Some(None)
+        };
+        v.finish(|| {
+            Some((
+                id?,
+                ConversationChanges {
+                    title: title?,
+                    metadata: metadata?,
+                },
+            ))
+        })
+    }
+
+    pub fn append_message(&self, request: proto::AppendMessageRequest) -> Parsed<AppendMessages> {
+        let mut v = Violations::new();
+        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let message = self.new_message(&mut v, "", request.role, request.content, request.metadata);
+        let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
+        let expected = v.check(expected_last_sequence(request.expected_last_sequence));
+        v.finish(|| {
+            Some(AppendMessages {
+                conversation_id: conversation_id?,
+                messages: vec![message?],
+                request_id: request_id?,
+                expected_last_sequence: expected?,
+            })
+        })
+    }
+
+    pub fn append_messages(&self, request: proto::AppendMessagesRequest) -> Parsed<AppendMessages> {
+        let mut v = Violations::new();
+        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let count = request.messages.len();
+        if count == 0 || count > self.limits.max_batch_messages {
+            v.push(FieldViolation::new(
+                "messages",
+                format!(
+                    "append 1-{} messages per call; this request has {count}",
+                    self.limits.max_batch_messages
+                ),
+            ));
+        }
+        let messages: Vec<Option<NewMessage>> = request
+            .messages
+            .into_iter()
+            .take(self.limits.max_batch_messages)
+            .enumerate()
+            .map(|(i, m)| self.new_message(&mut v, &format!("messages[{i}]."), m.role, m.content, m.metadata))
+            .collect();
+        let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
+        let expected = v.check(expected_last_sequence(request.expected_last_sequence));
+        v.finish(|| {
+            Some(AppendMessages {
+                conversation_id: conversation_id?,
+                messages: messages.into_iter().collect::<Option<_>>()?,
+                request_id: request_id?,
+                expected_last_sequence: expected?,
+            })
+        })
+    }
+
+    fn new_message(
+        &self,
+        v: &mut Violations,
+        prefix: &str,
+        role: i32,
+        content: String,
+        metadata: std::collections::HashMap<String, String>,
+    ) -> Option<NewMessage> {
+        let role = v.check(Role::parse(&format!("{prefix}role"), role));
+        let content = v.check(Content::parse(&format!("{prefix}content"), content, &self.limits));
+        let metadata = v.check(Metadata::parse(&format!("{prefix}metadata"), metadata, &self.limits));
+        Some(NewMessage {
+            role: role?,
+            content: content?,
+            metadata: metadata?,
+        })
+    }
+
+    pub fn list_messages(&self, owner: &UserId, request: &proto::ListMessagesRequest) -> Parsed<ListMessages> {
+        let mut v = Violations::new();
+        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let size = v.check(PageSize::parse("page_size", request.page_size, &self.limits));
+        if request.after_sequence < 0 {
+            v.push(FieldViolation::new(
+                "after_sequence",
+                "after_sequence must not be negative (0 lists from the first message)",
+            ));
+        }
+        let cursor = match (request.page_token.as_str(), conversation_id) {
+            ("", _) => Some(None),
+            (token, Some(id)) => v
+                .check(self.tokens.decode_messages("page_token", owner, token, id, request.newest_first))
+                .map(Some),
+            // Without a valid conversation id the token cannot be checked; that
+            // id's own violation is already reported.
+            (_, None) => None,
+        };
+        let order = if request.newest_first {
+            MessageOrder::NewestFirst
+        } else {
+            MessageOrder::OldestFirst
+        };
+        v.finish(|| {
+            Some(ListMessages {
+                conversation_id: conversation_id?,
+                size: size?,
+                after_sequence: request.after_sequence,
+                order,
+                cursor: cursor?,
+            })
+        })
+    }
+
+    pub fn resume_conversation(
+        &self,
+        request: &proto::ResumeConversationRequest,
+    ) -> Parsed<(ConversationId, PageSize)> {
+        let mut v = Violations::new();
+        let id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let max = v.check(PageSize::parse("max_messages", request.max_messages, &self.limits));
+        v.finish(|| Some((id?, max?)))
+    }
+}
+
+fn expected_last_sequence(value: Option<i64>) -> Result<Option<i64>, FieldViolation> {
+    match value {
+        Some(n) if n < 0 => Err(FieldViolation::new(
+            "expected_last_sequence",
+            "expected_last_sequence must not be negative (0 means the conversation is empty)",
+        )),
+        other => Ok(other),
+    }
+}

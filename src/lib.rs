@@ -1,0 +1,4 @@
+pub mod domain;
+pub mod grpc;
+pub mod service;
+pub mod store;

@@ -1,0 +1,34 @@
+use crate::store::StoreError;
+
+/// Why an operation was refused or failed, in the service's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The caller has no such conversation (it may be someone else's).
+    #[error("conversation not found")]
+    ConversationNotFound,
+    /// A request_id was reused on this conversation with a different payload.
+    #[error("request_id was already used with a different payload")]
+    RequestIdReused,
+    /// `expected_last_sequence` did not match the conversation.
+    #[error("expected last sequence {expected}, but the conversation is at {current}")]
+    SequenceMismatch { expected: i64, current: i64 },
+    /// The database could not be reached in time; retrying is safe.
+    #[error("storage unavailable")]
+    Unavailable(#[source] StoreError),
+    /// A failure that is not the caller's doing.
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => Self::ConversationNotFound,
+            StoreError::Unavailable(_) => Self::Unavailable(error),
+            StoreError::SequenceMismatch { expected, current } => {
+                Self::SequenceMismatch { expected, current }
+            }
+            StoreError::Database(_) | StoreError::Corrupt(_) => Self::Internal(error),
+        }
+    }
+}

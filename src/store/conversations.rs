@@ -1,0 +1,293 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use diesel::{dsl::exists, prelude::*, sql_types::Timestamptz};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{Page, StoreError, Store, schema::{conversations, users}};
+use crate::domain::{
+    Conversation, ConversationCursor, ConversationId, Metadata, NewConversation, PageSize,
+    RequestId, Title, UserId,
+};
+
+#[diesel::declare_sql_function]
+extern "SQL" {
+    /// PostgreSQL's GREATEST for timestamps: `update_time` never moves back,
+    /// even when replica clocks disagree.
+    fn greatest(a: Timestamptz, b: Timestamptz) -> Timestamptz;
+}
+
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = conversations, check_for_backend(diesel::pg::Pg))]
+pub(super) struct ConversationRow {
+    user_id: String,
+    id: Uuid,
+    title: String,
+    metadata: serde_json::Value,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    message_count: i64,
+    forked_from_conversation_id: Option<Uuid>,
+    forked_at_sequence: Option<i64>,
+}
+
+impl TryFrom<ConversationRow> for Conversation {
+    type Error = StoreError;
+
+    fn try_from(row: ConversationRow) -> Result<Self, StoreError> {
+        let user_id = UserId::parse(&row.user_id)
+            .map_err(|why| StoreError::Corrupt(format!("conversation {}: {why}", row.id)))?;
+        let forked_from = match (row.forked_from_conversation_id, row.forked_at_sequence) {
+            (Some(source), Some(sequence)) => Some((ConversationId::from_uuid(source), sequence)),
+            _ => None,
+        };
+        Ok(Conversation {
+            id: ConversationId::from_uuid(row.id),
+            user_id,
+            title: row.title,
+            metadata: metadata_from_json(row.metadata),
+            create_time: row.create_time,
+            update_time: row.update_time,
+            message_count: row.message_count,
+            forked_from,
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = conversations)]
+struct NewConversationRow<'a> {
+    user_id: &'a str,
+    id: Uuid,
+    title: &'a str,
+    metadata: serde_json::Value,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    request_id: Option<&'a str>,
+}
+
+/// Which fields an update replaces; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConversationChanges {
+    pub title: Option<Title>,
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = conversations)]
+struct ConversationChangeset<'a> {
+    title: Option<&'a str>,
+    metadata: Option<serde_json::Value>,
+}
+
+pub(super) fn metadata_to_json(metadata: &Metadata) -> serde_json::Value {
+    serde_json::Value::Object(
+        metadata
+            .pairs()
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+/// Metadata is written only as an object of strings (CHECKed as an object);
+/// anything else read back is kept as its JSON text rather than dropped.
+pub(super) fn metadata_from_json(value: serde_json::Value) -> Metadata {
+    let pairs = match value {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    Metadata::from_stored(pairs)
+}
+
+/// The current time at PostgreSQL's precision (microseconds), so what a call
+/// returns is exactly what a later read returns.
+pub(super) fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+/// Reads one of the owner's conversations.
+pub(super) async fn find(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    id: ConversationId,
+) -> Result<Conversation, StoreError> {
+    conversations::table
+        .filter(conversations::user_id.eq(owner.as_str()))
+        .filter(conversations::id.eq(id.as_uuid()))
+        .select(ConversationRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(StoreError::NotFound)?
+        .try_into()
+}
+
+/// True when the owner has this conversation.
+pub(super) async fn exists_for(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    id: ConversationId,
+) -> Result<bool, StoreError> {
+    Ok(diesel::select(exists(
+        conversations::table
+            .filter(conversations::user_id.eq(owner.as_str()))
+            .filter(conversations::id.eq(id.as_uuid())),
+    ))
+    .get_result(conn)
+    .await?)
+}
+
+impl Store {
+    /// Creates a conversation, or returns the one this owner first created with
+    /// `request_id`.
+    pub async fn create_conversation(
+        &self,
+        owner: &UserId,
+        new: &NewConversation,
+        request_id: Option<&RequestId>,
+    ) -> Result<Conversation, StoreError> {
+        let mut conn = self.conn().await?;
+        conn.transaction(async |conn| {
+            diesel::insert_into(users::table)
+                .values(users::user_id.eq(owner.as_str()))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            let now = now_micros();
+            let row = NewConversationRow {
+                user_id: owner.as_str(),
+                id: *ConversationId::generate().as_uuid(),
+                title: new.title.as_str(),
+                metadata: metadata_to_json(&new.metadata),
+                create_time: now,
+                update_time: now,
+                request_id: request_id.map(RequestId::as_str),
+            };
+            let created = diesel::insert_into(conversations::table)
+                .values(&row)
+                .on_conflict((conversations::user_id, conversations::request_id))
+                .do_nothing()
+                .returning(ConversationRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?;
+            let row = match created {
+                Some(row) => row,
+                // Only a request_id can conflict: this is a retry.
+                None => {
+                    conversations::table
+                        .filter(conversations::user_id.eq(owner.as_str()))
+                        .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
+                        .select(ConversationRow::as_select())
+                        .first(conn)
+                        .await?
+                }
+            };
+            row.try_into()
+        })
+        .await
+    }
+
+    pub async fn get_conversation(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+    ) -> Result<Conversation, StoreError> {
+        let mut conn = self.conn().await?;
+        find(&mut conn, owner, id).await
+    }
+
+    /// The owner's conversations, most recently updated first, after `after`.
+    ///
+    /// Keyset pagination on the (user_id, update_time DESC, id DESC) index: a
+    /// page deep in the listing costs what the first page costs.
+    pub async fn list_conversations(
+        &self,
+        owner: &UserId,
+        size: PageSize,
+        after: Option<ConversationCursor>,
+    ) -> Result<Page<Conversation>, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut query = conversations::table
+            .filter(conversations::user_id.eq(owner.as_str()))
+            .select(ConversationRow::as_select())
+            .order((conversations::update_time.desc(), conversations::id.desc()))
+            .limit(size.limit_with_lookahead())
+            .into_boxed();
+        if let Some(cursor) = after {
+            // `update_time <= t` bounds the index scan; the OR breaks ties by id.
+            query = query.filter(conversations::update_time.le(cursor.update_time)).filter(
+                conversations::update_time
+                    .lt(cursor.update_time)
+                    .or(conversations::id.lt(*cursor.id.as_uuid())),
+            );
+        }
+        let rows = query.load(&mut conn).await?;
+        page_of(rows, size)
+    }
+
+    /// Replaces the fields named in `changes` and bumps `update_time`.
+    pub async fn update_conversation(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+        changes: &ConversationChanges,
+    ) -> Result<Conversation, StoreError> {
+        let mut conn = self.conn().await?;
+        let changeset = ConversationChangeset {
+            title: changes.title.as_ref().map(Title::as_str),
+            metadata: changes.metadata.as_ref().map(metadata_to_json),
+        };
+        diesel::update(conversations::table)
+            .filter(conversations::user_id.eq(owner.as_str()))
+            .filter(conversations::id.eq(id.as_uuid()))
+            .set((
+                changeset,
+                conversations::update_time.eq(greatest(now_micros(), conversations::update_time)),
+            ))
+            .returning(ConversationRow::as_returning())
+            .get_result(&mut conn)
+            .await
+            .optional()?
+            .ok_or(StoreError::NotFound)?
+            .try_into()
+    }
+
+    /// Deletes a conversation; its messages go with it (ON DELETE CASCADE).
+    pub async fn delete_conversation(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let deleted = diesel::delete(conversations::table)
+            .filter(conversations::user_id.eq(owner.as_str()))
+            .filter(conversations::id.eq(id.as_uuid()))
+            .execute(&mut conn)
+            .await?;
+        if deleted == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}
+
+/// Turns `size + 1` fetched rows into a page and whether more follow.
+pub(super) fn page_of<R, T>(mut rows: Vec<R>, size: PageSize) -> Result<Page<T>, StoreError>
+where
+    T: TryFrom<R, Error = StoreError>,
+{
+    let has_more = rows.len() > size.get() as usize;
+    rows.truncate(size.get() as usize);
+    let items = rows.into_iter().map(T::try_from).collect::<Result<_, _>>()?;
+    Ok(Page { items, has_more })
+}

@@ -1,0 +1,50 @@
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::pooled_connection::PoolError;
+
+/// Why a store operation failed. Variants are what callers act on; the text of
+/// database errors stays inside for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No row for this owner: missing and foreign rows look the same.
+    #[error("not found")]
+    NotFound,
+    /// `expected_last_sequence` did not match; nothing was written.
+    #[error("expected last sequence {expected}, the conversation is at {current}")]
+    SequenceMismatch { expected: i64, current: i64 },
+    /// The database could not be reached or the pool had no connection in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database failure: a bug or a broken invariant, never the client's doing.
+    #[error("database error: {0}")]
+    Database(DieselError),
+    /// A stored value that the domain types refuse (the schema should prevent it).
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl From<DieselError> for StoreError {
+    fn from(error: DieselError) -> Self {
+        match error {
+            DieselError::NotFound => Self::NotFound,
+            DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                ref info,
+            ) => Self::Unavailable(info.message().to_owned()),
+            DieselError::BrokenTransactionManager => {
+                Self::Unavailable("the connection's transaction state was lost".to_owned())
+            }
+            other => Self::Database(other),
+        }
+    }
+}
+
+impl From<bb8::RunError<PoolError>> for StoreError {
+    fn from(error: bb8::RunError<PoolError>) -> Self {
+        match error {
+            bb8::RunError::TimedOut => {
+                Self::Unavailable("timed out waiting for a pooled connection".to_owned())
+            }
+            bb8::RunError::User(error) => Self::Unavailable(error.to_string()),
+        }
+    }
+}

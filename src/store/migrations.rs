@@ -1,0 +1,84 @@
+use diesel::Connection;
+use diesel_async::{
+    AsyncConnection, AsyncPgConnection, RunQueryDsl, async_connection_wrapper::AsyncConnectionWrapper,
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The schema, compiled into the binary so `convo serve` and `convo migrate`
+/// need nothing but a database URL.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Applies every pending migration and returns the versions applied.
+///
+/// Diesel's migration harness is synchronous, so it runs on a blocking thread
+/// (which also keeps it usable from a current-thread runtime).
+pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, BoxError> {
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+        let applied = conn.run_pending_migrations(MIGRATIONS)?;
+        Ok(applied.iter().map(ToString::to_string).collect())
+    })
+    .await?
+}
+
+/// Reverts the most recently applied migration and returns its version.
+pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxError> {
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+        let reverted = conn.revert_last_migration(MIGRATIONS)?;
+        Ok(reverted.to_string())
+    })
+    .await?
+}
+
+/// Creates the database named in `database_url` if the server does not have it,
+/// connecting to the server's `postgres` database to do so. Returns true when
+/// it created the database.
+pub async fn create_database_if_missing(database_url: &str) -> Result<bool, BoxError> {
+    let mut url = url::Url::parse(database_url)?;
+    let name = url.path().trim_start_matches('/').to_owned();
+    if name.is_empty() {
+        return Err("the database URL names no database (postgres://HOST/NAME)".into());
+    }
+    let name = percent_decode(&name)?;
+    url.set_path("/postgres");
+    let mut admin = AsyncPgConnection::establish(url.as_str()).await?;
+    let exists: i64 = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(&name)
+        .get_result::<Count>(&mut admin)
+        .await?
+        .n;
+    if exists > 0 {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match diesel::sql_query(format!("CREATE DATABASE {quoted}"))
+        .execute(&mut admin)
+        .await
+    {
+        Ok(_) => Ok(true),
+        // Another replica created it between the check and now.
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        )) => Ok(false),
+        Err(error) if error.to_string().contains("already exists") => Ok(false),
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn percent_decode(text: &str) -> Result<String, BoxError> {
+    Ok(percent_encoding::percent_decode_str(text)
+        .decode_utf8()?
+        .into_owned())
+}

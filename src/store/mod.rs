@@ -1,0 +1,25 @@
+//! Persistence: the connection pool, the schema, the migrations and every query.
+//!
+//! Every public function takes the owner's [`UserId`] and scopes its SQL by it;
+//! nothing here knows about gRPC or protobuf.
+
+mod conversations;
+mod error;
+mod messages;
+mod migrations;
+mod pool;
+pub mod schema;
+
+pub use conversations::ConversationChanges;
+pub use error::StoreError;
+pub use messages::{AppendOutcome, MessageOrder};
+pub use migrations::{create_database_if_missing, revert_last_migration, run_pending_migrations};
+pub use pool::{PoolSettings, Store};
+
+/// One page of a keyset-paginated listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// True when rows follow the last item.
+    pub has_more: bool,
+}

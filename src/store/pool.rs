@@ -1,0 +1,94 @@
+use std::time::Duration;
+
+use diesel::ConnectionError;
+use diesel_async::{
+    AsyncConnection, AsyncPgConnection, SimpleAsyncConnection,
+    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod},
+};
+
+use super::StoreError;
+
+pub(super) type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+pub(super) type PooledConnection<'a> =
+    bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+/// How the pool talks to PostgreSQL.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Connections per server replica; the pool is the only pooler (see scale-out.md).
+    pub max_size: u32,
+    /// How long a request waits for a connection before it fails with UNAVAILABLE.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on every pooled connection.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_size: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The repository: a pool of connections to convo's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("state", &self.pool.state()).finish()
+    }
+}
+
+impl Store {
+    /// Builds the pool without connecting; the first query (or [`Store::ping`])
+    /// opens the first connection.
+    pub fn new(database_url: &str, settings: PoolSettings) -> Self {
+        let statement_timeout_ms = settings.statement_timeout.as_millis();
+        let mut config = ManagerConfig::default();
+        // A broken connection is detected by the failed query and dropped by
+        // bb8; a verifying SELECT per checkout would double the round trips.
+        config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = Box::new(move |url| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                conn.batch_execute(&format!(
+                    "SET statement_timeout = {statement_timeout_ms}; SET TIME ZONE 'UTC'"
+                ))
+                .await
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            })
+        });
+        let manager = AsyncDieselConnectionManager::new_with_config(database_url, config);
+        let pool = bb8::Pool::builder()
+            .max_size(settings.max_size)
+            .min_idle(None)
+            .connection_timeout(settings.acquire_timeout)
+            .build_unchecked(manager);
+        Self { pool }
+    }
+
+    pub(super) async fn conn(&self) -> Result<PooledConnection<'_>, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Succeeds when the database answers a query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.batch_execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Connections open and idle, for logs and metrics.
+    pub fn pool_state(&self) -> (u32, u32) {
+        let state = self.pool.state();
+        (state.connections, state.idle_connections)
+    }
+}

@@ -1,0 +1,51 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    append_requests (user_id, conversation_id, request_id) {
+        user_id -> Text,
+        conversation_id -> Uuid,
+        request_id -> Text,
+        first_sequence -> Int8,
+        message_count -> Int4,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    conversations (user_id, id) {
+        user_id -> Text,
+        id -> Uuid,
+        title -> Text,
+        metadata -> Jsonb,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+        message_count -> Int8,
+        forked_from_conversation_id -> Nullable<Uuid>,
+        forked_at_sequence -> Nullable<Int8>,
+        request_id -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    messages (user_id, conversation_id, sequence) {
+        user_id -> Text,
+        conversation_id -> Uuid,
+        sequence -> Int8,
+        id -> Uuid,
+        role -> Int2,
+        content -> Text,
+        metadata -> Jsonb,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    users (user_id) {
+        user_id -> Text,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::joinable!(conversations -> users (user_id));
+
+diesel::allow_tables_to_appear_in_same_query!(append_requests, conversations, messages, users,);
