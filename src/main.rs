@@ -1,1 +1,63 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser;
+use convo::{
+    config::{Cli, Command, MigrateArgs, ServeArgs},
+    startup::{self, Application, Database, Settings, StartupError},
+    store, telemetry,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => migrate(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("convo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    let database = Database::resolve(&args.database).await?;
+    let served = async {
+        startup::prepare_database(&database.url).await?;
+        let app = Application::build(Settings {
+            listen: args.listen,
+            database_url: database.url.clone(),
+            pool: args.pool(),
+            health_interval: args.health_interval,
+            limits: args.limits(),
+            page_token_secret: args.page_token_secret.clone().into_bytes(),
+        })
+        .await?;
+        app.run_until(startup::shutdown_signal()).await
+    }
+    .await;
+    database.close().await;
+    served
+}
+
+async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
+    let database = Database::resolve(&args.database).await?;
+    let migrated = async {
+        if args.revert {
+            let version = store::revert_last_migration(&database.url)
+                .await
+                .map_err(|e| StartupError::Migrations(e.to_string()))?;
+            tracing::info!(%version, "reverted migration");
+            Ok(())
+        } else {
+            startup::prepare_database(&database.url).await
+        }
+    }
+    .await;
+    database.close().await;
+    migrated
+}

@@ -1,0 +1,124 @@
+//! The command line: every flag has an environment fallback, so the same
+//! binary is configured by flags on a laptop and by env in a container.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{domain::Limits, store::PoolSettings};
+
+/// convo: a conversation store for AI systems, over gRPC and PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "convo", version, about)]
+pub struct Cli {
+    /// Log format: readable text, or one JSON object per line.
+    #[arg(long, env = "CONVO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then serve convo.v1 over gRPC until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Apply pending migrations (or revert the last one) and exit.
+    Migrate(MigrateArgs),
+}
+
+/// Where the database is: a URL, or else a private cluster in a data directory.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/convo. The database is
+    /// created if missing. Without it, convo runs a private PostgreSQL in --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Data directory of the private PostgreSQL used when no --database-url is given.
+    #[arg(long, env = "CONVO_DATA_DIR", default_value = "convo-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "CONVO_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Most connections this replica opens to PostgreSQL.
+    #[arg(long, env = "CONVO_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub pool_size: u32,
+
+    /// How long a call waits for a pooled connection before failing with UNAVAILABLE.
+    #[arg(long, env = "CONVO_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub acquire_timeout: Duration,
+
+    /// PostgreSQL statement_timeout for every query.
+    #[arg(long, env = "CONVO_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+
+    /// How often gRPC health re-checks the database.
+    #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Secret that seals page tokens. Replicas behind one load balancer must share it.
+    #[arg(long, env = "CONVO_PAGE_TOKEN_SECRET", default_value = "convo-default-page-token-secret", hide_default_value = true)]
+    pub page_token_secret: String,
+
+    /// Longest message content, in bytes (at most the contract's 1 MiB).
+    #[arg(long, env = "CONVO_MAX_CONTENT_BYTES", default_value_t = Limits::CONTRACT.max_content_bytes as u64,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::CONTRACT.max_content_bytes as u64))]
+    pub max_content_bytes: u64,
+
+    /// Most messages per AppendMessages call (at most 100).
+    #[arg(long, env = "CONVO_MAX_BATCH_MESSAGES", default_value_t = Limits::CONTRACT.max_batch_messages as u64,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::CONTRACT.max_batch_messages as u64))]
+    pub max_batch_messages: u64,
+
+    /// Largest page (and ResumeConversation max_messages) served (at most 1000).
+    #[arg(long, env = "CONVO_MAX_PAGE_SIZE", default_value_t = Limits::CONTRACT.max_page_size as u64,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::CONTRACT.max_page_size as u64))]
+    pub max_page_size: u64,
+}
+
+impl ServeArgs {
+    pub fn pool(&self) -> PoolSettings {
+        PoolSettings {
+            max_size: self.pool_size,
+            acquire_timeout: self.acquire_timeout,
+            statement_timeout: self.statement_timeout,
+        }
+    }
+
+    /// The contract's limits, lowered where the operator asked.
+    pub fn limits(&self) -> Limits {
+        let max_page_size = self.max_page_size as u32;
+        Limits {
+            max_content_bytes: self.max_content_bytes as usize,
+            max_batch_messages: self.max_batch_messages as usize,
+            max_page_size,
+            default_page_size: Limits::CONTRACT.default_page_size.min(max_page_size),
+            ..Limits::CONTRACT
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Revert the most recently applied migration instead of applying.
+    #[arg(long)]
+    pub revert: bool,
+}

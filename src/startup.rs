@@ -1,0 +1,231 @@
+//! Start-up as a value: [`Application::build`] connects and binds, returns the
+//! bound address, and [`Application::run_until`] serves until told to stop.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::DatabaseArgs,
+    domain::{Limits, PageTokenCodec},
+    grpc::{self, ConversationApi, SERVICE_NAME, proto::conversation_service_server::ConversationServiceServer},
+    local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
+    service::Conversations,
+    store::{self, PoolSettings, Store, StoreError},
+};
+
+/// Why convo could not start. Printed as one line by the binary.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid database URL: {0}")]
+    DatabaseUrl(String),
+    #[error("could not prepare the database: {0}")]
+    Migrations(String),
+    #[error("the database is unreachable: {0}")]
+    Database(#[source] StoreError),
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not start the private PostgreSQL: {0}")]
+    LocalPostgres(#[from] LocalPostgresError),
+    #[error("could not build the reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Everything the server needs, resolved from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub pool: PoolSettings,
+    pub health_interval: Duration,
+    pub limits: Limits,
+    pub page_token_secret: Vec<u8>,
+}
+
+/// The database convo talks to, and the private cluster behind it if convo
+/// started one (stop it after the server has stopped).
+#[derive(Debug)]
+pub struct Database {
+    pub url: String,
+    pub local: Option<LocalPostgres>,
+}
+
+impl Database {
+    /// Uses `--database-url` when given, else starts the private cluster in
+    /// `--data-dir`. Logs which database is in use (without its password).
+    pub async fn resolve(args: &DatabaseArgs) -> Result<Self, StartupError> {
+        if let Some(url) = &args.database_url {
+            let parsed = url::Url::parse(url).map_err(|e| StartupError::DatabaseUrl(e.to_string()))?;
+            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                return Err(StartupError::DatabaseUrl(format!(
+                    "expected a postgres:// URL, got {}://",
+                    parsed.scheme()
+                )));
+            }
+            tracing::info!(database = %redact(&parsed), "using the database at DATABASE_URL");
+            return Ok(Self { url: url.clone(), local: None });
+        }
+        let local = LocalPostgres::start(&LocalPostgresOptions {
+            data_dir: args.data_dir.clone(),
+            fsync: true,
+        })
+        .await?;
+        let url = local.url("convo");
+        tracing::info!(
+            data_dir = %local.data_dir().display(),
+            database = %url,
+            "no DATABASE_URL given: using a private PostgreSQL"
+        );
+        Ok(Self { url, local: Some(local) })
+    }
+
+    /// Stops the private cluster, if convo started one.
+    pub async fn close(self) {
+        if let Some(local) = self.local {
+            local.stop().await;
+            tracing::info!("private PostgreSQL stopped");
+        }
+    }
+}
+
+fn redact(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.to_string()
+}
+
+/// Creates the database if it is missing and applies pending migrations.
+pub async fn prepare_database(database_url: &str) -> Result<(), StartupError> {
+    if store::create_database_if_missing(database_url)
+        .await
+        .map_err(|e| StartupError::Migrations(e.to_string()))?
+    {
+        tracing::info!("created the database");
+    }
+    let applied = store::run_pending_migrations(database_url)
+        .await
+        .map_err(|e| StartupError::Migrations(e.to_string()))?;
+    for version in &applied {
+        tracing::info!(%version, "applied migration");
+    }
+    Ok(())
+}
+
+/// A server that is connected and bound, but not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    store: Store,
+    settings: Settings,
+}
+
+impl Application {
+    /// Checks that the database answers and binds the listen address (port 0
+    /// picks a free port: see [`Application::local_addr`]).
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let store = Store::new(&settings.database_url, settings.pool);
+        store.ping().await.map_err(StartupError::Database)?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Listen { addr: settings.listen, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen { addr: settings.listen, source })?;
+        Ok(Self {
+            listener,
+            local_addr,
+            store,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves convo.v1, health and reflection until `shutdown` completes, then
+    /// stops accepting, lets in-flight calls finish and closes the pool.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        // The database answered in build(); the watcher takes over from here.
+        reporter.set_service_status("", ServingStatus::Serving).await;
+        reporter.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+        let health_watch = tokio::spawn(grpc::watch_database_health(
+            self.store.clone(),
+            reporter,
+            self.settings.health_interval,
+        ));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartupError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartupError::Reflection(e.to_string()))?;
+
+        let api = ConversationApi::new(
+            Conversations::new(self.store.clone()),
+            self.settings.limits,
+            PageTokenCodec::new(&self.settings.page_token_secret),
+        );
+        let conversations = ConversationServiceServer::with_interceptor(api, grpc::require_user_id);
+
+        let incoming = TcpListenerStream::new(self.listener).map(|stream| {
+            stream.inspect(|s| {
+                // Small unary replies should not wait for Nagle's algorithm.
+                let _ = s.set_nodelay(true);
+            })
+        });
+        tracing::info!(addr = %self.local_addr, "serving convo.v1");
+        let served = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(conversations)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        health_watch.abort();
+        drop(self.store);
+        tracing::info!("server stopped");
+        served.map_err(|e| StartupError::Listen {
+            addr: self.local_addr,
+            source: std::io::Error::other(e),
+        })
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received: shutting down"),
+        _ = terminate => tracing::info!("SIGTERM received: shutting down"),
+    }
+}

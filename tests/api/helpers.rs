@@ -1,0 +1,438 @@
+//! Test harness: a real convo server on port 0 per test, talking to its own
+//! database cloned from a migrated template, dropped when the test ends.
+//!
+//! The database server is `TEST_DATABASE_URL` or `DATABASE_URL` when set;
+//! otherwise a private PostgreSQL (the same code as `convo serve`'s embedded
+//! default) started once per test process in a throwaway directory and
+//! stopped, with its files removed, when the process exits.
+
+use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+
+use convo::{
+    domain::Limits,
+    grpc::proto::{self, conversation_service_client::ConversationServiceClient},
+    local_postgres::{LocalPostgres, LocalPostgresOptions},
+    startup::{Application, Settings},
+    store::{self, PoolSettings},
+};
+use diesel::{QueryableByName, sql_types::BigInt};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use tokio::sync::{OnceCell, oneshot};
+use tonic::{
+    Code, Request, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// The database server the tests use, and the migrated template to clone.
+struct TestCluster {
+    /// A URL to the server's `postgres` database, for CREATE/DROP DATABASE.
+    admin_url: String,
+    template: String,
+}
+
+static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
+/// The private cluster's process id and directory, for the exit hook.
+static PRIVATE: OnceLock<(i32, std::path::PathBuf)> = OnceLock::new();
+
+async fn cluster() -> &'static TestCluster {
+    CLUSTER.get_or_init(start_cluster).await
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let mut url = url::Url::parse(url).expect("TEST_DATABASE_URL/DATABASE_URL is not a URL");
+    url.set_path(&format!("/{database}"));
+    url.to_string()
+}
+
+async fn start_cluster() -> TestCluster {
+    let server_url = match std::env::var("TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            let base = if std::path::Path::new("/dev/shm").is_dir() {
+                std::path::PathBuf::from("/dev/shm")
+            } else {
+                std::env::temp_dir()
+            };
+            let data_dir = base.join(format!("convo-test-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data_dir);
+            let local = LocalPostgres::start(&LocalPostgresOptions {
+                data_dir: data_dir.clone(),
+                fsync: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));
+            let url = local.url("postgres");
+            let pid = local.pid().expect("the private PostgreSQL is running") as i32;
+            PRIVATE.set((pid, data_dir)).expect("the cluster starts once");
+            // The cluster lives as long as the test process; the exit hook stops it.
+            std::mem::forget(local);
+            // SAFETY: registers a plain `extern "C" fn` with the C runtime.
+            unsafe { nix::libc::atexit(stop_private_cluster) };
+            url
+        }
+    };
+    let admin_url = with_database(&server_url, "postgres");
+    // One template per schema version: a new migration gets a new template.
+    let template = format!("convo_template_{}", migrations_fingerprint());
+    let mut admin = AsyncPgConnection::establish(&admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL at {admin_url}: {e}"));
+    // Several test processes may share a server: build the template under a lock.
+    admin.batch_execute("SELECT pg_advisory_lock(7243001)").await.expect("lock");
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let exists = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(&template)
+        .get_result::<Count>(&mut admin)
+        .await
+        .expect("query pg_database")
+        .n
+        > 0;
+    if !exists {
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {template}_building"),
+            format!("CREATE DATABASE {template}_building"),
+        ] {
+            admin.batch_execute(&sql).await.expect("create the template database");
+        }
+        store::run_pending_migrations(&with_database(&server_url, &format!("{template}_building")))
+            .await
+            .expect("migrate the template database");
+        for sql in [
+            format!("ALTER DATABASE {template}_building RENAME TO {template}"),
+            format!("ALTER DATABASE {template} WITH IS_TEMPLATE true"),
+        ] {
+            admin.batch_execute(&sql).await.expect("publish the template database");
+        }
+    }
+    admin.batch_execute("SELECT pg_advisory_unlock(7243001)").await.expect("unlock");
+    TestCluster { admin_url, template }
+}
+
+/// A short hash of the migration files, so a changed schema gets a new template.
+fn migrations_fingerprint() -> String {
+    let mut files: Vec<_> = walk(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")));
+    files.sort();
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for path in files {
+        for byte in path.to_string_lossy().bytes().chain(std::fs::read(&path).unwrap_or_default()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+extern "C" fn stop_private_cluster() {
+    use nix::{
+        sys::{
+            signal::{Signal, kill},
+            wait::waitpid,
+        },
+        unistd::Pid,
+    };
+    if let Some((pid, data_dir)) = PRIVATE.get() {
+        let pid = Pid::from_raw(*pid);
+        // Immediate shutdown: the data is thrown away anyway.
+        let _ = kill(pid, Signal::SIGQUIT);
+        let _ = waitpid(pid, None);
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+}
+
+/// A database of one test's own, cloned from the template; dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let cluster = cluster().await;
+        let name = format!("convo_test_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = AsyncPgConnection::establish(&cluster.admin_url).await.expect("admin connection");
+        let statement = format!(
+            "CREATE DATABASE {name} TEMPLATE {} STRATEGY FILE_COPY",
+            cluster.template
+        );
+        // Clones of one template can briefly contend; retry a few times.
+        let mut attempt = 0;
+        loop {
+            match admin.batch_execute(&statement).await {
+                Ok(()) => break,
+                Err(e) if attempt < 50 && e.to_string().contains("being accessed by other users") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot clone the template database: {e}"),
+            }
+        }
+        Self {
+            url: with_database(&cluster.admin_url, &name),
+            name,
+            admin_url: cluster.admin_url.clone(),
+        }
+    }
+
+    /// A direct connection to this test's database, for checks behind the API.
+    pub async fn connect(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url).await.expect("connect to the test database")
+    }
+
+    /// Runs SQL as the superuser on the server's `postgres` database.
+    pub async fn admin(&self, sql: &str) {
+        let mut admin = AsyncPgConnection::establish(&self.admin_url).await.expect("admin connection");
+        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Makes the database refuse connections and ends those it has: to the
+    /// server, the database has gone away.
+    pub async fn take_offline(&self) {
+        self.admin(&format!(
+            "ALTER DATABASE {0} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+            self.name
+        ))
+        .await;
+    }
+
+    pub async fn bring_online(&self) {
+        self.admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name)).await;
+    }
+
+    /// Runs SQL on this test's database, to arrange what the API cannot.
+    pub async fn execute(&self, sql: &str) {
+        let mut conn = self.connect().await;
+        conn.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A single number from SQL run on this test's database.
+    pub async fn count(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let mut conn = self.connect().await;
+        diesel::sql_query(sql)
+            .get_result::<Count>(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .n
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop cannot await; a short-lived runtime on its own thread can.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// Settings for a test server; adjust with [`TestApp::spawn_with`].
+pub fn test_settings(database_url: &str) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().expect("loopback address"),
+        database_url: database_url.to_owned(),
+        pool: PoolSettings {
+            max_size: 8,
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(30),
+        },
+        health_interval: Duration::from_millis(100),
+        limits: Limits::CONTRACT,
+        page_token_secret: b"test-secret".to_vec(),
+    }
+}
+
+/// A running convo server with its own database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let db = TestDb::create().await;
+        let mut settings = test_settings(&db.url);
+        adjust(&mut settings);
+        let app = Application::build(settings).await.expect("build the server");
+        let addr = app.local_addr();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("server URI")
+            .connect()
+            .await
+            .expect("connect to the test server");
+        Self {
+            addr,
+            db,
+            channel,
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// A client that calls as `user`.
+    pub fn client(&self, user: &str) -> Client {
+        self.client_with_header(Some(user.parse().expect("test user ids are ASCII")))
+    }
+
+    /// A client that sends `x-user-id` exactly as given, or not at all.
+    pub fn client_with_header(&self, user: Option<AsciiMetadataValue>) -> Client {
+        ConversationServiceClient::with_interceptor(self.channel.clone(), UserHeader(user))
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Adds `x-user-id` to every call.
+#[derive(Clone)]
+pub struct UserHeader(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for UserHeader {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(user) = &self.0 {
+            request.metadata_mut().insert("x-user-id", user.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = ConversationServiceClient<InterceptedService<Channel, UserHeader>>;
+
+/// Asserts the status code and returns the status for further checks.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>, code: Code) -> Status {
+    match result {
+        Ok(response) => panic!("expected {code:?}, got OK: {:?}", response.into_inner()),
+        Err(status) => {
+            assert_eq!(status.code(), code, "unexpected status: {status:?}");
+            status
+        }
+    }
+}
+
+/// Asserts INVALID_ARGUMENT whose BadRequest details name `field`.
+#[track_caller]
+pub fn expect_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>, field: &str) -> Status {
+    use tonic_types::StatusExt;
+    let status = expect_code(result, Code::InvalidArgument);
+    let details = status.get_details_bad_request().unwrap_or_else(|| {
+        panic!("INVALID_ARGUMENT without google.rpc.BadRequest details: {status:?}")
+    });
+    assert!(
+        details.field_violations.iter().any(|v| v.field == field),
+        "no violation names {field:?}: {:?}",
+        details.field_violations
+    );
+    status
+}
+
+pub async fn create(client: &mut Client, title: &str) -> proto::Conversation {
+    client
+        .create_conversation(proto::CreateConversationRequest {
+            title: title.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("create a conversation")
+        .into_inner()
+}
+
+pub fn user_message(content: &str) -> proto::NewMessage {
+    proto::NewMessage {
+        role: proto::Role::User as i32,
+        content: content.to_owned(),
+        metadata: Default::default(),
+    }
+}
+
+pub async fn append(client: &mut Client, conversation_id: &str, content: &str) -> proto::Message {
+    client
+        .append_message(proto::AppendMessageRequest {
+            conversation_id: conversation_id.to_owned(),
+            role: proto::Role::User as i32,
+            content: content.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("append a message")
+        .into_inner()
+}
+
+/// Appends `n` messages `"m1".."mN"` in batches of up to 100.
+pub async fn append_many(client: &mut Client, conversation_id: &str, n: usize) {
+    let mut next = 1;
+    while next <= n {
+        let upto = (next + 99).min(n);
+        client
+            .append_messages(proto::AppendMessagesRequest {
+                conversation_id: conversation_id.to_owned(),
+                messages: (next..=upto).map(|i| user_message(&format!("m{i}"))).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("append a batch");
+        next = upto + 1;
+    }
+}
+
+/// A protobuf timestamp as microseconds since the epoch, for comparisons.
+#[track_caller]
+pub fn micros(time: &Option<prost_types::Timestamp>) -> i64 {
+    let time = time.as_ref().expect("timestamp is set");
+    time.seconds * 1_000_000 + i64::from(time.nanos / 1_000)
+}

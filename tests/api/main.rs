@@ -1,0 +1,10 @@
+//! convo's API tests: a real server per test over a real gRPC channel, against
+//! a real PostgreSQL database of the test's own.
+
+mod helpers;
+
+mod concurrency;
+mod conversations;
+mod identity;
+mod messages;
+mod operations;
