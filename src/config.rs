@@ -72,7 +72,12 @@ pub struct ServeArgs {
     pub health_interval: Duration,
 
     /// Secret that seals page tokens. Replicas behind one load balancer must share it.
-    #[arg(long, env = "CONVO_PAGE_TOKEN_SECRET", default_value = "convo-default-page-token-secret", hide_default_value = true)]
+    #[arg(
+        long,
+        env = "CONVO_PAGE_TOKEN_SECRET",
+        default_value = "convo-default-page-token-secret",
+        hide_default_value = true
+    )]
     pub page_token_secret: String,
 
     /// Longest message content, in bytes (at most the contract's 1 MiB).

@@ -90,8 +90,12 @@ impl LocalPostgres {
         let data_dir = absolute(&options.data_dir)?;
         fs::create_dir_all(&data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
         if let Some(user) = run_as {
-            chown(&data_dir, Some(user.uid), Some(user.gid))
-                .map_err(|e| io(format!("handing {} to the postgres user", data_dir.display()))(e.into()))?;
+            chown(&data_dir, Some(user.uid), Some(user.gid)).map_err(|e| {
+                io(format!(
+                    "handing {} to the postgres user",
+                    data_dir.display()
+                ))(e.into())
+            })?;
             check_reachable(&data_dir, user)?;
         }
         if !data_dir.join("PG_VERSION").exists() {
@@ -115,7 +119,14 @@ impl LocalPostgres {
             // No Unix socket: its path limit (107 bytes) would tie the data
             // directory to a short path.
             .args(["-c", "unix_socket_directories="])
-            .args(["-c", if options.fsync { "fsync=on" } else { "fsync=off" }])
+            .args([
+                "-c",
+                if options.fsync {
+                    "fsync=on"
+                } else {
+                    "fsync=off"
+                },
+            ])
             .args(["-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(log)
@@ -126,9 +137,10 @@ impl LocalPostgres {
         if let Some(user) = run_as {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
-        let child = command
-            .spawn()
-            .map_err(io(format!("starting {}", bin_dir.join("postgres").display())))?;
+        let child = command.spawn().map_err(io(format!(
+            "starting {}",
+            bin_dir.join("postgres").display()
+        )))?;
         let mut cluster = Self {
             child: Some(child),
             data_dir,
@@ -155,7 +167,9 @@ impl LocalPostgres {
     /// Fast shutdown: ends sessions, checkpoints and exits. Waits up to 30 s,
     /// then kills the process.
     pub async fn stop(mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -263,12 +277,23 @@ fn check_reachable(data_dir: &Path, user: RunAs) -> Result<(), LocalPostgresErro
     }
 }
 
-fn initdb(bin_dir: &Path, data_dir: &Path, run_as: Option<RunAs>) -> Result<(), LocalPostgresError> {
+fn initdb(
+    bin_dir: &Path,
+    data_dir: &Path,
+    run_as: Option<RunAs>,
+) -> Result<(), LocalPostgresError> {
     let mut command = Command::new(bin_dir.join("initdb"));
     command
         .arg("-D")
         .arg(data_dir)
-        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+        ])
         .arg("--no-sync")
         .stdin(Stdio::null());
     if let Some(user) = run_as {
@@ -287,8 +312,12 @@ fn initdb(bin_dir: &Path, data_dir: &Path, run_as: Option<RunAs>) -> Result<(), 
 /// A port that was free a moment ago. PostgreSQL reports a clear error if
 /// another process takes it first.
 fn free_port() -> Result<u16, LocalPostgresError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
-    let port = listener.local_addr().map_err(io("finding a free port"))?.port();
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("finding a free port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(io("finding a free port"))?
+        .port();
     Ok(port)
 }
 

@@ -11,7 +11,10 @@ use tonic_health::ServingStatus;
 use crate::{
     config::DatabaseArgs,
     domain::{Limits, PageTokenCodec},
-    grpc::{self, ConversationApi, SERVICE_NAME, proto::conversation_service_server::ConversationServiceServer},
+    grpc::{
+        self, ConversationApi, SERVICE_NAME,
+        proto::conversation_service_server::ConversationServiceServer,
+    },
     local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
     service::Conversations,
     store::{self, PoolSettings, Store, StoreError},
@@ -62,7 +65,8 @@ impl Database {
     /// `--data-dir`. Logs which database is in use (without its password).
     pub async fn resolve(args: &DatabaseArgs) -> Result<Self, StartupError> {
         if let Some(url) = &args.database_url {
-            let parsed = url::Url::parse(url).map_err(|e| StartupError::DatabaseUrl(e.to_string()))?;
+            let parsed =
+                url::Url::parse(url).map_err(|e| StartupError::DatabaseUrl(e.to_string()))?;
             if !matches!(parsed.scheme(), "postgres" | "postgresql") {
                 return Err(StartupError::DatabaseUrl(format!(
                     "expected a postgres:// URL, got {}://",
@@ -70,7 +74,10 @@ impl Database {
                 )));
             }
             tracing::info!(database = %redact(&parsed), "using the database at DATABASE_URL");
-            return Ok(Self { url: url.clone(), local: None });
+            return Ok(Self {
+                url: url.clone(),
+                local: None,
+            });
         }
         let local = LocalPostgres::start(&LocalPostgresOptions {
             data_dir: args.data_dir.clone(),
@@ -83,7 +90,10 @@ impl Database {
             database = %url,
             "no DATABASE_URL given: using a private PostgreSQL"
         );
-        Ok(Self { url, local: Some(local) })
+        Ok(Self {
+            url,
+            local: Some(local),
+        })
     }
 
     /// Stops the private cluster, if convo started one.
@@ -134,12 +144,19 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let store = Store::new(&settings.database_url, settings.pool);
         store.ping().await.map_err(StartupError::Database)?;
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Listen { addr: settings.listen, source })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    addr: settings.listen,
+                    source,
+                })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| StartupError::Listen { addr: settings.listen, source })?;
+            .map_err(|source| StartupError::Listen {
+                addr: settings.listen,
+                source,
+            })?;
         Ok(Self {
             listener,
             local_addr,
@@ -157,8 +174,12 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // The database answered in build(); the watcher takes over from here.
-        reporter.set_service_status("", ServingStatus::Serving).await;
-        reporter.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
         let health_watch = tokio::spawn(grpc::watch_database_health(
             self.store.clone(),
             reporter,

@@ -153,7 +153,10 @@ mod tests {
         let text = id.to_string();
         assert_eq!(text, text.to_lowercase());
         assert_eq!(ConversationId::parse("f", &text).unwrap(), id);
-        assert_eq!(ConversationId::parse("f", &text.to_uppercase()).unwrap(), id);
+        assert_eq!(
+            ConversationId::parse("f", &text.to_uppercase()).unwrap(),
+            id
+        );
     }
 
     #[test]
@@ -161,7 +164,13 @@ mod tests {
         let id = ConversationId::generate();
         let simple = id.as_uuid().simple().to_string();
         let braced = id.as_uuid().braced().to_string();
-        for bad in ["", "nope", &simple, &braced, "0190b5e4-8f1e-7cc4-9a4b-3f2a1c9d8e7g"] {
+        for bad in [
+            "",
+            "nope",
+            &simple,
+            &braced,
+            "0190b5e4-8f1e-7cc4-9a4b-3f2a1c9d8e7g",
+        ] {
             let err = ConversationId::parse("conversation_id", bad).unwrap_err();
             assert_eq!(err.field, "conversation_id");
         }
@@ -178,8 +187,16 @@ mod tests {
     #[test]
     fn request_id_is_optional_and_bounded() {
         assert_eq!(RequestId::parse_optional("request_id", "").unwrap(), None);
-        assert!(RequestId::parse_optional("request_id", "retry-1").unwrap().is_some());
-        assert!(RequestId::parse_optional("request_id", &"k".repeat(128)).unwrap().is_some());
+        assert!(
+            RequestId::parse_optional("request_id", "retry-1")
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            RequestId::parse_optional("request_id", &"k".repeat(128))
+                .unwrap()
+                .is_some()
+        );
         assert!(RequestId::parse_optional("request_id", &"k".repeat(129)).is_err());
         assert!(RequestId::parse_optional("request_id", "has space").is_err());
     }

@@ -87,7 +87,13 @@ mod tests {
         let pairs: HashMap<_, _> = (0..16)
             .map(|i| (format!("{i:0>64}"), "v".repeat(512)))
             .collect();
-        assert_eq!(Metadata::parse("metadata", pairs, &LIMITS).unwrap().pairs().len(), 16);
+        assert_eq!(
+            Metadata::parse("metadata", pairs, &LIMITS)
+                .unwrap()
+                .pairs()
+                .len(),
+            16
+        );
         assert!(Metadata::parse("metadata", HashMap::new(), &LIMITS).is_ok());
     }
 
@@ -103,6 +109,13 @@ mod tests {
 
     #[test]
     fn limits_count_characters() {
-        assert!(Metadata::parse("metadata", map(&[(&"键".repeat(64), &"值".repeat(512))]), &LIMITS).is_ok());
+        assert!(
+            Metadata::parse(
+                "metadata",
+                map(&[(&"键".repeat(64), &"值".repeat(512))]),
+                &LIMITS
+            )
+            .is_ok()
+        );
     }
 }

@@ -16,7 +16,10 @@ impl PageSize {
         match requested {
             n if n < 0 => Err(FieldViolation::new(
                 field,
-                format!("{field} must not be negative (0 means the default, {})", limits.default_page_size),
+                format!(
+                    "{field} must not be negative (0 means the default, {})",
+                    limits.default_page_size
+                ),
             )),
             0 => Ok(Self(limits.default_page_size)),
             n => Ok(Self((n as u32).min(limits.max_page_size))),
@@ -160,7 +163,13 @@ impl PageTokenCodec {
         URL_SAFE_NO_PAD.encode(body)
     }
 
-    fn open(&self, field: &str, user: &UserId, kind: u8, token: &str) -> Result<Vec<u8>, FieldViolation> {
+    fn open(
+        &self,
+        field: &str,
+        user: &UserId,
+        kind: u8,
+        token: &str,
+    ) -> Result<Vec<u8>, FieldViolation> {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid(field))?;
         if bytes.len() < 2 + MAC_LEN {
             return Err(invalid(field));
@@ -168,7 +177,10 @@ impl PageTokenCodec {
         let (body, mac) = bytes.split_at(bytes.len() - MAC_LEN);
         let expected = self.mac(user, body);
         // Constant-time comparison: a token must not be forgeable byte by byte.
-        let differs = expected.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let differs = expected
+            .iter()
+            .zip(mac)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if differs != 0 || body[0] != TOKEN_VERSION || body[1] != kind {
             return Err(invalid(field));
         }
@@ -196,9 +208,20 @@ mod tests {
         let limits = Limits::CONTRACT;
         assert_eq!(PageSize::parse("page_size", 0, &limits).unwrap().get(), 50);
         assert_eq!(PageSize::parse("page_size", 1, &limits).unwrap().get(), 1);
-        assert_eq!(PageSize::parse("page_size", 1000, &limits).unwrap().get(), 1000);
-        assert_eq!(PageSize::parse("page_size", 1001, &limits).unwrap().get(), 1000);
-        assert_eq!(PageSize::parse("page_size", i32::MAX, &limits).unwrap().get(), 1000);
+        assert_eq!(
+            PageSize::parse("page_size", 1000, &limits).unwrap().get(),
+            1000
+        );
+        assert_eq!(
+            PageSize::parse("page_size", 1001, &limits).unwrap().get(),
+            1000
+        );
+        assert_eq!(
+            PageSize::parse("page_size", i32::MAX, &limits)
+                .unwrap()
+                .get(),
+            1000
+        );
         assert!(PageSize::parse("page_size", -1, &limits).is_err());
     }
 
@@ -210,9 +233,22 @@ mod tests {
             id: ConversationId::generate(),
         };
         let token = codec.encode_conversations(&user("alice"), &cursor);
-        assert_eq!(codec.decode_conversations("page_token", &user("alice"), &token).unwrap(), cursor);
-        assert!(codec.decode_conversations("page_token", &user("bob"), &token).is_err());
-        assert!(PageTokenCodec::new(b"other").decode_conversations("page_token", &user("alice"), &token).is_err());
+        assert_eq!(
+            codec
+                .decode_conversations("page_token", &user("alice"), &token)
+                .unwrap(),
+            cursor
+        );
+        assert!(
+            codec
+                .decode_conversations("page_token", &user("bob"), &token)
+                .is_err()
+        );
+        assert!(
+            PageTokenCodec::new(b"other")
+                .decode_conversations("page_token", &user("alice"), &token)
+                .is_err()
+        );
     }
 
     #[test]
@@ -238,7 +274,9 @@ mod tests {
             bytes[i] ^= 1;
         }
         assert_eq!(
-            codec.decode_messages("page_token", &alice, &token, cursor.conversation_id, false).unwrap(),
+            codec
+                .decode_messages("page_token", &alice, &token, cursor.conversation_id, false)
+                .unwrap(),
             cursor
         );
     }
@@ -253,20 +291,51 @@ mod tests {
             sequence: 7,
         };
         let token = codec.encode_messages(&alice, &cursor);
-        assert!(codec.decode_messages("page_token", &alice, &token, cursor.conversation_id, false).is_err());
-        assert!(codec.decode_messages("page_token", &alice, &token, ConversationId::generate(), true).is_err());
+        assert!(
+            codec
+                .decode_messages("page_token", &alice, &token, cursor.conversation_id, false)
+                .is_err()
+        );
+        assert!(
+            codec
+                .decode_messages(
+                    "page_token",
+                    &alice,
+                    &token,
+                    ConversationId::generate(),
+                    true
+                )
+                .is_err()
+        );
         let conversations_token = codec.encode_conversations(
             &alice,
-            &ConversationCursor { update_time: Utc::now(), id: ConversationId::generate() },
+            &ConversationCursor {
+                update_time: Utc::now(),
+                id: ConversationId::generate(),
+            },
         );
-        assert!(codec.decode_messages("page_token", &alice, &conversations_token, cursor.conversation_id, true).is_err());
+        assert!(
+            codec
+                .decode_messages(
+                    "page_token",
+                    &alice,
+                    &conversations_token,
+                    cursor.conversation_id,
+                    true
+                )
+                .is_err()
+        );
     }
 
     #[test]
     fn garbage_is_rejected_without_panicking() {
         let codec = PageTokenCodec::new(b"secret");
         for junk in ["", "!", "AAAA", "not base64 at all", &"A".repeat(10_000)] {
-            assert!(codec.decode_conversations("page_token", &user("a"), junk).is_err());
+            assert!(
+                codec
+                    .decode_conversations("page_token", &user("a"), junk)
+                    .is_err()
+            );
         }
     }
 }

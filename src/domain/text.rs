@@ -93,6 +93,11 @@ mod tests {
     #[test]
     fn content_keeps_multibyte_text_exactly() {
         let text = "héllo 👋 世界 שלום".to_string();
-        assert_eq!(Content::parse("content", text.clone(), &LIMITS).unwrap().as_str(), text);
+        assert_eq!(
+            Content::parse("content", text.clone(), &LIMITS)
+                .unwrap()
+                .as_str(),
+            text
+        );
     }
 }

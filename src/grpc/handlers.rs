@@ -43,11 +43,17 @@ impl ConversationService for ConversationApi {
         request: Request<proto::CreateConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(async {
-            let (new, request_id) = self.parser.create_conversation(request.into_inner())?;
-            let created = self.service.create_conversation(&owner, new, request_id).await?;
-            Ok(created.into())
-        }.await)
+        reply(
+            async {
+                let (new, request_id) = self.parser.create_conversation(request.into_inner())?;
+                let created = self
+                    .service
+                    .create_conversation(&owner, new, request_id)
+                    .await?;
+                Ok(created.into())
+            }
+            .await,
+        )
     }
 
     async fn get_conversation(
@@ -55,11 +61,14 @@ impl ConversationService for ConversationApi {
         request: Request<proto::GetConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(async {
-            let id = parse::conversation_id(&request.get_ref().conversation_id)?;
-            let conversation = self.service.get_conversation(&owner, id).await?;
-            Ok(conversation.into())
-        }.await)
+        reply(
+            async {
+                let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+                let conversation = self.service.get_conversation(&owner, id).await?;
+                Ok(conversation.into())
+            }
+            .await,
+        )
     }
 
     async fn list_conversations(
@@ -67,24 +76,27 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ListConversationsRequest>,
     ) -> Reply<proto::ListConversationsResponse> {
         let owner = caller(&request)?;
-        reply(async {
-            let (size, after) = self.parser.list_conversations(&owner, request.get_ref())?;
-            let page = self.service.list_conversations(&owner, size, after).await?;
-            let next_page_token = match page.items.last() {
-                Some(last) if page.has_more => self.parser.tokens.encode_conversations(
-                    &owner,
-                    &ConversationCursor {
-                        update_time: last.update_time,
-                        id: last.id,
-                    },
-                ),
-                _ => String::new(),
-            };
-            Ok(proto::ListConversationsResponse {
-                conversations: page.items.into_iter().map(Into::into).collect(),
-                next_page_token,
-            })
-        }.await)
+        reply(
+            async {
+                let (size, after) = self.parser.list_conversations(&owner, request.get_ref())?;
+                let page = self.service.list_conversations(&owner, size, after).await?;
+                let next_page_token = match page.items.last() {
+                    Some(last) if page.has_more => self.parser.tokens.encode_conversations(
+                        &owner,
+                        &ConversationCursor {
+                            update_time: last.update_time,
+                            id: last.id,
+                        },
+                    ),
+                    _ => String::new(),
+                };
+                Ok(proto::ListConversationsResponse {
+                    conversations: page.items.into_iter().map(Into::into).collect(),
+                    next_page_token,
+                })
+            }
+            .await,
+        )
     }
 
     async fn update_conversation(
@@ -92,35 +104,53 @@ impl ConversationService for ConversationApi {
         request: Request<proto::UpdateConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(async {
-            let (id, changes) = self.parser.update_conversation(request.into_inner())?;
-            let updated = self.service.update_conversation(&owner, id, changes).await?;
-            Ok(updated.into())
-        }.await)
+        reply(
+            async {
+                let (id, changes) = self.parser.update_conversation(request.into_inner())?;
+                let updated = self
+                    .service
+                    .update_conversation(&owner, id, changes)
+                    .await?;
+                Ok(updated.into())
+            }
+            .await,
+        )
     }
 
-    async fn delete_conversation(&self, request: Request<proto::DeleteConversationRequest>) -> Reply<()> {
+    async fn delete_conversation(
+        &self,
+        request: Request<proto::DeleteConversationRequest>,
+    ) -> Reply<()> {
         let owner = caller(&request)?;
-        reply(async {
-            let id = parse::conversation_id(&request.get_ref().conversation_id)?;
-            self.service.delete_conversation(&owner, id).await?;
-            Ok(())
-        }.await)
+        reply(
+            async {
+                let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+                self.service.delete_conversation(&owner, id).await?;
+                Ok(())
+            }
+            .await,
+        )
     }
 
-    async fn append_message(&self, request: Request<proto::AppendMessageRequest>) -> Reply<proto::Message> {
+    async fn append_message(
+        &self,
+        request: Request<proto::AppendMessageRequest>,
+    ) -> Reply<proto::Message> {
         let owner = caller(&request)?;
-        reply(async {
-            let append = self.parser.append_message(request.into_inner())?;
-            let stored = self.service.append_messages(&owner, append).await?;
-            // A one-message append stores exactly one message.
-            let message = stored.into_iter().next().ok_or_else(|| {
-                ApiError::Service(crate::service::ServiceError::Internal(
-                    crate::store::StoreError::Corrupt("an append returned no message".into()),
-                ))
-            })?;
-            Ok(message.into())
-        }.await)
+        reply(
+            async {
+                let append = self.parser.append_message(request.into_inner())?;
+                let stored = self.service.append_messages(&owner, append).await?;
+                // A one-message append stores exactly one message.
+                let message = stored.into_iter().next().ok_or_else(|| {
+                    ApiError::Service(crate::service::ServiceError::Internal(
+                        crate::store::StoreError::Corrupt("an append returned no message".into()),
+                    ))
+                })?;
+                Ok(message.into())
+            }
+            .await,
+        )
     }
 
     async fn append_messages(
@@ -128,13 +158,16 @@ impl ConversationService for ConversationApi {
         request: Request<proto::AppendMessagesRequest>,
     ) -> Reply<proto::AppendMessagesResponse> {
         let owner = caller(&request)?;
-        reply(async {
-            let append = self.parser.append_messages(request.into_inner())?;
-            let stored = self.service.append_messages(&owner, append).await?;
-            Ok(proto::AppendMessagesResponse {
-                messages: convert::messages(stored),
-            })
-        }.await)
+        reply(
+            async {
+                let append = self.parser.append_messages(request.into_inner())?;
+                let stored = self.service.append_messages(&owner, append).await?;
+                Ok(proto::AppendMessagesResponse {
+                    messages: convert::messages(stored),
+                })
+            }
+            .await,
+        )
     }
 
     async fn list_messages(
@@ -142,25 +175,28 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ListMessagesRequest>,
     ) -> Reply<proto::ListMessagesResponse> {
         let owner = caller(&request)?;
-        reply(async {
-            let list = self.parser.list_messages(&owner, request.get_ref())?;
-            let page = self.service.list_messages(&owner, list).await?;
-            let next_page_token = match page.items.last() {
-                Some(last) if page.has_more => self.parser.tokens.encode_messages(
-                    &owner,
-                    &MessageCursor {
-                        conversation_id: list.conversation_id,
-                        newest_first: list.order == MessageOrder::NewestFirst,
-                        sequence: last.sequence,
-                    },
-                ),
-                _ => String::new(),
-            };
-            Ok(proto::ListMessagesResponse {
-                messages: convert::messages(page.items),
-                next_page_token,
-            })
-        }.await)
+        reply(
+            async {
+                let list = self.parser.list_messages(&owner, request.get_ref())?;
+                let page = self.service.list_messages(&owner, list).await?;
+                let next_page_token = match page.items.last() {
+                    Some(last) if page.has_more => self.parser.tokens.encode_messages(
+                        &owner,
+                        &MessageCursor {
+                            conversation_id: list.conversation_id,
+                            newest_first: list.order == MessageOrder::NewestFirst,
+                            sequence: last.sequence,
+                        },
+                    ),
+                    _ => String::new(),
+                };
+                Ok(proto::ListMessagesResponse {
+                    messages: convert::messages(page.items),
+                    next_page_token,
+                })
+            }
+            .await,
+        )
     }
 
     async fn resume_conversation(
@@ -168,14 +204,20 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ResumeConversationRequest>,
     ) -> Reply<proto::ResumeConversationResponse> {
         let owner = caller(&request)?;
-        reply(async {
-            let (id, max_messages) = self.parser.resume_conversation(request.get_ref())?;
-            let resumed = self.service.resume_conversation(&owner, id, max_messages).await?;
-            Ok(proto::ResumeConversationResponse {
-                conversation: Some(resumed.conversation.into()),
-                messages: convert::messages(resumed.messages),
-                has_more: resumed.has_more,
-            })
-        }.await)
+        reply(
+            async {
+                let (id, max_messages) = self.parser.resume_conversation(request.get_ref())?;
+                let resumed = self
+                    .service
+                    .resume_conversation(&owner, id, max_messages)
+                    .await?;
+                Ok(proto::ResumeConversationResponse {
+                    conversation: Some(resumed.conversation.into()),
+                    messages: convert::messages(resumed.messages),
+                    has_more: resumed.has_more,
+                })
+            }
+            .await,
+        )
     }
 }

@@ -14,21 +14,22 @@ pub async fn watch_database_health(store: Store, reporter: HealthReporter, inter
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let status = match tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await {
-            Ok(Ok(())) => ServingStatus::Serving,
-            Ok(Err(error)) => {
-                if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(%error, "database health check failed");
+        let status =
+            match tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await {
+                Ok(Ok(())) => ServingStatus::Serving,
+                Ok(Err(error)) => {
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::warn!(%error, "database health check failed");
+                    }
+                    ServingStatus::NotServing
                 }
-                ServingStatus::NotServing
-            }
-            Err(_) => {
-                if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!("database health check timed out");
+                Err(_) => {
+                    if last != Some(ServingStatus::NotServing) {
+                        tracing::warn!("database health check timed out");
+                    }
+                    ServingStatus::NotServing
                 }
-                ServingStatus::NotServing
-            }
-        };
+            };
         if last != Some(status) {
             if status == ServingStatus::Serving {
                 tracing::info!("database reachable: serving");

@@ -15,7 +15,9 @@ pub fn require_user_id(mut request: Request<()>) -> Result<Request<()>, Status> 
         Status::unauthenticated("missing x-user-id metadata: every call must name its caller")
     })?;
     if values.next().is_some() {
-        return Err(Status::unauthenticated("x-user-id must be sent exactly once"));
+        return Err(Status::unauthenticated(
+            "x-user-id must be sent exactly once",
+        ));
     }
     let text = value.to_str().map_err(|_| {
         Status::unauthenticated("x-user-id must be 1-128 bytes of visible ASCII (0x21-0x7E)")

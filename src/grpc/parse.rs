@@ -54,10 +54,17 @@ impl Parser {
         request: &proto::ListConversationsRequest,
     ) -> Parsed<(PageSize, Option<ConversationCursor>)> {
         let mut v = Violations::new();
-        let size = v.check(PageSize::parse("page_size", request.page_size, &self.limits));
+        let size = v.check(PageSize::parse(
+            "page_size",
+            request.page_size,
+            &self.limits,
+        ));
         let cursor = v.check(match request.page_token.as_str() {
             "" => Ok(None),
-            token => self.tokens.decode_conversations("page_token", owner, token).map(Some),
+            token => self
+                .tokens
+                .decode_conversations("page_token", owner, token)
+                .map(Some),
         });
         v.finish(|| Some((size?, cursor?)))
     }
@@ -67,7 +74,10 @@ impl Parser {
         request: proto::UpdateConversationRequest,
     ) -> Parsed<(ConversationId, ConversationChanges)> {
         let mut v = Violations::new();
-        let id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
         let (mut wants_title, mut wants_metadata) = (false, false);
         match &request.update_mask {
             None => v.push(FieldViolation::new(
@@ -92,12 +102,14 @@ impl Parser {
             }
         }
         let title = if wants_title {
-            v.check(Title::parse("title", request.title, &self.limits)).map(Some)
+            v.check(Title::parse("title", request.title, &self.limits))
+                .map(Some)
         } else {
             Some(None)
         };
         let metadata = if wants_metadata {
-            v.check(Metadata::parse("metadata", request.metadata, &self.limits)).map(Some)
+            v.check(Metadata::parse("metadata", request.metadata, &self.limits))
+                .map(Some)
         } else {
             Some(None)
         };
@@ -114,7 +126,10 @@ impl Parser {
 
     pub fn append_message(&self, request: proto::AppendMessageRequest) -> Parsed<AppendMessages> {
         let mut v = Violations::new();
-        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let conversation_id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
         let message = self.new_message(&mut v, "", request.role, request.content, request.metadata);
         let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
         let expected = v.check(expected_last_sequence(request.expected_last_sequence));
@@ -130,7 +145,10 @@ impl Parser {
 
     pub fn append_messages(&self, request: proto::AppendMessagesRequest) -> Parsed<AppendMessages> {
         let mut v = Violations::new();
-        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
+        let conversation_id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
         let count = request.messages.len();
         if count == 0 || count > self.limits.max_batch_messages {
             v.push(FieldViolation::new(
@@ -146,7 +164,15 @@ impl Parser {
             .into_iter()
             .take(self.limits.max_batch_messages)
             .enumerate()
-            .map(|(i, m)| self.new_message(&mut v, &format!("messages[{i}]."), m.role, m.content, m.metadata))
+            .map(|(i, m)| {
+                self.new_message(
+                    &mut v,
+                    &format!("messages[{i}]."),
+                    m.role,
+                    m.content,
+                    m.metadata,
+                )
+            })
             .collect();
         let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
         let expected = v.check(expected_last_sequence(request.expected_last_sequence));
@@ -169,8 +195,16 @@ impl Parser {
         metadata: std::collections::HashMap<String, String>,
     ) -> Option<NewMessage> {
         let role = v.check(Role::parse(&format!("{prefix}role"), role));
-        let content = v.check(Content::parse(&format!("{prefix}content"), content, &self.limits));
-        let metadata = v.check(Metadata::parse(&format!("{prefix}metadata"), metadata, &self.limits));
+        let content = v.check(Content::parse(
+            &format!("{prefix}content"),
+            content,
+            &self.limits,
+        ));
+        let metadata = v.check(Metadata::parse(
+            &format!("{prefix}metadata"),
+            metadata,
+            &self.limits,
+        ));
         Some(NewMessage {
             role: role?,
             content: content?,
@@ -178,10 +212,21 @@ impl Parser {
         })
     }
 
-    pub fn list_messages(&self, owner: &UserId, request: &proto::ListMessagesRequest) -> Parsed<ListMessages> {
+    pub fn list_messages(
+        &self,
+        owner: &UserId,
+        request: &proto::ListMessagesRequest,
+    ) -> Parsed<ListMessages> {
         let mut v = Violations::new();
-        let conversation_id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
-        let size = v.check(PageSize::parse("page_size", request.page_size, &self.limits));
+        let conversation_id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
+        let size = v.check(PageSize::parse(
+            "page_size",
+            request.page_size,
+            &self.limits,
+        ));
         if request.after_sequence < 0 {
             v.push(FieldViolation::new(
                 "after_sequence",
@@ -191,7 +236,13 @@ impl Parser {
         let cursor = match (request.page_token.as_str(), conversation_id) {
             ("", _) => Some(None),
             (token, Some(id)) => v
-                .check(self.tokens.decode_messages("page_token", owner, token, id, request.newest_first))
+                .check(self.tokens.decode_messages(
+                    "page_token",
+                    owner,
+                    token,
+                    id,
+                    request.newest_first,
+                ))
                 .map(Some),
             // Without a valid conversation id the token cannot be checked; that
             // id's own violation is already reported.
@@ -218,8 +269,15 @@ impl Parser {
         request: &proto::ResumeConversationRequest,
     ) -> Parsed<(ConversationId, PageSize)> {
         let mut v = Violations::new();
-        let id = v.check(ConversationId::parse("conversation_id", &request.conversation_id));
-        let max = v.check(PageSize::parse("max_messages", request.max_messages, &self.limits));
+        let id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
+        let max = v.check(PageSize::parse(
+            "max_messages",
+            request.max_messages,
+            &self.limits,
+        ));
         v.finish(|| Some((id?, max?)))
     }
 }

@@ -77,7 +77,11 @@ impl Conversations {
             .await?)
     }
 
-    pub async fn get_conversation(&self, owner: &UserId, id: ConversationId) -> Result<Conversation> {
+    pub async fn get_conversation(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+    ) -> Result<Conversation> {
         Ok(self.store.get_conversation(owner, id).await?)
     }
 
@@ -105,7 +109,11 @@ impl Conversations {
 
     /// Appends messages, or returns what an earlier call with the same
     /// request_id appended if the payload is the same.
-    pub async fn append_messages(&self, owner: &UserId, append: AppendMessages) -> Result<Vec<Message>> {
+    pub async fn append_messages(
+        &self,
+        owner: &UserId,
+        append: AppendMessages,
+    ) -> Result<Vec<Message>> {
         let outcome = self
             .store
             .append_messages(
@@ -120,7 +128,11 @@ impl Conversations {
             AppendOutcome::Appended(messages) => Ok(messages),
             AppendOutcome::Replayed(stored) => {
                 let same_payload = stored.len() == append.messages.len()
-                    && append.messages.iter().zip(&stored).all(|(new, old)| new.matches(old));
+                    && append
+                        .messages
+                        .iter()
+                        .zip(&stored)
+                        .all(|(new, old)| new.matches(old));
                 if same_payload {
                     Ok(stored)
                 } else {
@@ -150,7 +162,10 @@ impl Conversations {
         id: ConversationId,
         max_messages: PageSize,
     ) -> Result<Resumed> {
-        let (conversation, page) = self.store.resume_conversation(owner, id, max_messages).await?;
+        let (conversation, page) = self
+            .store
+            .resume_conversation(owner, id, max_messages)
+            .await?;
         Ok(Resumed {
             conversation,
             messages: page.items,

@@ -5,7 +5,10 @@ use diesel::{dsl::exists, prelude::*, sql_types::Timestamptz};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::{Page, StoreError, Store, schema::{conversations, users}};
+use super::{
+    Page, Store, StoreError,
+    schema::{conversations, users},
+};
 use crate::domain::{
     Conversation, ConversationCursor, ConversationId, Metadata, NewConversation, PageSize,
     RequestId, Title, UserId,
@@ -155,44 +158,46 @@ impl Store {
         new: &NewConversation,
         request_id: Option<&RequestId>,
     ) -> Result<Conversation, StoreError> {
-        let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            diesel::insert_into(users::table)
-                .values(users::user_id.eq(owner.as_str()))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-            let now = now_micros();
-            let row = NewConversationRow {
-                user_id: owner.as_str(),
-                id: *ConversationId::generate().as_uuid(),
-                title: new.title.as_str(),
-                metadata: metadata_to_json(&new.metadata),
-                create_time: now,
-                update_time: now,
-                request_id: request_id.map(RequestId::as_str),
-            };
-            let created = diesel::insert_into(conversations::table)
-                .values(&row)
-                .on_conflict((conversations::user_id, conversations::request_id))
-                .do_nothing()
-                .returning(ConversationRow::as_returning())
-                .get_result(conn)
-                .await
-                .optional()?;
-            let row = match created {
-                Some(row) => row,
-                // Only a request_id can conflict: this is a retry.
-                None => {
-                    conversations::table
-                        .filter(conversations::user_id.eq(owner.as_str()))
-                        .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
-                        .select(ConversationRow::as_select())
-                        .first(conn)
-                        .await?
-                }
-            };
-            row.try_into()
+        self.with_conn(async |conn| {
+            conn.transaction(async |conn| {
+                diesel::insert_into(users::table)
+                    .values(users::user_id.eq(owner.as_str()))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                let now = now_micros();
+                let row = NewConversationRow {
+                    user_id: owner.as_str(),
+                    id: *ConversationId::generate().as_uuid(),
+                    title: new.title.as_str(),
+                    metadata: metadata_to_json(&new.metadata),
+                    create_time: now,
+                    update_time: now,
+                    request_id: request_id.map(RequestId::as_str),
+                };
+                let created = diesel::insert_into(conversations::table)
+                    .values(&row)
+                    .on_conflict((conversations::user_id, conversations::request_id))
+                    .do_nothing()
+                    .returning(ConversationRow::as_returning())
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+                let row = match created {
+                    Some(row) => row,
+                    // Only a request_id can conflict: this is a retry.
+                    None => {
+                        conversations::table
+                            .filter(conversations::user_id.eq(owner.as_str()))
+                            .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
+                            .select(ConversationRow::as_select())
+                            .first(conn)
+                            .await?
+                    }
+                };
+                row.try_into()
+            })
+            .await
         })
         .await
     }
@@ -202,8 +207,8 @@ impl Store {
         owner: &UserId,
         id: ConversationId,
     ) -> Result<Conversation, StoreError> {
-        let mut conn = self.conn().await?;
-        find(&mut conn, owner, id).await
+        self.with_conn(async |conn| find(conn, owner, id).await)
+            .await
     }
 
     /// The owner's conversations, most recently updated first, after `after`.
@@ -216,23 +221,27 @@ impl Store {
         size: PageSize,
         after: Option<ConversationCursor>,
     ) -> Result<Page<Conversation>, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut query = conversations::table
-            .filter(conversations::user_id.eq(owner.as_str()))
-            .select(ConversationRow::as_select())
-            .order((conversations::update_time.desc(), conversations::id.desc()))
-            .limit(size.limit_with_lookahead())
-            .into_boxed();
-        if let Some(cursor) = after {
-            // `update_time <= t` bounds the index scan; the OR breaks ties by id.
-            query = query.filter(conversations::update_time.le(cursor.update_time)).filter(
-                conversations::update_time
-                    .lt(cursor.update_time)
-                    .or(conversations::id.lt(*cursor.id.as_uuid())),
-            );
-        }
-        let rows = query.load(&mut conn).await?;
-        page_of(rows, size)
+        self.with_conn(async |conn| {
+            let mut query = conversations::table
+                .filter(conversations::user_id.eq(owner.as_str()))
+                .select(ConversationRow::as_select())
+                .order((conversations::update_time.desc(), conversations::id.desc()))
+                .limit(size.limit_with_lookahead())
+                .into_boxed();
+            if let Some(cursor) = after {
+                // `update_time <= t` bounds the index scan; the OR breaks ties by id.
+                query = query
+                    .filter(conversations::update_time.le(cursor.update_time))
+                    .filter(
+                        conversations::update_time
+                            .lt(cursor.update_time)
+                            .or(conversations::id.lt(*cursor.id.as_uuid())),
+                    );
+            }
+            let rows = query.load(conn).await?;
+            page_of(rows, size)
+        })
+        .await
     }
 
     /// Replaces the fields named in `changes` and bumps `update_time`.
@@ -242,24 +251,27 @@ impl Store {
         id: ConversationId,
         changes: &ConversationChanges,
     ) -> Result<Conversation, StoreError> {
-        let mut conn = self.conn().await?;
-        let changeset = ConversationChangeset {
-            title: changes.title.as_ref().map(Title::as_str),
-            metadata: changes.metadata.as_ref().map(metadata_to_json),
-        };
-        diesel::update(conversations::table)
-            .filter(conversations::user_id.eq(owner.as_str()))
-            .filter(conversations::id.eq(id.as_uuid()))
-            .set((
-                changeset,
-                conversations::update_time.eq(greatest(now_micros(), conversations::update_time)),
-            ))
-            .returning(ConversationRow::as_returning())
-            .get_result(&mut conn)
-            .await
-            .optional()?
-            .ok_or(StoreError::NotFound)?
-            .try_into()
+        self.with_conn(async |conn| {
+            let changeset = ConversationChangeset {
+                title: changes.title.as_ref().map(Title::as_str),
+                metadata: changes.metadata.as_ref().map(metadata_to_json),
+            };
+            diesel::update(conversations::table)
+                .filter(conversations::user_id.eq(owner.as_str()))
+                .filter(conversations::id.eq(id.as_uuid()))
+                .set((
+                    changeset,
+                    conversations::update_time
+                        .eq(greatest(now_micros(), conversations::update_time)),
+                ))
+                .returning(ConversationRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?
+                .ok_or(StoreError::NotFound)?
+                .try_into()
+        })
+        .await
     }
 
     /// Deletes a conversation; its messages go with it (ON DELETE CASCADE).
@@ -268,16 +280,18 @@ impl Store {
         owner: &UserId,
         id: ConversationId,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        let deleted = diesel::delete(conversations::table)
-            .filter(conversations::user_id.eq(owner.as_str()))
-            .filter(conversations::id.eq(id.as_uuid()))
-            .execute(&mut conn)
-            .await?;
-        if deleted == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        self.with_conn(async |conn| {
+            let deleted = diesel::delete(conversations::table)
+                .filter(conversations::user_id.eq(owner.as_str()))
+                .filter(conversations::id.eq(id.as_uuid()))
+                .execute(conn)
+                .await?;
+            if deleted == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -288,6 +302,9 @@ where
 {
     let has_more = rows.len() > size.get() as usize;
     rows.truncate(size.get() as usize);
-    let items = rows.into_iter().map(T::try_from).collect::<Result<_, _>>()?;
+    let items = rows
+        .into_iter()
+        .map(T::try_from)
+        .collect::<Result<_, _>>()?;
     Ok(Page { items, has_more })
 }

@@ -90,106 +90,117 @@ impl Store {
         request_id: Option<&RequestId>,
         expected_last_sequence: Option<i64>,
     ) -> Result<AppendOutcome, StoreError> {
-        let mut conn = self.conn().await?;
-        conn.transaction(async |conn| {
-            let (count, update_time): (i64, DateTime<Utc>) = conversations_table::table
-                .filter(conversations_table::user_id.eq(owner.as_str()))
-                .filter(conversations_table::id.eq(conversation_id.as_uuid()))
-                .select((
-                    conversations_table::message_count,
-                    conversations_table::update_time,
-                ))
-                .for_update()
-                .first(conn)
-                .await
-                .optional()?
-                .ok_or(StoreError::NotFound)?;
-
-            // An idempotent replay is recognised before any precondition: the
-            // retry of a call that succeeded must see that success.
-            if let Some(request_id) = request_id {
-                let earlier: Option<(i64, i32)> = append_requests::table
-                    .filter(append_requests::user_id.eq(owner.as_str()))
-                    .filter(append_requests::conversation_id.eq(conversation_id.as_uuid()))
-                    .filter(append_requests::request_id.eq(request_id.as_str()))
-                    .select((append_requests::first_sequence, append_requests::message_count))
+        self.with_conn(async |conn| {
+            conn.transaction(async |conn| {
+                let (count, update_time): (i64, DateTime<Utc>) = conversations_table::table
+                    .filter(conversations_table::user_id.eq(owner.as_str()))
+                    .filter(conversations_table::id.eq(conversation_id.as_uuid()))
+                    .select((
+                        conversations_table::message_count,
+                        conversations_table::update_time,
+                    ))
+                    .for_update()
                     .first(conn)
                     .await
-                    .optional()?;
-                if let Some((first, n)) = earlier {
-                    let rows: Vec<MessageRow> = messages::table
-                        .filter(messages::user_id.eq(owner.as_str()))
-                        .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-                        .filter(messages::sequence.between(first, first + i64::from(n) - 1))
-                        .order(messages::sequence.asc())
-                        .select(MessageRow::as_select())
-                        .load(conn)
-                        .await?;
-                    let stored = rows.into_iter().map(Message::try_from).collect::<Result<_, _>>()?;
-                    return Ok(AppendOutcome::Replayed(stored));
+                    .optional()?
+                    .ok_or(StoreError::NotFound)?;
+
+                // An idempotent replay is recognised before any precondition: the
+                // retry of a call that succeeded must see that success.
+                if let Some(request_id) = request_id {
+                    let earlier: Option<(i64, i32)> = append_requests::table
+                        .filter(append_requests::user_id.eq(owner.as_str()))
+                        .filter(append_requests::conversation_id.eq(conversation_id.as_uuid()))
+                        .filter(append_requests::request_id.eq(request_id.as_str()))
+                        .select((
+                            append_requests::first_sequence,
+                            append_requests::message_count,
+                        ))
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if let Some((first, n)) = earlier {
+                        let rows: Vec<MessageRow> = messages::table
+                            .filter(messages::user_id.eq(owner.as_str()))
+                            .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
+                            .filter(messages::sequence.between(first, first + i64::from(n) - 1))
+                            .order(messages::sequence.asc())
+                            .select(MessageRow::as_select())
+                            .load(conn)
+                            .await?;
+                        let stored = rows
+                            .into_iter()
+                            .map(Message::try_from)
+                            .collect::<Result<_, _>>()?;
+                        return Ok(AppendOutcome::Replayed(stored));
+                    }
                 }
-            }
 
-            if let Some(expected) = expected_last_sequence
-                && expected != count
-            {
-                return Err(StoreError::SequenceMismatch {
-                    expected,
-                    current: count,
-                });
-            }
+                if let Some(expected) = expected_last_sequence
+                    && expected != count
+                {
+                    return Err(StoreError::SequenceMismatch {
+                        expected,
+                        current: count,
+                    });
+                }
 
-            // Never earlier than the conversation's last change, so create_time
-            // does not decrease along sequence even if replica clocks disagree.
-            let now = now_micros().max(update_time);
-            let rows: Vec<NewMessageRow<'_>> = batch
-                .iter()
-                .zip(count + 1..)
-                .map(|(message, sequence)| NewMessageRow {
-                    user_id: owner.as_str(),
-                    conversation_id: *conversation_id.as_uuid(),
-                    sequence,
-                    id: *MessageId::generate().as_uuid(),
-                    role: message.role.number() as i16,
-                    content: message.content.as_str(),
-                    metadata: metadata_to_json(&message.metadata),
-                    create_time: now,
-                })
-                .collect();
-            let written: Vec<MessageRow> = diesel::insert_into(messages::table)
-                .values(&rows)
-                .returning(MessageRow::as_returning())
-                .get_results(conn)
-                .await?;
-            let appended = written.len() as i64;
+                // Never earlier than the conversation's last change, so create_time
+                // does not decrease along sequence even if replica clocks disagree.
+                let now = now_micros().max(update_time);
+                let rows: Vec<NewMessageRow<'_>> = batch
+                    .iter()
+                    .zip(count + 1..)
+                    .map(|(message, sequence)| NewMessageRow {
+                        user_id: owner.as_str(),
+                        conversation_id: *conversation_id.as_uuid(),
+                        sequence,
+                        id: *MessageId::generate().as_uuid(),
+                        role: message.role.number() as i16,
+                        content: message.content.as_str(),
+                        metadata: metadata_to_json(&message.metadata),
+                        create_time: now,
+                    })
+                    .collect();
+                let written: Vec<MessageRow> = diesel::insert_into(messages::table)
+                    .values(&rows)
+                    .returning(MessageRow::as_returning())
+                    .get_results(conn)
+                    .await?;
+                let appended = written.len() as i64;
 
-            if let Some(request_id) = request_id {
-                diesel::insert_into(append_requests::table)
-                    .values((
-                        append_requests::user_id.eq(owner.as_str()),
-                        append_requests::conversation_id.eq(conversation_id.as_uuid()),
-                        append_requests::request_id.eq(request_id.as_str()),
-                        append_requests::first_sequence.eq(count + 1),
-                        append_requests::message_count.eq(appended as i32),
-                        append_requests::create_time.eq(now),
+                if let Some(request_id) = request_id {
+                    diesel::insert_into(append_requests::table)
+                        .values((
+                            append_requests::user_id.eq(owner.as_str()),
+                            append_requests::conversation_id.eq(conversation_id.as_uuid()),
+                            append_requests::request_id.eq(request_id.as_str()),
+                            append_requests::first_sequence.eq(count + 1),
+                            append_requests::message_count.eq(appended as i32),
+                            append_requests::create_time.eq(now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+
+                diesel::update(conversations_table::table)
+                    .filter(conversations_table::user_id.eq(owner.as_str()))
+                    .filter(conversations_table::id.eq(conversation_id.as_uuid()))
+                    .set((
+                        conversations_table::message_count.eq(count + appended),
+                        conversations_table::update_time.eq(now),
                     ))
                     .execute(conn)
                     .await?;
-            }
 
-            diesel::update(conversations_table::table)
-                .filter(conversations_table::user_id.eq(owner.as_str()))
-                .filter(conversations_table::id.eq(conversation_id.as_uuid()))
-                .set((
-                    conversations_table::message_count.eq(count + appended),
-                    conversations_table::update_time.eq(now),
-                ))
-                .execute(conn)
-                .await?;
-
-            let mut stored = written.into_iter().map(Message::try_from).collect::<Result<Vec<_>, _>>()?;
-            stored.sort_by_key(|m| m.sequence);
-            Ok(AppendOutcome::Appended(stored))
+                let mut stored = written
+                    .into_iter()
+                    .map(Message::try_from)
+                    .collect::<Result<Vec<_>, _>>()?;
+                stored.sort_by_key(|m| m.sequence);
+                Ok(AppendOutcome::Appended(stored))
+            })
+            .await
         })
         .await
     }
@@ -206,35 +217,37 @@ impl Store {
         order: MessageOrder,
         cursor: Option<MessageCursor>,
     ) -> Result<Page<Message>, StoreError> {
-        let mut conn = self.conn().await?;
-        let mut query = messages::table
-            .filter(messages::user_id.eq(owner.as_str()))
-            .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-            .filter(messages::sequence.gt(after_sequence))
-            .select(MessageRow::as_select())
-            .limit(size.limit_with_lookahead())
-            .into_boxed();
-        query = match order {
-            MessageOrder::OldestFirst => {
-                if let Some(cursor) = cursor {
-                    query = query.filter(messages::sequence.gt(cursor.sequence));
+        self.with_conn(async |conn| {
+            let mut query = messages::table
+                .filter(messages::user_id.eq(owner.as_str()))
+                .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
+                .filter(messages::sequence.gt(after_sequence))
+                .select(MessageRow::as_select())
+                .limit(size.limit_with_lookahead())
+                .into_boxed();
+            query = match order {
+                MessageOrder::OldestFirst => {
+                    if let Some(cursor) = cursor {
+                        query = query.filter(messages::sequence.gt(cursor.sequence));
+                    }
+                    query.order(messages::sequence.asc())
                 }
-                query.order(messages::sequence.asc())
-            }
-            MessageOrder::NewestFirst => {
-                if let Some(cursor) = cursor {
-                    query = query.filter(messages::sequence.lt(cursor.sequence));
+                MessageOrder::NewestFirst => {
+                    if let Some(cursor) = cursor {
+                        query = query.filter(messages::sequence.lt(cursor.sequence));
+                    }
+                    query.order(messages::sequence.desc())
                 }
-                query.order(messages::sequence.desc())
+            };
+            let rows = query.load(conn).await?;
+            // An empty page may mean "no such conversation": ask only then, so the
+            // common case stays one round trip.
+            if rows.is_empty() && !conversations::exists_for(conn, owner, conversation_id).await? {
+                return Err(StoreError::NotFound);
             }
-        };
-        let rows = query.load(&mut conn).await?;
-        // An empty page may mean "no such conversation": ask only then, so the
-        // common case stays one round trip.
-        if rows.is_empty() && !conversations::exists_for(&mut conn, owner, conversation_id).await? {
-            return Err(StoreError::NotFound);
-        }
-        page_of(rows, size)
+            page_of(rows, size)
+        })
+        .await
     }
 
     /// The conversation and its last `max_messages` messages in ascending order,
@@ -249,26 +262,31 @@ impl Store {
         conversation_id: ConversationId,
         max_messages: PageSize,
     ) -> Result<(Conversation, Page<Message>), StoreError> {
-        let mut conn = self.conn().await?;
-        let conversation = conversations::find(&mut conn, owner, conversation_id).await?;
-        let count = conversation.message_count;
-        let first = (count - i64::from(max_messages.get())).max(0);
-        let rows: Vec<MessageRow> = messages::table
-            .filter(messages::user_id.eq(owner.as_str()))
-            .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-            .filter(messages::sequence.gt(first))
-            .filter(messages::sequence.le(count))
-            .order(messages::sequence.asc())
-            .select(MessageRow::as_select())
-            .load(&mut conn)
-            .await?;
-        let items = rows.into_iter().map(Message::try_from).collect::<Result<_, _>>()?;
-        Ok((
-            conversation,
-            Page {
-                items,
-                has_more: first > 0,
-            },
-        ))
+        self.with_conn(async |conn| {
+            let conversation = conversations::find(conn, owner, conversation_id).await?;
+            let count = conversation.message_count;
+            let first = (count - i64::from(max_messages.get())).max(0);
+            let rows: Vec<MessageRow> = messages::table
+                .filter(messages::user_id.eq(owner.as_str()))
+                .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
+                .filter(messages::sequence.gt(first))
+                .filter(messages::sequence.le(count))
+                .order(messages::sequence.asc())
+                .select(MessageRow::as_select())
+                .load(conn)
+                .await?;
+            let items = rows
+                .into_iter()
+                .map(Message::try_from)
+                .collect::<Result<_, _>>()?;
+            Ok((
+                conversation,
+                Page {
+                    items,
+                    has_more: first > 0,
+                },
+            ))
+        })
+        .await
     }
 }

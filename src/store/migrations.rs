@@ -1,6 +1,7 @@
 use diesel::Connection;
 use diesel_async::{
-    AsyncConnection, AsyncPgConnection, RunQueryDsl, async_connection_wrapper::AsyncConnectionWrapper,
+    AsyncConnection, AsyncPgConnection, RunQueryDsl,
+    async_connection_wrapper::AsyncConnectionWrapper,
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 

@@ -3,7 +3,9 @@ use std::time::Duration;
 use diesel::ConnectionError;
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, SimpleAsyncConnection,
-    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod},
+    pooled_connection::{
+        AsyncDieselConnectionManager, ManagerConfig, PoolableConnection, RecyclingMethod,
+    },
 };
 
 use super::StoreError;
@@ -41,7 +43,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("state", &self.pool.state()).finish()
+        f.debug_struct("Store")
+            .field("state", &self.pool.state())
+            .finish()
     }
 }
 
@@ -51,9 +55,19 @@ impl Store {
     pub fn new(database_url: &str, settings: PoolSettings) -> Self {
         let statement_timeout_ms = settings.statement_timeout.as_millis();
         let mut config = ManagerConfig::default();
-        // A broken connection is detected by the failed query and dropped by
-        // bb8; a verifying SELECT per checkout would double the round trips.
-        config.recycling_method = RecyclingMethod::Fast;
+        // Hand out no connection that is known to be closed, without the extra
+        // round trip per checkout that a verifying SELECT would cost.
+        config.recycling_method =
+            RecyclingMethod::CustomFunction(Box::new(|conn: &mut AsyncPgConnection| {
+                let broken = conn.is_broken();
+                Box::pin(async move {
+                    if broken {
+                        Err(diesel::result::Error::BrokenTransactionManager)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }));
         config.custom_setup = Box::new(move |url| {
             let url = url.to_owned();
             Box::pin(async move {
@@ -79,11 +93,26 @@ impl Store {
         Ok(self.pool.get().await?)
     }
 
+    /// Runs `operation` on a pooled connection. A failure that left the
+    /// connection closed (the server went away, or ended the session) is an
+    /// outage, reported as [`StoreError::Unavailable`], not a query error.
+    pub(super) async fn with_conn<T>(
+        &self,
+        operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        match operation(&mut conn).await {
+            Err(StoreError::Database(error)) if conn.is_broken() => {
+                Err(StoreError::Unavailable(error.to_string()))
+            }
+            other => other,
+        }
+    }
+
     /// Succeeds when the database answers a query.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        conn.batch_execute("SELECT 1").await?;
-        Ok(())
+        self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
+            .await
     }
 
     /// Connections open and idle, for logs and metrics.

@@ -1,1 +1,157 @@
+use std::collections::HashSet;
 
+use convo::grpc::proto::{self, AppendMessageRequest, ListMessagesRequest, Role};
+
+use crate::helpers::{TestApp, create, micros};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_never_share_or_skip_a_sequence() {
+    const APPENDERS: usize = 64;
+    const EACH: usize = 4;
+    let app = TestApp::spawn().await;
+    let created = create(&mut app.client("alice"), "busy").await;
+    let tasks: Vec<_> = (0..APPENDERS)
+        .map(|worker| {
+            let mut client = app.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                let mut sequences = Vec::new();
+                for i in 0..EACH {
+                    let message = client
+                        .append_message(AppendMessageRequest {
+                            conversation_id: id.clone(),
+                            role: Role::User as i32,
+                            content: format!("worker {worker} message {i}"),
+                            request_id: format!("w{worker}-{i}"),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("append under contention")
+                        .into_inner();
+                    sequences.push(message.sequence);
+                }
+                sequences
+            })
+        })
+        .collect();
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        let sequences = task.await.unwrap();
+        // One appender's own messages come out in the order it sent them.
+        assert!(sequences.windows(2).all(|w| w[0] < w[1]));
+        acknowledged.extend(sequences);
+    }
+    let total = (APPENDERS * EACH) as i64;
+    acknowledged.sort_unstable();
+    assert_eq!(
+        acknowledged,
+        (1..=total).collect::<Vec<_>>(),
+        "every sequence exactly once"
+    );
+
+    let stored = app
+        .client("alice")
+        .list_messages(ListMessagesRequest {
+            conversation_id: created.id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(
+        stored.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stored
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<HashSet<_>>()
+            .len(),
+        stored.len()
+    );
+    assert!(
+        stored
+            .windows(2)
+            .all(|w| micros(&w[0].create_time) <= micros(&w[1].create_time))
+    );
+    let conversation = app
+        .client("alice")
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: created.id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(conversation.message_count, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_request_write_it_once() {
+    let app = TestApp::spawn().await;
+    let created = create(&mut app.client("alice"), "retry storm").await;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client = app.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                client
+                    .append_message(AppendMessageRequest {
+                        conversation_id: id,
+                        role: Role::Assistant as i32,
+                        content: "the one answer".into(),
+                        request_id: "turn-7-assistant".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("every retry succeeds")
+                    .into_inner()
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    assert!(
+        replies.iter().all(|m| *m == replies[0]),
+        "all retries see the same message"
+    );
+    assert_eq!(replies[0].sequence, 1);
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_with_one_request_id_create_once() {
+    let app = TestApp::spawn().await;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client = app.client("alice");
+            tokio::spawn(async move {
+                client
+                    .create_conversation(proto::CreateConversationRequest {
+                        title: "once".into(),
+                        request_id: "create-once".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("every retry succeeds")
+                    .into_inner()
+                    .id
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for task in tasks {
+        ids.insert(task.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM conversations")
+            .await,
+        1
+    );
+}

@@ -1,13 +1,18 @@
 use std::collections::{HashMap, HashSet};
 
-use convo::grpc::proto::{self, CreateConversationRequest, ListConversationsRequest, UpdateConversationRequest};
+use convo::grpc::proto::{
+    self, CreateConversationRequest, ListConversationsRequest, UpdateConversationRequest,
+};
 use prost_types::FieldMask;
 use tonic::Code;
 
 use crate::helpers::{TestApp, append, create, expect_code, expect_invalid, micros};
 
 fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[tokio::test]
@@ -25,7 +30,10 @@ async fn create_returns_an_empty_conversation_owned_by_the_caller() {
         .into_inner();
     assert_eq!(created.user_id, "alice");
     assert_eq!(created.title, "Trip to Lisbon");
-    assert_eq!(created.metadata, metadata(&[("channel", "web"), ("locale", "pt-PT")]));
+    assert_eq!(
+        created.metadata,
+        metadata(&[("channel", "web"), ("locale", "pt-PT")])
+    );
     assert_eq!(created.message_count, 0);
     assert_eq!(created.create_time, created.update_time);
     assert!(created.create_time.is_some());
@@ -33,10 +41,16 @@ async fn create_returns_an_empty_conversation_owned_by_the_caller() {
     assert_eq!(created.forked_at_sequence, 0);
     let id = uuid::Uuid::parse_str(&created.id).unwrap();
     assert_eq!(id.get_version_num(), 7, "ids are UUIDv7");
-    assert_eq!(created.id, id.hyphenated().to_string(), "canonical lower-case text");
+    assert_eq!(
+        created.id,
+        id.hyphenated().to_string(),
+        "canonical lower-case text"
+    );
 
     let fetched = alice
-        .get_conversation(proto::GetConversationRequest { conversation_id: created.id.clone() })
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: created.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -52,17 +66,34 @@ async fn create_with_a_repeated_request_id_returns_the_first_conversation() {
         request_id: "create-1".into(),
         ..Default::default()
     };
-    let first = alice.create_conversation(request.clone()).await.unwrap().into_inner();
+    let first = alice
+        .create_conversation(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let retry = alice
-        .create_conversation(CreateConversationRequest { title: "second".into(), ..request.clone() })
+        .create_conversation(CreateConversationRequest {
+            title: "second".into(),
+            ..request.clone()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(retry, first);
-    assert_eq!(app.db.count("SELECT count(*) AS n FROM conversations").await, 1);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM conversations")
+            .await,
+        1
+    );
 
     // The key is the caller's own: another user's identical key creates anew.
-    let bobs = app.client("bob").create_conversation(request).await.unwrap().into_inner();
+    let bobs = app
+        .client("bob")
+        .create_conversation(request)
+        .await
+        .unwrap()
+        .into_inner();
     assert_ne!(bobs.id, first.id);
     assert_eq!(bobs.user_id, "bob");
 }
@@ -77,33 +108,73 @@ async fn create_enforces_title_metadata_and_request_id_limits() {
         request_id: String::new(),
     };
     // At the limits: accepted.
-    alice.create_conversation(ok("界".repeat(256), HashMap::new())).await.unwrap();
-    let sixteen = (0..16).map(|i| (format!("{i:0>64}"), "v".repeat(512))).collect();
-    alice.create_conversation(ok(String::new(), sixteen)).await.unwrap();
+    alice
+        .create_conversation(ok("界".repeat(256), HashMap::new()))
+        .await
+        .unwrap();
+    let sixteen = (0..16)
+        .map(|i| (format!("{i:0>64}"), "v".repeat(512)))
+        .collect();
+    alice
+        .create_conversation(ok(String::new(), sixteen))
+        .await
+        .unwrap();
 
     // Past them: INVALID_ARGUMENT naming the field, nothing stored.
-    expect_invalid(alice.create_conversation(ok("界".repeat(257), HashMap::new())).await, "title");
-    expect_invalid(alice.create_conversation(ok("a\0b".into(), HashMap::new())).await, "title");
-    let seventeen = (0..17).map(|i| (i.to_string(), String::new())).collect();
-    expect_invalid(alice.create_conversation(ok(String::new(), seventeen)).await, "metadata");
-    expect_invalid(alice.create_conversation(ok(String::new(), metadata(&[("", "v")]))).await, "metadata");
     expect_invalid(
-        alice.create_conversation(ok(String::new(), metadata(&[(&"k".repeat(65), "v")]))).await,
+        alice
+            .create_conversation(ok("界".repeat(257), HashMap::new()))
+            .await,
+        "title",
+    );
+    expect_invalid(
+        alice
+            .create_conversation(ok("a\0b".into(), HashMap::new()))
+            .await,
+        "title",
+    );
+    let seventeen = (0..17).map(|i| (i.to_string(), String::new())).collect();
+    expect_invalid(
+        alice
+            .create_conversation(ok(String::new(), seventeen))
+            .await,
         "metadata",
     );
     expect_invalid(
-        alice.create_conversation(ok(String::new(), metadata(&[("k", &"v".repeat(513))]))).await,
+        alice
+            .create_conversation(ok(String::new(), metadata(&[("", "v")])))
+            .await,
+        "metadata",
+    );
+    expect_invalid(
+        alice
+            .create_conversation(ok(String::new(), metadata(&[(&"k".repeat(65), "v")])))
+            .await,
+        "metadata",
+    );
+    expect_invalid(
+        alice
+            .create_conversation(ok(String::new(), metadata(&[("k", &"v".repeat(513))])))
+            .await,
         "metadata",
     );
     for bad in ["has space".to_string(), "k".repeat(129), "é".into()] {
         expect_invalid(
             alice
-                .create_conversation(CreateConversationRequest { request_id: bad, ..Default::default() })
+                .create_conversation(CreateConversationRequest {
+                    request_id: bad,
+                    ..Default::default()
+                })
                 .await,
             "request_id",
         );
     }
-    assert_eq!(app.db.count("SELECT count(*) AS n FROM conversations").await, 2);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM conversations")
+            .await,
+        2
+    );
 }
 
 #[tokio::test]
@@ -135,15 +206,27 @@ async fn every_violation_of_a_request_is_reported_at_once() {
 async fn get_rejects_malformed_ids_and_reports_missing_ones() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
-    for bad in ["", "42", "not-a-uuid", "0190b5e48f1e7cc49a4b3f2a1c9d8e7f", "{0190b5e4-8f1e-7cc4-9a4b-3f2a1c9d8e7f}"] {
+    for bad in [
+        "",
+        "42",
+        "not-a-uuid",
+        "0190b5e48f1e7cc49a4b3f2a1c9d8e7f",
+        "{0190b5e4-8f1e-7cc4-9a4b-3f2a1c9d8e7f}",
+    ] {
         expect_invalid(
-            alice.get_conversation(proto::GetConversationRequest { conversation_id: bad.into() }).await,
+            alice
+                .get_conversation(proto::GetConversationRequest {
+                    conversation_id: bad.into(),
+                })
+                .await,
             "conversation_id",
         );
     }
     let missing = expect_code(
         alice
-            .get_conversation(proto::GetConversationRequest { conversation_id: uuid::Uuid::now_v7().to_string() })
+            .get_conversation(proto::GetConversationRequest {
+                conversation_id: uuid::Uuid::now_v7().to_string(),
+            })
             .await,
         Code::NotFound,
     );
@@ -167,26 +250,49 @@ async fn update_replaces_only_the_fields_in_the_mask_and_bumps_update_time() {
         conversation_id: created.id.clone(),
         title: title.into(),
         metadata: metadata(pairs),
-        update_mask: Some(FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+        update_mask: Some(FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
     };
 
-    let titled = alice.update_conversation(update("new", &[("ignored", "x")], &["title"])).await.unwrap().into_inner();
+    let titled = alice
+        .update_conversation(update("new", &[("ignored", "x")], &["title"]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(titled.title, "new");
-    assert_eq!(titled.metadata, created.metadata, "metadata not in the mask stays");
+    assert_eq!(
+        titled.metadata, created.metadata,
+        "metadata not in the mask stays"
+    );
     assert!(micros(&titled.update_time) > micros(&created.update_time));
     assert_eq!(titled.create_time, created.create_time);
 
-    let relabelled = alice.update_conversation(update("ignored", &[("c", "3")], &["metadata"])).await.unwrap().into_inner();
+    let relabelled = alice
+        .update_conversation(update("ignored", &[("c", "3")], &["metadata"]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(relabelled.title, "new");
-    assert_eq!(relabelled.metadata, metadata(&[("c", "3")]), "metadata is replaced whole");
+    assert_eq!(
+        relabelled.metadata,
+        metadata(&[("c", "3")]),
+        "metadata is replaced whole"
+    );
     assert!(micros(&relabelled.update_time) > micros(&titled.update_time));
 
-    let both = alice.update_conversation(update("", &[], &["title", "metadata"])).await.unwrap().into_inner();
+    let both = alice
+        .update_conversation(update("", &[], &["title", "metadata"]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(both.title, "");
     assert!(both.metadata.is_empty());
 
     let fetched = alice
-        .get_conversation(proto::GetConversationRequest { conversation_id: created.id.clone() })
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: created.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -198,12 +304,23 @@ async fn update_requires_a_mask_of_known_paths_and_valid_values() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "t").await;
-    let base = UpdateConversationRequest { conversation_id: created.id.clone(), ..Default::default() };
+    let base = UpdateConversationRequest {
+        conversation_id: created.id.clone(),
+        ..Default::default()
+    };
     expect_invalid(alice.update_conversation(base.clone()).await, "update_mask");
-    for paths in [vec![], vec!["message_count".to_string()], vec!["title".into(), "user_id".into()], vec!["*".into()]] {
+    for paths in [
+        vec![],
+        vec!["message_count".to_string()],
+        vec!["title".into(), "user_id".into()],
+        vec!["*".into()],
+    ] {
         expect_invalid(
             alice
-                .update_conversation(UpdateConversationRequest { update_mask: Some(FieldMask { paths }), ..base.clone() })
+                .update_conversation(UpdateConversationRequest {
+                    update_mask: Some(FieldMask { paths }),
+                    ..base.clone()
+                })
                 .await,
             "update_mask",
         );
@@ -212,14 +329,18 @@ async fn update_requires_a_mask_of_known_paths_and_valid_values() {
         alice
             .update_conversation(UpdateConversationRequest {
                 title: "x".repeat(257),
-                update_mask: Some(FieldMask { paths: vec!["title".into()] }),
+                update_mask: Some(FieldMask {
+                    paths: vec!["title".into()],
+                }),
                 ..base.clone()
             })
             .await,
         "title",
     );
     let unchanged = alice
-        .get_conversation(proto::GetConversationRequest { conversation_id: created.id.clone() })
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: created.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -237,19 +358,32 @@ async fn delete_removes_the_conversation_and_its_messages() {
         append(&mut alice, &kept.id, &format!("k{i}")).await;
     }
     alice
-        .delete_conversation(proto::DeleteConversationRequest { conversation_id: doomed.id.clone() })
+        .delete_conversation(proto::DeleteConversationRequest {
+            conversation_id: doomed.id.clone(),
+        })
         .await
         .unwrap();
     expect_code(
-        alice.get_conversation(proto::GetConversationRequest { conversation_id: doomed.id.clone() }).await,
+        alice
+            .get_conversation(proto::GetConversationRequest {
+                conversation_id: doomed.id.clone(),
+            })
+            .await,
         Code::NotFound,
     );
     expect_code(
-        alice.delete_conversation(proto::DeleteConversationRequest { conversation_id: doomed.id.clone() }).await,
+        alice
+            .delete_conversation(proto::DeleteConversationRequest {
+                conversation_id: doomed.id.clone(),
+            })
+            .await,
         Code::NotFound,
     );
     // The cascade happened in the database: no orphaned rows remain.
-    let doomed_messages = format!("SELECT count(*) AS n FROM messages WHERE conversation_id = '{}'", doomed.id);
+    let doomed_messages = format!(
+        "SELECT count(*) AS n FROM messages WHERE conversation_id = '{}'",
+        doomed.id
+    );
     assert_eq!(app.db.count(&doomed_messages).await, 0);
     assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 3);
 }
@@ -261,29 +395,66 @@ async fn list_orders_by_update_time_and_moves_a_conversation_up_on_append() {
     let a = create(&mut alice, "a").await;
     let b = create(&mut alice, "b").await;
     let c = create(&mut alice, "c").await;
-    let titles = |page: proto::ListConversationsResponse| page.conversations.into_iter().map(|c| c.title).collect::<Vec<_>>();
+    let titles = |page: proto::ListConversationsResponse| {
+        page.conversations
+            .into_iter()
+            .map(|c| c.title)
+            .collect::<Vec<_>>()
+    };
     let list = ListConversationsRequest::default();
-    assert_eq!(titles(alice.list_conversations(list.clone()).await.unwrap().into_inner()), ["c", "b", "a"]);
+    assert_eq!(
+        titles(
+            alice
+                .list_conversations(list.clone())
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ["c", "b", "a"]
+    );
 
     append(&mut alice, &a.id, "bump").await;
-    assert_eq!(titles(alice.list_conversations(list.clone()).await.unwrap().into_inner()), ["a", "c", "b"]);
+    assert_eq!(
+        titles(
+            alice
+                .list_conversations(list.clone())
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        ["a", "c", "b"]
+    );
 
     alice
         .update_conversation(UpdateConversationRequest {
             conversation_id: b.id.clone(),
             title: "b2".into(),
-            update_mask: Some(FieldMask { paths: vec!["title".into()] }),
+            update_mask: Some(FieldMask {
+                paths: vec!["title".into()],
+            }),
             ..Default::default()
         })
         .await
         .unwrap();
-    let page = alice.list_conversations(list.clone()).await.unwrap().into_inner();
+    let page = alice
+        .list_conversations(list.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(page.next_page_token, "");
     assert_eq!(titles(page), ["b2", "a", "c"]);
     let _ = c;
 
     // Other users' conversations never appear.
-    assert!(app.client("bob").list_conversations(list).await.unwrap().into_inner().conversations.is_empty());
+    assert!(
+        app.client("bob")
+            .list_conversations(list)
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -303,13 +474,19 @@ async fn list_pagination_sees_every_conversation_exactly_once() {
         )
         .await;
     let full = alice
-        .list_conversations(ListConversationsRequest { page_size: 1000, page_token: String::new() })
+        .list_conversations(ListConversationsRequest {
+            page_size: 1000,
+            page_token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     let order: Vec<_> = full.conversations.iter().map(|c| c.id.clone()).collect();
     assert_eq!(order.len(), 23);
-    assert_eq!(order.iter().collect::<HashSet<_>>(), expected.iter().collect::<HashSet<_>>());
+    assert_eq!(
+        order.iter().collect::<HashSet<_>>(),
+        expected.iter().collect::<HashSet<_>>()
+    );
 
     for page_size in [1, 2, 3, 7, 22, 23, 24] {
         let mut seen = Vec::new();
@@ -317,7 +494,10 @@ async fn list_pagination_sees_every_conversation_exactly_once() {
         let mut pages = 0;
         loop {
             let page = alice
-                .list_conversations(ListConversationsRequest { page_size, page_token: token })
+                .list_conversations(ListConversationsRequest {
+                    page_size,
+                    page_token: token,
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -331,7 +511,11 @@ async fn list_pagination_sees_every_conversation_exactly_once() {
             assert!(pages <= 23, "pagination does not end");
         }
         assert_eq!(seen, order, "page size {page_size}");
-        assert_eq!(pages, 23_usize.div_ceil(page_size as usize).max(1), "page size {page_size}");
+        assert_eq!(
+            pages,
+            23_usize.div_ceil(page_size as usize).max(1),
+            "page size {page_size}"
+        );
     }
 }
 
@@ -342,11 +526,18 @@ async fn list_page_size_defaults_and_clamps_and_tokens_are_bound_to_their_user()
     for i in 0..55 {
         create(&mut alice, &format!("c{i}")).await;
     }
-    let first = alice.list_conversations(ListConversationsRequest::default()).await.unwrap().into_inner();
+    let first = alice
+        .list_conversations(ListConversationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.conversations.len(), 50, "page_size 0 means 50");
     assert!(!first.next_page_token.is_empty());
     let all = alice
-        .list_conversations(ListConversationsRequest { page_size: 5000, page_token: String::new() })
+        .list_conversations(ListConversationsRequest {
+            page_size: 5000,
+            page_token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -354,28 +545,48 @@ async fn list_page_size_defaults_and_clamps_and_tokens_are_bound_to_their_user()
     assert_eq!(all.next_page_token, "");
 
     expect_invalid(
-        alice.list_conversations(ListConversationsRequest { page_size: -1, page_token: String::new() }).await,
+        alice
+            .list_conversations(ListConversationsRequest {
+                page_size: -1,
+                page_token: String::new(),
+            })
+            .await,
         "page_size",
     );
     // A token edited by hand, garbage, or replayed by another user.
     let mut edited = first.next_page_token.clone().into_bytes();
     let last = edited.len() - 1;
     edited[last] = if edited[last] == b'A' { b'B' } else { b'A' };
-    for token in [String::from_utf8(edited).unwrap(), "garbage".into(), "!!!".into()] {
+    for token in [
+        String::from_utf8(edited).unwrap(),
+        "garbage".into(),
+        "!!!".into(),
+    ] {
         expect_invalid(
-            alice.list_conversations(ListConversationsRequest { page_size: 0, page_token: token }).await,
+            alice
+                .list_conversations(ListConversationsRequest {
+                    page_size: 0,
+                    page_token: token,
+                })
+                .await,
             "page_token",
         );
     }
     create(&mut app.client("bob"), "bob's").await;
     expect_invalid(
         app.client("bob")
-            .list_conversations(ListConversationsRequest { page_size: 0, page_token: first.next_page_token.clone() })
+            .list_conversations(ListConversationsRequest {
+                page_size: 0,
+                page_token: first.next_page_token.clone(),
+            })
             .await,
         "page_token",
     );
     let second = alice
-        .list_conversations(ListConversationsRequest { page_size: 0, page_token: first.next_page_token })
+        .list_conversations(ListConversationsRequest {
+            page_size: 0,
+            page_token: first.next_page_token,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -6,7 +6,7 @@
 //! default) started once per test process in a throwaway directory and
 //! stopped, with its files removed, when the process exits.
 
-use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+use std::{sync::OnceLock, time::Duration};
 
 use convo::{
     domain::Limits,
@@ -47,32 +47,35 @@ fn with_database(url: &str, database: &str) -> String {
 }
 
 async fn start_cluster() -> TestCluster {
-    let server_url = match std::env::var("TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            let base = if std::path::Path::new("/dev/shm").is_dir() {
-                std::path::PathBuf::from("/dev/shm")
-            } else {
-                std::env::temp_dir()
-            };
-            let data_dir = base.join(format!("convo-test-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&data_dir);
-            let local = LocalPostgres::start(&LocalPostgresOptions {
-                data_dir: data_dir.clone(),
-                fsync: false,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));
-            let url = local.url("postgres");
-            let pid = local.pid().expect("the private PostgreSQL is running") as i32;
-            PRIVATE.set((pid, data_dir)).expect("the cluster starts once");
-            // The cluster lives as long as the test process; the exit hook stops it.
-            std::mem::forget(local);
-            // SAFETY: registers a plain `extern "C" fn` with the C runtime.
-            unsafe { nix::libc::atexit(stop_private_cluster) };
-            url
-        }
-    };
+    let server_url =
+        match std::env::var("TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
+            Ok(url) if !url.is_empty() => url,
+            _ => {
+                let base = if std::path::Path::new("/dev/shm").is_dir() {
+                    std::path::PathBuf::from("/dev/shm")
+                } else {
+                    std::env::temp_dir()
+                };
+                let data_dir = base.join(format!("convo-test-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&data_dir);
+                let local = LocalPostgres::start(&LocalPostgresOptions {
+                    data_dir: data_dir.clone(),
+                    fsync: false,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));
+                let url = local.url("postgres");
+                let pid = local.pid().expect("the private PostgreSQL is running") as i32;
+                PRIVATE
+                    .set((pid, data_dir))
+                    .expect("the cluster starts once");
+                // The cluster lives as long as the test process; the exit hook stops it.
+                std::mem::forget(local);
+                // SAFETY: registers a plain `extern "C" fn` with the C runtime.
+                unsafe { nix::libc::atexit(stop_private_cluster) };
+                url
+            }
+        };
     let admin_url = with_database(&server_url, "postgres");
     // One template per schema version: a new migration gets a new template.
     let template = format!("convo_template_{}", migrations_fingerprint());
@@ -80,7 +83,10 @@ async fn start_cluster() -> TestCluster {
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL at {admin_url}: {e}"));
     // Several test processes may share a server: build the template under a lock.
-    admin.batch_execute("SELECT pg_advisory_lock(7243001)").await.expect("lock");
+    admin
+        .batch_execute("SELECT pg_advisory_lock(7243001)")
+        .await
+        .expect("lock");
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
@@ -98,7 +104,10 @@ async fn start_cluster() -> TestCluster {
             format!("DROP DATABASE IF EXISTS {template}_building"),
             format!("CREATE DATABASE {template}_building"),
         ] {
-            admin.batch_execute(&sql).await.expect("create the template database");
+            admin
+                .batch_execute(&sql)
+                .await
+                .expect("create the template database");
         }
         store::run_pending_migrations(&with_database(&server_url, &format!("{template}_building")))
             .await
@@ -107,20 +116,36 @@ async fn start_cluster() -> TestCluster {
             format!("ALTER DATABASE {template}_building RENAME TO {template}"),
             format!("ALTER DATABASE {template} WITH IS_TEMPLATE true"),
         ] {
-            admin.batch_execute(&sql).await.expect("publish the template database");
+            admin
+                .batch_execute(&sql)
+                .await
+                .expect("publish the template database");
         }
     }
-    admin.batch_execute("SELECT pg_advisory_unlock(7243001)").await.expect("unlock");
-    TestCluster { admin_url, template }
+    admin
+        .batch_execute("SELECT pg_advisory_unlock(7243001)")
+        .await
+        .expect("unlock");
+    TestCluster {
+        admin_url,
+        template,
+    }
 }
 
 /// A short hash of the migration files, so a changed schema gets a new template.
 fn migrations_fingerprint() -> String {
-    let mut files: Vec<_> = walk(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")));
+    let mut files: Vec<_> = walk(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/migrations"
+    )));
     files.sort();
     let mut hash: u64 = 0xcbf29ce484222325;
     for path in files {
-        for byte in path.to_string_lossy().bytes().chain(std::fs::read(&path).unwrap_or_default()) {
+        for byte in path
+            .to_string_lossy()
+            .bytes()
+            .chain(std::fs::read(&path).unwrap_or_default())
+        {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3);
         }
     }
@@ -168,7 +193,9 @@ impl TestDb {
     pub async fn create() -> Self {
         let cluster = cluster().await;
         let name = format!("convo_test_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = AsyncPgConnection::establish(&cluster.admin_url).await.expect("admin connection");
+        let mut admin = AsyncPgConnection::establish(&cluster.admin_url)
+            .await
+            .expect("admin connection");
         let statement = format!(
             "CREATE DATABASE {name} TEMPLATE {} STRATEGY FILE_COPY",
             cluster.template
@@ -178,7 +205,9 @@ impl TestDb {
         loop {
             match admin.batch_execute(&statement).await {
                 Ok(()) => break,
-                Err(e) if attempt < 50 && e.to_string().contains("being accessed by other users") => {
+                Err(e)
+                    if attempt < 50 && e.to_string().contains("being accessed by other users") =>
+                {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -194,13 +223,20 @@ impl TestDb {
 
     /// A direct connection to this test's database, for checks behind the API.
     pub async fn connect(&self) -> AsyncPgConnection {
-        AsyncPgConnection::establish(&self.url).await.expect("connect to the test database")
+        AsyncPgConnection::establish(&self.url)
+            .await
+            .expect("connect to the test database")
     }
 
     /// Runs SQL as the superuser on the server's `postgres` database.
     pub async fn admin(&self, sql: &str) {
-        let mut admin = AsyncPgConnection::establish(&self.admin_url).await.expect("admin connection");
-        admin.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let mut admin = AsyncPgConnection::establish(&self.admin_url)
+            .await
+            .expect("admin connection");
+        admin
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// Makes the database refuse connections and ends those it has: to the
@@ -215,13 +251,19 @@ impl TestDb {
     }
 
     pub async fn bring_online(&self) {
-        self.admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name)).await;
+        self.admin(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        ))
+        .await;
     }
 
     /// Runs SQL on this test's database, to arrange what the API cannot.
     pub async fn execute(&self, sql: &str) {
         let mut conn = self.connect().await;
-        conn.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        conn.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// A single number from SQL run on this test's database.
@@ -246,7 +288,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop cannot await; a short-lived runtime on its own thread can.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             runtime.block_on(async {
                 let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
                 admin
@@ -280,7 +325,6 @@ pub fn test_settings(database_url: &str) -> Settings {
 
 /// A running convo server with its own database.
 pub struct TestApp {
-    pub addr: SocketAddr,
     pub db: TestDb,
     channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
@@ -295,7 +339,9 @@ impl TestApp {
         let db = TestDb::create().await;
         let mut settings = test_settings(&db.url);
         adjust(&mut settings);
-        let app = Application::build(settings).await.expect("build the server");
+        let app = Application::build(settings)
+            .await
+            .expect("build the server");
         let addr = app.local_addr();
         let (shutdown, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async {
@@ -307,7 +353,6 @@ impl TestApp {
             .await
             .expect("connect to the test server");
         Self {
-            addr,
             db,
             channel,
             shutdown: Some(shutdown),
@@ -355,7 +400,10 @@ pub type Client = ConversationServiceClient<InterceptedService<Channel, UserHead
 
 /// Asserts the status code and returns the status for further checks.
 #[track_caller]
-pub fn expect_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>, code: Code) -> Status {
+pub fn expect_code<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, Status>,
+    code: Code,
+) -> Status {
     match result {
         Ok(response) => panic!("expected {code:?}, got OK: {:?}", response.into_inner()),
         Err(status) => {
@@ -367,7 +415,10 @@ pub fn expect_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status
 
 /// Asserts INVALID_ARGUMENT whose BadRequest details name `field`.
 #[track_caller]
-pub fn expect_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, Status>, field: &str) -> Status {
+pub fn expect_invalid<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, Status>,
+    field: &str,
+) -> Status {
     use tonic_types::StatusExt;
     let status = expect_code(result, Code::InvalidArgument);
     let details = status.get_details_bad_request().unwrap_or_else(|| {
@@ -421,7 +472,9 @@ pub async fn append_many(client: &mut Client, conversation_id: &str, n: usize) {
         client
             .append_messages(proto::AppendMessagesRequest {
                 conversation_id: conversation_id.to_owned(),
-                messages: (next..=upto).map(|i| user_message(&format!("m{i}"))).collect(),
+                messages: (next..=upto)
+                    .map(|i| user_message(&format!("m{i}")))
+                    .collect(),
                 ..Default::default()
             })
             .await
