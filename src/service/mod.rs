@@ -61,10 +61,6 @@ impl Conversations {
         Self { store }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     pub async fn create_conversation(
         &self,
         owner: &UserId,

@@ -114,10 +114,4 @@ impl Store {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
             .await
     }
-
-    /// Connections open and idle, for logs and metrics.
-    pub fn pool_state(&self) -> (u32, u32) {
-        let state = self.pool.state();
-        (state.connections, state.idle_connections)
-    }
 }
