@@ -17,7 +17,7 @@ use crate::{
     },
     local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
     service::Conversations,
-    store::{self, PoolSettings, Store, StoreError},
+    store::{self, ChangeFeed, PoolSettings, Store, StoreError},
 };
 
 /// Why convo could not start. Printed as one line by the binary.
@@ -197,8 +197,9 @@ impl Application {
             .build_v1alpha()
             .map_err(|e| StartupError::Reflection(e.to_string()))?;
 
+        let changes = ChangeFeed::start(&self.settings.database_url);
         let api = ConversationApi::new(
-            Conversations::new(self.store.clone()),
+            Conversations::new(self.store.clone(), changes.clone()),
             self.settings.limits,
             PageTokenCodec::new(&self.settings.page_token_secret),
         );
@@ -216,7 +217,12 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(conversations)
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(incoming, async {
+                shutdown.await;
+                // Watch streams never end by themselves: end them so that
+                // in-flight calls can drain.
+                changes.close();
+            })
             .await;
         health_watch.abort();
         drop(self.store);

@@ -52,3 +52,10 @@ pub struct NewConversation {
     pub title: Title,
     pub metadata: Metadata,
 }
+
+/// What an erasure of a user's data removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Erased {
+    pub conversations: i64,
+    pub messages: i64,
+}

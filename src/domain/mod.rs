@@ -9,14 +9,16 @@ mod message;
 mod metadata;
 mod paging;
 mod role;
+mod search;
 mod text;
 mod violation;
 
 pub use ids::{ConversationId, MessageId, RequestId, UserId};
 pub use limits::Limits;
-pub use message::{Conversation, Message, NewConversation, NewMessage};
+pub use message::{Conversation, Erased, Message, NewConversation, NewMessage};
 pub use metadata::Metadata;
-pub use paging::{ConversationCursor, MessageCursor, PageSize, PageTokenCodec};
+pub use paging::{ConversationCursor, MessageCursor, PageSize, PageTokenCodec, SearchCursor};
 pub use role::Role;
+pub use search::{SearchHit, SearchQuery};
 pub use text::{Content, Title};
 pub use violation::{FieldViolation, Violations};

@@ -51,9 +51,20 @@ pub struct MessageCursor {
     pub sequence: i64,
 }
 
+/// Where a page of SearchMessages ended: the last hit's sort key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SearchCursor {
+    pub rank: f32,
+    pub conversation_id: ConversationId,
+    pub sequence: i64,
+}
+
 const TOKEN_VERSION: u8 = 1;
 const KIND_CONVERSATIONS: u8 = 1;
 const KIND_MESSAGES: u8 = 2;
+const KIND_SEARCH: u8 = 3;
+/// Bytes of the search's fingerprint kept in its tokens.
+const SEARCH_FINGERPRINT_LEN: usize = 8;
 const MAC_LEN: usize = 16;
 
 /// Encodes cursors as opaque page tokens that are bound to the user they were
@@ -140,6 +151,54 @@ impl PageTokenCodec {
         Ok(cursor)
     }
 
+    /// Encodes a SearchMessages cursor, bound to the search it continues: the
+    /// same query text and the same conversation filter.
+    pub fn encode_search(
+        &self,
+        user: &UserId,
+        cursor: &SearchCursor,
+        query: &str,
+        conversation: Option<ConversationId>,
+    ) -> String {
+        let mut payload = Vec::with_capacity(SEARCH_FINGERPRINT_LEN + 28);
+        payload.extend_from_slice(&search_fingerprint(query, conversation));
+        payload.extend_from_slice(&cursor.rank.to_bits().to_be_bytes());
+        payload.extend_from_slice(cursor.conversation_id.as_uuid().as_bytes());
+        payload.extend_from_slice(&cursor.sequence.to_be_bytes());
+        self.seal(user, KIND_SEARCH, &payload)
+    }
+
+    pub fn decode_search(
+        &self,
+        field: &str,
+        user: &UserId,
+        token: &str,
+        query: &str,
+        conversation: Option<ConversationId>,
+    ) -> Result<SearchCursor, FieldViolation> {
+        let payload = self.open(field, user, KIND_SEARCH, token)?;
+        if payload.len() != SEARCH_FINGERPRINT_LEN + 28 {
+            return Err(invalid(field));
+        }
+        let (fingerprint, rest) = payload.split_at(SEARCH_FINGERPRINT_LEN);
+        if fingerprint != search_fingerprint(query, conversation) {
+            return Err(FieldViolation::new(
+                field,
+                "page_token continues a different search: use it with the same query and conversation_id it was issued for",
+            ));
+        }
+        let rank = f32::from_bits(u32::from_be_bytes(
+            rest[..4].try_into().map_err(|_| invalid(field))?,
+        ));
+        let id = Uuid::from_slice(&rest[4..20]).map_err(|_| invalid(field))?;
+        let sequence = i64::from_be_bytes(rest[20..28].try_into().map_err(|_| invalid(field))?);
+        Ok(SearchCursor {
+            rank,
+            conversation_id: ConversationId::from_uuid(id),
+            sequence,
+        })
+    }
+
     fn mac(&self, user: &UserId, body: &[u8]) -> [u8; MAC_LEN] {
         // new_from_slice accepts keys of any length for HMAC; 32 bytes always fits.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
@@ -186,6 +245,22 @@ impl PageTokenCodec {
         }
         Ok(body[2..].to_vec())
     }
+}
+
+fn search_fingerprint(
+    query: &str,
+    conversation: Option<ConversationId>,
+) -> [u8; SEARCH_FINGERPRINT_LEN] {
+    let mut hash = Sha256::new();
+    hash.update((query.len() as u64).to_be_bytes());
+    hash.update(query.as_bytes());
+    if let Some(id) = conversation {
+        hash.update(id.as_uuid().as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut fingerprint = [0u8; SEARCH_FINGERPRINT_LEN];
+    fingerprint.copy_from_slice(&digest[..SEARCH_FINGERPRINT_LEN]);
+    fingerprint
 }
 
 fn invalid(field: &str) -> FieldViolation {
@@ -322,6 +397,46 @@ mod tests {
                     &conversations_token,
                     cursor.conversation_id,
                     true
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn search_token_only_continues_its_own_search() {
+        let codec = PageTokenCodec::new(b"secret");
+        let alice = user("alice");
+        let conversation = Some(ConversationId::generate());
+        let cursor = SearchCursor {
+            rank: 0.123_456_7,
+            conversation_id: ConversationId::generate(),
+            sequence: 9,
+        };
+        let token = codec.encode_search(&alice, &cursor, "lisbon trip", conversation);
+        assert_eq!(
+            codec
+                .decode_search("page_token", &alice, &token, "lisbon trip", conversation)
+                .unwrap(),
+            cursor
+        );
+        assert!(
+            codec
+                .decode_search("page_token", &alice, &token, "lisbon", conversation)
+                .is_err()
+        );
+        assert!(
+            codec
+                .decode_search("page_token", &alice, &token, "lisbon trip", None)
+                .is_err()
+        );
+        assert!(
+            codec
+                .decode_search(
+                    "page_token",
+                    &user("bob"),
+                    &token,
+                    "lisbon trip",
+                    conversation
                 )
                 .is_err()
         );

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 
 use super::proto;
-use crate::domain::{Conversation, Message, Metadata};
+use crate::domain::{Conversation, Erased, Message, Metadata, SearchHit};
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -52,4 +52,24 @@ impl From<Message> for proto::Message {
 
 pub(super) fn messages(messages: Vec<Message>) -> Vec<proto::Message> {
     messages.into_iter().map(Into::into).collect()
+}
+
+impl From<SearchHit> for proto::SearchHit {
+    fn from(hit: SearchHit) -> Self {
+        Self {
+            message: Some(hit.message.into()),
+            conversation_title: hit.conversation_title,
+            snippet: hit.snippet,
+            rank: f64::from(hit.rank),
+        }
+    }
+}
+
+impl From<Erased> for proto::DeleteUserDataResponse {
+    fn from(erased: Erased) -> Self {
+        Self {
+            conversations_deleted: erased.conversations,
+            messages_deleted: erased.messages,
+        }
+    }
 }

@@ -47,6 +47,18 @@ impl From<ApiError> for Status {
                     "expected_last_sequence is {expected} but the conversation's last sequence is \
                      {current}; nothing was written: re-read the conversation and retry"
                 )),
+                ServiceError::ForkBeyondEnd { requested, length } => {
+                    invalid_argument(&[FieldViolation::new(
+                        "up_to_sequence",
+                        format!(
+                            "up_to_sequence is {requested} but the conversation has {length} \
+                             messages; use 0 to copy them all"
+                        ),
+                    )])
+                }
+                ServiceError::ShuttingDown => Status::unavailable(
+                    "the server is shutting down; reconnect and resume from the last sequence received",
+                ),
                 ServiceError::Unavailable(source) => {
                     tracing::warn!(error = %source, "storage unavailable");
                     Status::unavailable("storage is temporarily unavailable; retry with backoff")

@@ -1,3 +1,4 @@
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -8,7 +9,7 @@ use super::{
     proto::{self, conversation_service_server::ConversationService},
 };
 use crate::{
-    domain::{ConversationCursor, Limits, MessageCursor, PageTokenCodec},
+    domain::{ConversationCursor, Limits, MessageCursor, PageTokenCodec, SearchCursor},
     service::Conversations,
     store::MessageOrder,
 };
@@ -31,6 +32,10 @@ impl ConversationApi {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
+
+/// The stream of a WatchConversation call.
+pub type WatchStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::Message, Status>> + Send>>;
 
 fn reply<T>(result: Result<T, ApiError>) -> Reply<T> {
     result.map(Response::new).map_err(Status::from)
@@ -216,6 +221,90 @@ impl ConversationService for ConversationApi {
                     messages: convert::messages(resumed.messages),
                     has_more: resumed.has_more,
                 })
+            }
+            .await,
+        )
+    }
+
+    type WatchConversationStream = WatchStream;
+
+    async fn watch_conversation(
+        &self,
+        request: Request<proto::WatchConversationRequest>,
+    ) -> Reply<Self::WatchConversationStream> {
+        let owner = caller(&request)?;
+        reply(
+            async {
+                let (id, after_sequence) = self.parser.watch_conversation(request.get_ref())?;
+                let messages = self
+                    .service
+                    .watch_conversation(&owner, id, after_sequence)
+                    .await?;
+                let stream = tokio_stream::wrappers::ReceiverStream::new(messages).map(|item| {
+                    item.map(proto::Message::from)
+                        .map_err(|error| Status::from(ApiError::from(error)))
+                });
+                Ok(Box::pin(stream) as WatchStream)
+            }
+            .await,
+        )
+    }
+
+    async fn fork_conversation(
+        &self,
+        request: Request<proto::ForkConversationRequest>,
+    ) -> Reply<proto::Conversation> {
+        let owner = caller(&request)?;
+        reply(
+            async {
+                let fork = self.parser.fork_conversation(request.into_inner())?;
+                let forked = self.service.fork_conversation(&owner, fork).await?;
+                Ok(forked.into())
+            }
+            .await,
+        )
+    }
+
+    async fn search_messages(
+        &self,
+        request: Request<proto::SearchMessagesRequest>,
+    ) -> Reply<proto::SearchMessagesResponse> {
+        let owner = caller(&request)?;
+        reply(
+            async {
+                let search = self.parser.search_messages(&owner, request.into_inner())?;
+                let page = self.service.search_messages(&owner, &search).await?;
+                let next_page_token = match page.items.last() {
+                    Some(last) if page.has_more => self.parser.tokens.encode_search(
+                        &owner,
+                        &SearchCursor {
+                            rank: last.rank,
+                            conversation_id: last.message.conversation_id,
+                            sequence: last.message.sequence,
+                        },
+                        search.query.as_str(),
+                        search.conversation_id,
+                    ),
+                    _ => String::new(),
+                };
+                Ok(proto::SearchMessagesResponse {
+                    hits: page.items.into_iter().map(Into::into).collect(),
+                    next_page_token,
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn delete_user_data(
+        &self,
+        request: Request<proto::DeleteUserDataRequest>,
+    ) -> Reply<proto::DeleteUserDataResponse> {
+        let owner = caller(&request)?;
+        reply(
+            async {
+                let erased = self.service.delete_user_data(&owner).await?;
+                Ok(erased.into())
             }
             .await,
         )

@@ -5,10 +5,10 @@
 use crate::{
     domain::{
         Content, ConversationCursor, ConversationId, FieldViolation, Limits, Metadata,
-        NewConversation, NewMessage, PageSize, PageTokenCodec, RequestId, Role, Title, UserId,
-        Violations,
+        NewConversation, NewMessage, PageSize, PageTokenCodec, RequestId, Role, SearchQuery, Title,
+        UserId, Violations,
     },
-    service::{AppendMessages, ListMessages},
+    service::{AppendMessages, ForkConversation, ListMessages, SearchMessages},
     store::{ConversationChanges, MessageOrder},
 };
 
@@ -279,6 +279,104 @@ impl Parser {
             &self.limits,
         ));
         v.finish(|| Some((id?, max?)))
+    }
+}
+
+impl Parser {
+    pub fn watch_conversation(
+        &self,
+        request: &proto::WatchConversationRequest,
+    ) -> Parsed<(ConversationId, i64)> {
+        let mut v = Violations::new();
+        let id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
+        if request.after_sequence < 0 {
+            v.push(FieldViolation::new(
+                "after_sequence",
+                "after_sequence must not be negative (0 streams from the first message)",
+            ));
+        }
+        v.finish(|| Some((id?, request.after_sequence)))
+    }
+
+    pub fn fork_conversation(
+        &self,
+        request: proto::ForkConversationRequest,
+    ) -> Parsed<ForkConversation> {
+        let mut v = Violations::new();
+        let source = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
+        let up_to_sequence = match request.up_to_sequence {
+            n if n < 0 => {
+                v.push(FieldViolation::new(
+                    "up_to_sequence",
+                    "up_to_sequence must not be negative (0 copies every message)",
+                ));
+                None
+            }
+            0 => Some(None),
+            n => Some(Some(n)),
+        };
+        let title = match request.title.as_str() {
+            "" => Some(None),
+            _ => v
+                .check(Title::parse("title", request.title, &self.limits))
+                .map(Some),
+        };
+        v.finish(|| {
+            Some(ForkConversation {
+                source: source?,
+                up_to_sequence: up_to_sequence?,
+                title: title?,
+            })
+        })
+    }
+
+    pub fn search_messages(
+        &self,
+        owner: &UserId,
+        request: proto::SearchMessagesRequest,
+    ) -> Parsed<SearchMessages> {
+        let mut v = Violations::new();
+        let query = v.check(SearchQuery::parse("query", request.query));
+        let conversation_id = match request.conversation_id.as_str() {
+            "" => Some(None),
+            id => v
+                .check(ConversationId::parse("conversation_id", id))
+                .map(Some),
+        };
+        let size = v.check(PageSize::parse(
+            "page_size",
+            request.page_size,
+            &self.limits,
+        ));
+        let cursor = match (request.page_token.as_str(), &query, conversation_id) {
+            ("", _, _) => Some(None),
+            (token, Some(query), Some(conversation)) => v
+                .check(self.tokens.decode_search(
+                    "page_token",
+                    owner,
+                    token,
+                    query.as_str(),
+                    conversation,
+                ))
+                .map(Some),
+            // The token cannot be checked against a query or conversation
+            // that is itself invalid; that violation is already reported.
+            _ => None,
+        };
+        v.finish(|| {
+            Some(SearchMessages {
+                query: query?,
+                conversation_id: conversation_id?,
+                size: size?,
+                cursor: cursor?,
+            })
+        })
     }
 }
 

@@ -12,6 +12,12 @@ pub enum ServiceError {
     /// `expected_last_sequence` did not match the conversation.
     #[error("expected last sequence {expected}, but the conversation is at {current}")]
     SequenceMismatch { expected: i64, current: i64 },
+    /// A fork asked for messages beyond the end of its source.
+    #[error("cannot fork up to sequence {requested}: the conversation has {length} messages")]
+    ForkBeyondEnd { requested: i64, length: i64 },
+    /// The server is shutting down; the client should reconnect elsewhere.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// The database could not be reached in time; retrying is safe.
     #[error("storage unavailable")]
     Unavailable(#[source] StoreError),
@@ -27,6 +33,9 @@ impl From<StoreError> for ServiceError {
             StoreError::Unavailable(_) => Self::Unavailable(error),
             StoreError::SequenceMismatch { expected, current } => {
                 Self::SequenceMismatch { expected, current }
+            }
+            StoreError::ForkBeyondEnd { requested, length } => {
+                Self::ForkBeyondEnd { requested, length }
             }
             StoreError::Database(_) | StoreError::Corrupt(_) => Self::Internal(error),
         }

@@ -7,12 +7,15 @@ mod error;
 
 pub use error::ServiceError;
 
+use tokio::sync::mpsc;
+
 use crate::{
     domain::{
-        Conversation, ConversationCursor, ConversationId, Message, MessageCursor, NewConversation,
-        NewMessage, PageSize, RequestId, UserId,
+        Conversation, ConversationCursor, ConversationId, Erased, Limits, Message, MessageCursor,
+        NewConversation, NewMessage, PageSize, RequestId, SearchCursor, SearchHit, SearchQuery,
+        Title, UserId,
     },
-    store::{AppendOutcome, ConversationChanges, MessageOrder, Page, Store},
+    store::{AppendOutcome, ChangeFeed, ConversationChanges, MessageOrder, Page, Store, Wake},
 };
 
 /// An append of one or more messages.
@@ -48,17 +51,44 @@ pub struct Resumed {
     pub has_more: bool,
 }
 
+/// A search of the caller's messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchMessages {
+    pub query: SearchQuery,
+    pub conversation_id: Option<ConversationId>,
+    pub size: PageSize,
+    pub cursor: Option<SearchCursor>,
+}
+
+/// A fork of a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForkConversation {
+    pub source: ConversationId,
+    /// The last sequence to copy; `None` copies every message.
+    pub up_to_sequence: Option<i64>,
+    /// The new title; `None` keeps the source's.
+    pub title: Option<Title>,
+}
+
+/// What a watch stream yields: messages in sequence order, then possibly one
+/// error that ends it.
+pub type WatchStream = mpsc::Receiver<std::result::Result<Message, ServiceError>>;
+
+/// How many messages a watcher reads per query, and buffers for its client.
+const WATCH_BATCH: u32 = 256;
+
 /// convo's operations, each on behalf of an owner.
 #[derive(Debug, Clone)]
 pub struct Conversations {
     store: Store,
+    changes: ChangeFeed,
 }
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
 impl Conversations {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, changes: ChangeFeed) -> Self {
+        Self { store, changes }
     }
 
     pub async fn create_conversation(
@@ -167,5 +197,98 @@ impl Conversations {
             messages: page.items,
             has_more: page.has_more,
         })
+    }
+
+    /// Starts a watch: checks ownership before anything streams, then sends
+    /// every message after `after_sequence` and each new one as it commits.
+    ///
+    /// The subscription is taken before the first read, and every read asks
+    /// the database for `sequence > last sent`, so the stream has no gap and no
+    /// duplicate whatever the timing of notifications. A client that goes
+    /// away ends the task at its next send or wait.
+    pub async fn watch_conversation(
+        &self,
+        owner: &UserId,
+        id: ConversationId,
+        after_sequence: i64,
+    ) -> Result<WatchStream> {
+        let mut subscription = self.changes.subscribe(owner, id);
+        self.store.get_conversation(owner, id).await?;
+        let (sender, stream) = mpsc::channel(WATCH_BATCH as usize);
+        let store = self.store.clone();
+        let owner = owner.clone();
+        let batch = PageSize::parse("page_size", WATCH_BATCH as i32, &Limits::CONTRACT)
+            .unwrap_or_else(|_| unreachable!("the watch batch is a valid page size"));
+        tokio::spawn(async move {
+            let mut last = after_sequence;
+            loop {
+                let page = store
+                    .list_messages(&owner, id, batch, last, MessageOrder::OldestFirst, None)
+                    .await;
+                match page {
+                    Ok(page) => {
+                        for message in page.items {
+                            last = message.sequence;
+                            if sender.send(Ok(message)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if page.has_more {
+                            continue;
+                        }
+                    }
+                    Err(error) => {
+                        // NOT_FOUND once the conversation is deleted; an outage
+                        // ends the stream as UNAVAILABLE, to be resumed.
+                        let _ = sender.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    wake = subscription.next() => {
+                        if wake == Wake::Closing {
+                            let _ = sender.send(Err(ServiceError::ShuttingDown)).await;
+                            return;
+                        }
+                    }
+                    () = sender.closed() => return,
+                }
+            }
+        });
+        Ok(stream)
+    }
+
+    /// Copies a conversation, or its first messages, into a new one.
+    pub async fn fork_conversation(
+        &self,
+        owner: &UserId,
+        fork: ForkConversation,
+    ) -> Result<Conversation> {
+        Ok(self
+            .store
+            .fork_conversation(owner, fork.source, fork.up_to_sequence, fork.title.as_ref())
+            .await?)
+    }
+
+    pub async fn search_messages(
+        &self,
+        owner: &UserId,
+        search: &SearchMessages,
+    ) -> Result<Page<SearchHit>> {
+        Ok(self
+            .store
+            .search_messages(
+                owner,
+                &search.query,
+                search.conversation_id,
+                search.size,
+                search.cursor,
+            )
+            .await?)
+    }
+
+    /// Erases everything stored for the caller.
+    pub async fn delete_user_data(&self, owner: &UserId) -> Result<Erased> {
+        Ok(self.store.delete_user_data(owner).await?)
     }
 }

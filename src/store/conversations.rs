@@ -1,17 +1,21 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use diesel::{dsl::exists, prelude::*, sql_types::Timestamptz};
+use diesel::{
+    dsl::exists,
+    prelude::*,
+    sql_types::{Array, BigInt, Text, Timestamptz},
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Page, Store, StoreError,
+    Page, Store, StoreError, changes,
     schema::{conversations, users},
 };
 use crate::domain::{
-    Conversation, ConversationCursor, ConversationId, Metadata, NewConversation, PageSize,
-    RequestId, Title, UserId,
+    Conversation, ConversationCursor, ConversationId, MessageId, Metadata, NewConversation,
+    PageSize, RequestId, Title, UserId,
 };
 
 #[diesel::declare_sql_function]
@@ -274,25 +278,123 @@ impl Store {
         .await
     }
 
-    /// Deletes a conversation; its messages go with it (ON DELETE CASCADE).
+    /// Deletes a conversation; its messages go with it (ON DELETE CASCADE),
+    /// and its watchers on every replica are told.
     pub async fn delete_conversation(
         &self,
         owner: &UserId,
         id: ConversationId,
     ) -> Result<(), StoreError> {
         self.with_conn(async |conn| {
-            let deleted = diesel::delete(conversations::table)
-                .filter(conversations::user_id.eq(owner.as_str()))
-                .filter(conversations::id.eq(id.as_uuid()))
-                .execute(conn)
-                .await?;
-            if deleted == 0 {
-                return Err(StoreError::NotFound);
-            }
-            Ok(())
+            conn.transaction(async |conn| {
+                let deleted = diesel::delete(conversations::table)
+                    .filter(conversations::user_id.eq(owner.as_str()))
+                    .filter(conversations::id.eq(id.as_uuid()))
+                    .execute(conn)
+                    .await?;
+                if deleted == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                changes::notify(conn, &changes::conversation_changed(id)).await
+            })
+            .await
         })
         .await
     }
+
+    /// Copies messages 1..=`up_to` (all when `None`) of a conversation into a
+    /// new conversation of the same owner, in one transaction and one
+    /// `INSERT … SELECT`. The new ids come from the service (an array joined
+    /// by ordinality) so the copy has no volatile function and stays on one
+    /// shard under Citus.
+    pub async fn fork_conversation(
+        &self,
+        owner: &UserId,
+        source: ConversationId,
+        up_to: Option<i64>,
+        title: Option<&Title>,
+    ) -> Result<Conversation, StoreError> {
+        self.with_conn(async |conn| {
+            conn.transaction(async |conn| {
+                // FOR KEY SHARE keeps the source from being deleted mid-copy
+                // without blocking appends to it.
+                let source_row: ConversationRow = conversations::table
+                    .filter(conversations::user_id.eq(owner.as_str()))
+                    .filter(conversations::id.eq(source.as_uuid()))
+                    .select(ConversationRow::as_select())
+                    .for_key_share()
+                    .first(conn)
+                    .await
+                    .optional()?
+                    .ok_or(StoreError::NotFound)?;
+                let length = source_row.message_count;
+                let copied = match up_to {
+                    None => length,
+                    Some(n) if n <= length => n,
+                    Some(requested) => {
+                        return Err(StoreError::ForkBeyondEnd { requested, length });
+                    }
+                };
+                let now = now_micros();
+                let fork = NewForkRow {
+                    user_id: owner.as_str(),
+                    id: *ConversationId::generate().as_uuid(),
+                    title: title.map_or(source_row.title.as_str(), Title::as_str),
+                    metadata: source_row.metadata.clone(),
+                    create_time: now,
+                    update_time: now,
+                    message_count: copied,
+                    forked_from_conversation_id: source_row.id,
+                    forked_at_sequence: copied,
+                };
+                let created: ConversationRow = diesel::insert_into(conversations::table)
+                    .values(&fork)
+                    .returning(ConversationRow::as_returning())
+                    .get_result(conn)
+                    .await?;
+                let ids: Vec<Uuid> = (0..copied).map(|_| *MessageId::generate().as_uuid()).collect();
+                let inserted = diesel::sql_query(COPY_MESSAGES)
+                    .bind::<Text, _>(owner.as_str())
+                    .bind::<diesel::sql_types::Uuid, _>(created.id)
+                    .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
+                    .bind::<diesel::sql_types::Uuid, _>(source_row.id)
+                    .bind::<BigInt, _>(copied)
+                    .execute(conn)
+                    .await?;
+                if inserted as i64 != copied {
+                    return Err(StoreError::Corrupt(format!(
+                        "conversation {source} counts {copied} messages up to the fork point but {inserted} were copied"
+                    )));
+                }
+                created.try_into()
+            })
+            .await
+        })
+        .await
+    }
+}
+
+/// Copies the source's first `$5` messages into `$2`, giving message `n` the
+/// n-th id of `$3`. Sequences are gapless from 1, so ordinality matches them.
+const COPY_MESSAGES: &str = "\
+    INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, create_time) \
+    SELECT m.user_id, $2, m.sequence, ids.id, m.role, m.content, m.metadata, m.create_time \
+    FROM messages m \
+    JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
+    WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
+
+#[derive(Insertable)]
+#[diesel(table_name = conversations)]
+struct NewForkRow<'a> {
+    user_id: &'a str,
+    id: Uuid,
+    title: &'a str,
+    metadata: serde_json::Value,
+    create_time: DateTime<Utc>,
+    update_time: DateTime<Utc>,
+    message_count: i64,
+    forked_from_conversation_id: Uuid,
+    forked_at_sequence: i64,
 }
 
 /// Turns `size + 1` fetched rows into a page and whether more follow.

@@ -11,6 +11,9 @@ pub enum StoreError {
     /// `expected_last_sequence` did not match; nothing was written.
     #[error("expected last sequence {expected}, the conversation is at {current}")]
     SequenceMismatch { expected: i64, current: i64 },
+    /// A fork asked for more messages than the source holds; nothing was written.
+    #[error("cannot fork up to sequence {requested}: the conversation has {length} messages")]
+    ForkBeyondEnd { requested: i64, length: i64 },
     /// The database could not be reached or the pool had no connection in time.
     #[error("database unavailable: {0}")]
     Unavailable(String),

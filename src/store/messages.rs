@@ -4,7 +4,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Page, Store, StoreError,
+    Page, Store, StoreError, changes,
     conversations::{self, metadata_from_json, metadata_to_json, now_micros, page_of},
     schema::{append_requests, conversations as conversations_table, messages},
 };
@@ -192,6 +192,7 @@ impl Store {
                     ))
                     .execute(conn)
                     .await?;
+                changes::notify(conn, &changes::conversation_changed(conversation_id)).await?;
 
                 let mut stored = written
                     .into_iter()

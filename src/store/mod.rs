@@ -3,18 +3,23 @@
 //! Every public function takes the owner's [`UserId`] and scopes its SQL by it;
 //! nothing here knows about gRPC or protobuf.
 
+mod changes;
 mod conversations;
 mod error;
 mod messages;
 mod migrations;
 mod pool;
 pub mod schema;
+mod search;
+mod users;
 
+pub use changes::{ChangeFeed, Subscription, Wake};
 pub use conversations::ConversationChanges;
 pub use error::StoreError;
 pub use messages::{AppendOutcome, MessageOrder};
 pub use migrations::{create_database_if_missing, revert_last_migration, run_pending_migrations};
 pub use pool::{PoolSettings, Store};
+pub use search::SEARCH_SQL;
 
 /// One page of a keyset-paginated listing.
 #[derive(Debug, Clone, PartialEq)]

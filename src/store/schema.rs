@@ -1,5 +1,11 @@
 // @generated automatically by Diesel CLI.
 
+pub mod sql_types {
+    #[derive(diesel::query_builder::QueryId, Clone, diesel::sql_types::SqlType)]
+    #[diesel(postgres_type(name = "tsvector", schema = "pg_catalog"))]
+    pub struct Tsvector;
+}
+
 diesel::table! {
     append_requests (user_id, conversation_id, request_id) {
         user_id -> Text,
@@ -27,6 +33,9 @@ diesel::table! {
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::Tsvector;
+
     messages (user_id, conversation_id, sequence) {
         user_id -> Text,
         conversation_id -> Uuid,
@@ -36,6 +45,7 @@ diesel::table! {
         content -> Text,
         metadata -> Jsonb,
         create_time -> Timestamptz,
+        search_document -> Tsvector,
     }
 }
 

@@ -87,17 +87,57 @@ async fn call(client: &mut Client, rpc: &str, conversation_id: &str) -> Result<(
             })
             .await
             .map(drop),
+        "WatchConversation" => {
+            // The call itself fails for a bad identity or a foreign
+            // conversation: nothing is streamed first.
+            client
+                .watch_conversation(proto::WatchConversationRequest {
+                    conversation_id: id,
+                    after_sequence: 0,
+                })
+                .await
+                .map(drop)
+        }
+        "ForkConversation" => client
+            .fork_conversation(proto::ForkConversationRequest {
+                conversation_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "SearchMessages" => client
+            .search_messages(proto::SearchMessagesRequest {
+                query: "private".into(),
+                conversation_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(|response| {
+                assert!(
+                    response.into_inner().hits.is_empty(),
+                    "a search leaked a hit"
+                )
+            }),
+        "DeleteUserData" => client
+            .delete_user_data(proto::DeleteUserDataRequest {})
+            .await
+            .map(drop),
         other => panic!("the identity tests do not know the RPC {other}: add it to `call`"),
     }
 }
 
-/// RPCs that address one conversation.
+/// RPCs that address one conversation and must refuse someone else's.
+/// (SearchMessages only filters by one: a foreign id finds nothing, exactly as
+/// a missing one does; [`call`] checks that no hit comes back.)
 fn targets_a_conversation(rpc: &str) -> bool {
-    !matches!(rpc, "CreateConversation" | "ListConversations")
+    !matches!(
+        rpc,
+        "CreateConversation" | "ListConversations" | "SearchMessages" | "DeleteUserData"
+    )
 }
 
 #[tokio::test]
-async fn the_descriptor_lists_the_nine_core_rpcs() {
+async fn the_descriptor_lists_every_rpc_of_the_contract() {
     let names = rpc_names();
     for rpc in [
         "CreateConversation",
@@ -109,6 +149,10 @@ async fn the_descriptor_lists_the_nine_core_rpcs() {
         "AppendMessages",
         "ListMessages",
         "ResumeConversation",
+        "WatchConversation",
+        "ForkConversation",
+        "SearchMessages",
+        "DeleteUserData",
     ] {
         assert!(
             names.iter().any(|n| n == rpc),
@@ -204,6 +248,10 @@ async fn another_users_conversation_is_indistinguishable_from_a_missing_one() {
         .unwrap()
         .into_inner();
     assert!(bobs.conversations.is_empty());
+    // Bob erasing his data erases none of alice's.
+    call(&mut bob, "DeleteUserData", "")
+        .await
+        .expect("bob erases his own data");
     let after = alice
         .resume_conversation(proto::ResumeConversationRequest {
             conversation_id: owned.id.clone(),

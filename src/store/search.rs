@@ -1,0 +1,121 @@
+use chrono::{DateTime, Utc};
+use diesel::{
+    QueryableByName,
+    sql_types::{BigInt, Float4, Int2, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::RunQueryDsl;
+use uuid::Uuid;
+
+use super::{Page, Store, StoreError, conversations::metadata_from_json};
+use crate::domain::{
+    ConversationId, Message, MessageId, PageSize, Role, SearchCursor, SearchHit, SearchQuery,
+    UserId,
+};
+
+/// Full-text search over one user's messages.
+///
+/// The GIN index `messages_search (user_id, search_document)` answers
+/// `user_id = $1 AND search_document @@ query` on its own, so only the caller's
+/// matching entries are read. Matches are ranked in the database; the page is
+/// cut by keyset on (rank, conversation_id, sequence), and snippets are made
+/// only for the rows of the page. `websearch_to_tsquery` accepts any text.
+///
+/// Parameters: $1 user_id, $2 query text, $3 conversation filter or NULL,
+/// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit.
+pub const SEARCH_SQL: &str = "\
+WITH q AS (SELECT websearch_to_tsquery('simple', $2) AS query), \
+page AS ( \
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time, \
+           ts_rank_cd(m.search_document, q.query, 32) AS rank \
+    FROM messages m CROSS JOIN q \
+    WHERE m.user_id = $1 \
+      AND m.search_document @@ q.query \
+      AND ($3::uuid IS NULL OR m.conversation_id = $3) \
+      AND ($4::real IS NULL \
+           OR (ts_rank_cd(m.search_document, q.query, 32), m.conversation_id, m.sequence) \
+              < ($4::real, $5::uuid, $6::bigint)) \
+    ORDER BY rank DESC, m.conversation_id DESC, m.sequence DESC \
+    LIMIT $7 \
+) \
+SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, page.metadata, \
+       page.create_time, page.rank, c.title AS conversation_title, \
+       ts_headline('simple', left(page.content, 65536), q.query, \
+                   'StartSel=<mark>, StopSel=</mark>, MaxWords=24, MinWords=8, \
+                    MaxFragments=2, FragmentDelimiter=\" … \"') AS snippet \
+FROM page \
+JOIN conversations c ON c.user_id = $1 AND c.id = page.conversation_id \
+CROSS JOIN q \
+ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC";
+
+#[derive(QueryableByName)]
+struct HitRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    conversation_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    sequence: i64,
+    #[diesel(sql_type = Int2)]
+    role: i16,
+    #[diesel(sql_type = Text)]
+    content: String,
+    #[diesel(sql_type = Jsonb)]
+    metadata: serde_json::Value,
+    #[diesel(sql_type = Timestamptz)]
+    create_time: DateTime<Utc>,
+    #[diesel(sql_type = Float4)]
+    rank: f32,
+    #[diesel(sql_type = Text)]
+    conversation_title: String,
+    #[diesel(sql_type = Text)]
+    snippet: String,
+}
+
+impl TryFrom<HitRow> for SearchHit {
+    type Error = StoreError;
+
+    fn try_from(row: HitRow) -> Result<Self, StoreError> {
+        let role = Role::parse("role", i32::from(row.role))
+            .map_err(|_| StoreError::Corrupt(format!("message {}: role {}", row.id, row.role)))?;
+        Ok(SearchHit {
+            message: Message {
+                id: MessageId::from_uuid(row.id),
+                conversation_id: ConversationId::from_uuid(row.conversation_id),
+                sequence: row.sequence,
+                role,
+                content: row.content,
+                metadata: metadata_from_json(row.metadata),
+                create_time: row.create_time,
+            },
+            conversation_title: row.conversation_title,
+            snippet: row.snippet,
+            rank: row.rank,
+        })
+    }
+}
+
+impl Store {
+    pub async fn search_messages(
+        &self,
+        owner: &UserId,
+        query: &SearchQuery,
+        conversation: Option<ConversationId>,
+        size: PageSize,
+        after: Option<SearchCursor>,
+    ) -> Result<Page<SearchHit>, StoreError> {
+        self.with_conn(async |conn| {
+            let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL)
+                .bind::<Text, _>(owner.as_str())
+                .bind::<Text, _>(query.as_str())
+                .bind::<Nullable<SqlUuid>, _>(conversation.map(|id| *id.as_uuid()))
+                .bind::<Nullable<Float4>, _>(after.map(|c| c.rank))
+                .bind::<Nullable<SqlUuid>, _>(after.map(|c| *c.conversation_id.as_uuid()))
+                .bind::<Nullable<BigInt>, _>(after.map(|c| c.sequence))
+                .bind::<BigInt, _>(size.limit_with_lookahead())
+                .load(conn)
+                .await?;
+            super::conversations::page_of(rows, size)
+        })
+        .await
+    }
+}
