@@ -16,35 +16,34 @@ use crate::domain::{
 ///
 /// The GIN index `messages_search (user_id, search_document)` answers
 /// `user_id = $1 AND search_document @@ query` on its own, so only the caller's
-/// matching entries are read. Matches are ranked in the database; the page is
+/// matching entries are read. The query is written out where it is used rather
+/// than in a CTE: a constant expression is folded at planning, which is what
+/// lets it become an index condition. Matches are ranked in the database; the page is
 /// cut by keyset on (rank, conversation_id, sequence), and snippets are made
 /// only for the rows of the page. `websearch_to_tsquery` accepts any text.
 ///
 /// Parameters: $1 user_id, $2 query text, $3 conversation filter or NULL,
 /// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit.
 pub const SEARCH_SQL: &str = "\
-WITH q AS (SELECT websearch_to_tsquery('simple', $2) AS query), \
-page AS ( \
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time, \
-           ts_rank_cd(m.search_document, q.query, 32) AS rank \
-    FROM messages m CROSS JOIN q \
-    WHERE m.user_id = $1 \
-      AND m.search_document @@ q.query \
-      AND ($3::uuid IS NULL OR m.conversation_id = $3) \
-      AND ($4::real IS NULL \
-           OR (ts_rank_cd(m.search_document, q.query, 32), m.conversation_id, m.sequence) \
-              < ($4::real, $5::uuid, $6::bigint)) \
-    ORDER BY rank DESC, m.conversation_id DESC, m.sequence DESC \
-    LIMIT $7 \
-) \
 SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, page.metadata, \
        page.create_time, page.rank, c.title AS conversation_title, \
-       ts_headline('simple', left(page.content, 65536), q.query, \
+       ts_headline('simple', left(page.content, 65536), websearch_to_tsquery('simple', $2), \
                    'StartSel=<mark>, StopSel=</mark>, MaxWords=24, MinWords=8, \
                     MaxFragments=2, FragmentDelimiter=\" … \"') AS snippet \
-FROM page \
+FROM ( \
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time, \
+           ts_rank_cd(m.search_document, websearch_to_tsquery('simple', $2), 32) AS rank \
+    FROM messages m \
+    WHERE m.user_id = $1 \
+      AND m.search_document @@ websearch_to_tsquery('simple', $2) \
+      AND ($3::uuid IS NULL OR m.conversation_id = $3) \
+      AND ($4::real IS NULL \
+           OR (ts_rank_cd(m.search_document, websearch_to_tsquery('simple', $2), 32), \
+               m.conversation_id, m.sequence) < ($4::real, $5::uuid, $6::bigint)) \
+    ORDER BY rank DESC, m.conversation_id DESC, m.sequence DESC \
+    LIMIT $7 \
+) AS page \
 JOIN conversations c ON c.user_id = $1 AND c.id = page.conversation_id \
-CROSS JOIN q \
 ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC";
 
 #[derive(QueryableByName)]

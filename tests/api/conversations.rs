@@ -467,7 +467,7 @@ async fn list_pagination_sees_every_conversation_exactly_once() {
     }
     // Identical update times must still page correctly (ties broken by id).
     app.db
-        .execute(
+        .run_sql(
             "UPDATE conversations SET (create_time, update_time) = \
              (SELECT create_time, create_time FROM conversations WHERE title = 'c3') \
              WHERE title IN ('c4', 'c5', 'c6')",

@@ -6,7 +6,10 @@
 //! default) started once per test process in a throwaway directory and
 //! stopped, with its files removed, when the process exits.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use convo::{
     domain::Limits,
@@ -259,11 +262,28 @@ impl TestDb {
     }
 
     /// Runs SQL on this test's database, to arrange what the API cannot.
-    pub async fn execute(&self, sql: &str) {
+    pub async fn run_sql(&self, sql: &str) {
         let mut conn = self.connect().await;
         conn.batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// A single number from SQL run on the server's `postgres` database.
+    pub async fn count_admin(&self, sql: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let mut admin = AsyncPgConnection::establish(&self.admin_url)
+            .await
+            .expect("admin connection");
+        diesel::sql_query(sql)
+            .get_result::<Count>(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .n
     }
 
     /// A single number from SQL run on this test's database.
@@ -325,9 +345,9 @@ pub fn test_settings(database_url: &str) -> Settings {
 
 /// A running convo server with its own database.
 pub struct TestApp {
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
     channel: Channel,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
 
 impl TestApp {
@@ -336,7 +356,15 @@ impl TestApp {
     }
 
     pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Self {
-        let db = TestDb::create().await;
+        Self::spawn_on(Arc::new(TestDb::create().await), adjust).await
+    }
+
+    /// Another server on the same database: a second replica.
+    pub async fn spawn_replica(&self) -> Self {
+        Self::spawn_on(self.db.clone(), |_| {}).await
+    }
+
+    async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = test_settings(&db.url);
         adjust(&mut settings);
         let app = Application::build(settings)
@@ -355,7 +383,7 @@ impl TestApp {
         Self {
             db,
             channel,
-            shutdown: Some(shutdown),
+            shutdown: std::sync::Mutex::new(Some(shutdown)),
         }
     }
 
@@ -370,6 +398,13 @@ impl TestApp {
             .max_decoding_message_size(usize::MAX)
     }
 
+    /// Asks the server to shut down gracefully, as SIGTERM would.
+    pub fn shutdown(&self) {
+        if let Some(shutdown) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
+            let _ = shutdown.send(());
+        }
+    }
+
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
@@ -377,9 +412,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.shutdown();
     }
 }
 

@@ -5,6 +5,10 @@ mod helpers;
 
 mod concurrency;
 mod conversations;
+mod erasure;
+mod fork;
 mod identity;
 mod messages;
 mod operations;
+mod search;
+mod watch;

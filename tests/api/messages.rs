@@ -119,7 +119,7 @@ async fn create_time_never_decreases_even_when_update_time_is_ahead_of_the_clock
     append(&mut alice, &created.id, "before").await;
     // Another replica with a clock one hour ahead touched the conversation.
     app.db
-        .execute(&format!(
+        .run_sql(&format!(
             "UPDATE conversations SET update_time = update_time + interval '1 hour' WHERE id = '{}'",
             created.id
         ))
@@ -162,7 +162,7 @@ async fn a_batch_is_all_or_nothing() {
 
     // A failure inside the database rolls back the rows already inserted.
     app.db
-        .execute("ALTER TABLE messages ADD CONSTRAINT test_no_boom CHECK (content <> 'boom')")
+        .run_sql("ALTER TABLE messages ADD CONSTRAINT test_no_boom CHECK (content <> 'boom')")
         .await;
     let status = expect_code(
         alice

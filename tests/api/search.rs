@@ -1,0 +1,401 @@
+use std::collections::HashSet;
+
+use convo::grpc::proto::{self, SearchMessagesRequest};
+use diesel::QueryableByName;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use tonic::Code;
+
+use crate::helpers::{Client, TestApp, append, create, expect_code, expect_invalid};
+
+fn search(query: &str) -> SearchMessagesRequest {
+    SearchMessagesRequest {
+        query: query.into(),
+        ..Default::default()
+    }
+}
+
+async fn hits(client: &mut Client, request: SearchMessagesRequest) -> Vec<proto::SearchHit> {
+    client
+        .search_messages(request)
+        .await
+        .expect("search")
+        .into_inner()
+        .hits
+}
+
+#[tokio::test]
+async fn hits_are_ranked_by_relevance_with_marked_snippets() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let trip = create(&mut alice, "Trip planning").await;
+    let food = create(&mut alice, "Food").await;
+    append(
+        &mut alice,
+        &trip.id,
+        "Lisbon in May: Lisbon trams, Lisbon food, and the Lisbon coast.",
+    )
+    .await;
+    append(
+        &mut alice,
+        &trip.id,
+        "Porto is also nice, and a day trip from Lisbon is possible.",
+    )
+    .await;
+    append(
+        &mut alice,
+        &food.id,
+        "Pastel de nata is the best thing to eat.",
+    )
+    .await;
+
+    let found = hits(&mut alice, search("lisbon")).await;
+    assert_eq!(found.len(), 2);
+    assert!(
+        found[0]
+            .message
+            .as_ref()
+            .unwrap()
+            .content
+            .starts_with("Lisbon in May"),
+        "{found:?}"
+    );
+    assert!(
+        found[0].rank > found[1].rank,
+        "more occurrences rank higher"
+    );
+    assert!(found.iter().all(|h| h.rank > 0.0 && h.rank < 1.0));
+    assert_eq!(found[0].conversation_title, "Trip planning");
+    assert!(
+        found[0].snippet.contains("<mark>Lisbon</mark>"),
+        "{}",
+        found[0].snippet
+    );
+    assert!(!found[1].snippet.contains("<mark>Porto</mark>"));
+
+    // Words are matched case-insensitively and as a set; a phrase in quotes
+    // and an exclusion with `-` work as a person expects.
+    assert_eq!(hits(&mut alice, search("LISBON trams")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("\"day trip\"")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("lisbon -porto")).await.len(), 1);
+    assert_eq!(
+        hits(&mut alice, search("nata")).await[0].conversation_title,
+        "Food"
+    );
+    assert!(hits(&mut alice, search("tokyo")).await.is_empty());
+}
+
+#[tokio::test]
+async fn search_is_scoped_to_the_caller_and_optionally_one_conversation() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let mut bob = app.client("bob");
+    let a1 = create(&mut alice, "one").await;
+    let a2 = create(&mut alice, "two").await;
+    let b1 = create(&mut bob, "bob's").await;
+    append(&mut alice, &a1.id, "the secret password is swordfish").await;
+    append(&mut alice, &a2.id, "swordfish again").await;
+    append(&mut bob, &b1.id, "bob also says swordfish").await;
+
+    assert_eq!(hits(&mut alice, search("swordfish")).await.len(), 2);
+    let mine = hits(&mut bob, search("swordfish")).await;
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].message.as_ref().unwrap().conversation_id, b1.id);
+
+    let only_a2 = hits(
+        &mut alice,
+        SearchMessagesRequest {
+            conversation_id: a2.id.clone(),
+            ..search("swordfish")
+        },
+    )
+    .await;
+    assert_eq!(only_a2.len(), 1);
+    assert_eq!(only_a2[0].message.as_ref().unwrap().conversation_id, a2.id);
+    // Bob naming alice's conversation finds nothing, as for a missing one.
+    assert!(
+        hits(
+            &mut bob,
+            SearchMessagesRequest {
+                conversation_id: a1.id.clone(),
+                ..search("swordfish")
+            }
+        )
+        .await
+        .is_empty()
+    );
+    expect_invalid(
+        alice
+            .search_messages(SearchMessagesRequest {
+                conversation_id: "nope".into(),
+                ..search("x")
+            })
+            .await,
+        "conversation_id",
+    );
+}
+
+#[tokio::test]
+async fn any_query_text_is_plain_words_and_blank_is_refused() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "punctuation").await;
+    append(
+        &mut alice,
+        &chat.id,
+        "C++ & Rust: what's the (real) difference? 100% sure!",
+    )
+    .await;
+    for query in [
+        "!!!",
+        "&",
+        "|",
+        "!",
+        "a & b | !c",
+        "(unbalanced",
+        "'quote",
+        "\"",
+        "rust:*",
+        "rust:A",
+        "-",
+        "--",
+        "or",
+        "<->",
+        "a <2> b",
+        "\\",
+        "%",
+        "🦀",
+        "' OR 1=1 --",
+        "$1",
+        "null",
+        "difference?",
+        "C++",
+    ] {
+        let result = alice.search_messages(search(query)).await;
+        assert!(result.is_ok(), "{query:?} must not be an error: {result:?}");
+    }
+    assert_eq!(hits(&mut alice, search("rust difference")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("(real)")).await.len(), 1);
+    for blank in ["", "   ", "\t\n"] {
+        expect_invalid(alice.search_messages(search(blank)).await, "query");
+    }
+    expect_invalid(
+        alice.search_messages(search(&"x".repeat(1025))).await,
+        "query",
+    );
+    expect_invalid(
+        alice
+            .search_messages(SearchMessagesRequest {
+                page_size: -1,
+                ..search("rust")
+            })
+            .await,
+        "page_size",
+    );
+    expect_code(
+        app.client_with_header(None)
+            .search_messages(search("rust"))
+            .await,
+        Code::Unauthenticated,
+    );
+}
+
+#[tokio::test]
+async fn multilingual_text_is_found_by_its_words() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "languages").await;
+    append(&mut alice, &chat.id, "Привет, как дела? Всё хорошо.").await;
+    append(&mut alice, &chat.id, "Où est la gare? Très loin d'ici.").await;
+    append(&mut alice, &chat.id, "مرحبا بالعالم").await;
+    append(&mut alice, &chat.id, "東京 大阪 京都").await;
+    assert_eq!(hits(&mut alice, search("привет")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("GARE")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("très")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("بالعالم")).await.len(), 1);
+    assert_eq!(hits(&mut alice, search("大阪")).await.len(), 1);
+}
+
+#[tokio::test]
+async fn pages_walk_every_hit_once_in_rank_order() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let mut expected = HashSet::new();
+    for c in 0..3 {
+        let chat = create(&mut alice, &format!("chat {c}")).await;
+        for m in 0..7 {
+            // Varying repetition gives varying ranks, with ties among equals.
+            let content = format!("{} filler {c} {m}", "needle ".repeat(1 + (m % 3)));
+            expected.insert(append(&mut alice, &chat.id, &content).await.id);
+        }
+        append(&mut alice, &chat.id, "nothing to see").await;
+    }
+    let all = hits(
+        &mut alice,
+        SearchMessagesRequest {
+            page_size: 1000,
+            ..search("needle")
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 21);
+    assert!(all.windows(2).all(|w| w[0].rank >= w[1].rank));
+    let order: Vec<_> = all
+        .iter()
+        .map(|h| h.message.as_ref().unwrap().id.clone())
+        .collect();
+    assert_eq!(order.iter().cloned().collect::<HashSet<_>>(), expected);
+
+    for page_size in [1, 2, 5, 20, 21] {
+        let mut seen = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = alice
+                .search_messages(SearchMessagesRequest {
+                    page_size,
+                    page_token,
+                    ..search("needle")
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            seen.extend(
+                page.hits
+                    .iter()
+                    .map(|h| h.message.as_ref().unwrap().id.clone()),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+            assert!(seen.len() <= 21);
+        }
+        assert_eq!(seen, order, "page size {page_size}");
+    }
+
+    // A token continues only its own search, for its own caller.
+    let first = alice
+        .search_messages(SearchMessagesRequest {
+            page_size: 2,
+            ..search("needle")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = first.next_page_token;
+    expect_invalid(
+        alice
+            .search_messages(SearchMessagesRequest {
+                page_token: token.clone(),
+                ..search("filler")
+            })
+            .await,
+        "page_token",
+    );
+    expect_invalid(
+        app.client("bob")
+            .search_messages(SearchMessagesRequest {
+                page_token: token,
+                ..search("needle")
+            })
+            .await,
+        "page_token",
+    );
+}
+
+#[tokio::test]
+async fn a_one_mebibyte_message_of_distinct_words_appends_and_is_found() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "huge").await;
+    // Distinct words until exactly 1 MiB: more lexemes than a tsvector holds.
+    let mut content = String::from("firstword ");
+    let mut i = 0u64;
+    while content.len() < (1 << 20) - 12 {
+        content.push_str(&format!("w{i:x} "));
+        i += 1;
+    }
+    while content.len() < 1 << 20 {
+        content.push('z');
+    }
+    assert_eq!(content.len(), 1 << 20);
+    let stored = append(&mut alice, &chat.id, &content).await;
+    assert_eq!(stored.content.len(), 1 << 20);
+    let found = hits(&mut alice, search("firstword")).await;
+    assert_eq!(found.len(), 1);
+    assert!(found[0].snippet.contains("<mark>firstword</mark>"));
+    assert!(found[0].snippet.len() < 10_000, "the snippet is an excerpt");
+    // Words past the indexed prefix (the first 65,536 characters) are not found.
+    assert!(
+        hits(&mut alice, search(&format!("w{:x}", i - 1)))
+            .await
+            .is_empty()
+    );
+}
+
+#[derive(QueryableByName)]
+struct PlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+    line: String,
+}
+
+#[tokio::test]
+async fn the_search_is_served_by_the_user_scoped_index() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "mine").await;
+    append(&mut alice, &chat.id, "a needle in a haystack").await;
+    // Alice has 20,000 more messages; 200 other users have 100,000, some with
+    // a rare word of their own. The planner's choice is cost-based: at this
+    // size the (user_id, search_document) GIN index is the cheapest path.
+    app.db
+        .run_sql(&format!(
+            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
+               SELECT 'alice', '{}', s, gen_random_uuid(), 1, 'm' || s || ' some ordinary words', now() \
+               FROM generate_series(2, 20001) s; \
+             UPDATE conversations SET message_count = 20001 WHERE user_id = 'alice'; \
+             INSERT INTO users (user_id) SELECT 'user' || u FROM generate_series(1, 200) u; \
+             INSERT INTO conversations (user_id, id, create_time, update_time, message_count) \
+               SELECT 'user' || u, gen_random_uuid(), now(), now(), 500 FROM generate_series(1, 200) u; \
+             INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
+               SELECT c.user_id, c.id, s, gen_random_uuid(), 1, \
+                      CASE WHEN s % 50 = 0 THEN 'needle ' ELSE 'hay ' END || s, now() \
+               FROM conversations c CROSS JOIN generate_series(1, 500) s WHERE c.user_id <> 'alice'; \
+             ANALYZE",
+            chat.id
+        ))
+        .await;
+    assert_eq!(hits(&mut alice, search("needle")).await.len(), 1);
+
+    let mut conn = app.db.connect().await;
+    conn.batch_execute(&format!(
+        "PREPARE search_plan (text, text, uuid, real, uuid, bigint, bigint) AS {}",
+        convo::store::SEARCH_SQL
+    ))
+    .await
+    .unwrap();
+    let plan: Vec<PlanLine> = diesel::sql_query(
+        "EXPLAIN EXECUTE search_plan('alice', 'needle', NULL, NULL, NULL, NULL, 51)",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let plan: Vec<_> = plan.into_iter().map(|l| l.line).collect();
+    let text = plan.join("\n");
+    assert!(
+        text.contains("messages_search"),
+        "the GIN index is used:\n{text}"
+    );
+    assert!(
+        !text.contains("Seq Scan on messages"),
+        "no scan of other users' rows:\n{text}"
+    );
+    let index_cond = plan
+        .iter()
+        .find(|l| l.contains("Index Cond"))
+        .expect("an index condition");
+    assert!(
+        index_cond.contains("user_id"),
+        "the index condition includes the owner:\n{text}"
+    );
+    println!("search plan:\n{text}");
+}

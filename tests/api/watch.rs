@@ -1,0 +1,298 @@
+//! WatchConversation: backlog then live messages, across replicas, through a
+//! lost listener connection, and to the end of the conversation.
+
+use std::time::Duration;
+
+use convo::grpc::proto::{self, AppendMessagesRequest, WatchConversationRequest};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status, Streaming};
+
+use crate::helpers::{
+    Client, TestApp, append, append_many, create, expect_code, expect_invalid, user_message,
+};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+async fn watch(client: &mut Client, id: &str, after_sequence: i64) -> Streaming<proto::Message> {
+    client
+        .watch_conversation(WatchConversationRequest {
+            conversation_id: id.to_owned(),
+            after_sequence,
+        })
+        .await
+        .expect("start watching")
+        .into_inner()
+}
+
+/// The next item of the stream, failing the test if none comes in time.
+async fn next(stream: &mut Streaming<proto::Message>) -> Result<proto::Message, Status> {
+    tokio::time::timeout(PATIENCE, stream.next())
+        .await
+        .expect("the stream went quiet")
+        .expect("the stream ended without a status")
+}
+
+/// Reads until `last` and checks that the sequences run `first..=last`.
+async fn expect_sequences(
+    stream: &mut Streaming<proto::Message>,
+    first: i64,
+    last: i64,
+) -> Vec<proto::Message> {
+    let mut received = Vec::new();
+    for expected in first..=last {
+        let message = next(stream).await.expect("a message");
+        assert_eq!(message.sequence, expected, "gap or duplicate in the stream");
+        received.push(message);
+    }
+    received
+}
+
+/// Ends the private listener session of every replica on this database.
+async fn kill_listeners(app: &TestApp) {
+    app.db
+        .admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'convo-listener'",
+            app.db.name
+        ))
+        .await;
+}
+
+async fn listener_count(app: &TestApp) -> i64 {
+    app.db
+        .count_admin(&format!(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'convo-listener'",
+            app.db.name
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_backlog_then_each_new_message() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "watched").await;
+    append_many(&mut alice, &created.id, 3).await;
+
+    let mut stream = watch(&mut alice, &created.id, 1).await;
+    let backlog = expect_sequences(&mut stream, 2, 3).await;
+    assert_eq!(backlog[0].content, "m2");
+
+    let live = append(&mut alice, &created.id, "live one").await;
+    assert_eq!(next(&mut stream).await.unwrap(), live);
+    alice
+        .append_messages(AppendMessagesRequest {
+            conversation_id: created.id.clone(),
+            messages: vec![user_message("a"), user_message("b")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expect_sequences(&mut stream, 5, 6).await;
+
+    // after_sequence beyond the end waits for what comes next.
+    let mut ahead = watch(&mut alice, &created.id, 6).await;
+    append(&mut alice, &created.id, "seventh").await;
+    assert_eq!(next(&mut ahead).await.unwrap().sequence, 7);
+    assert_eq!(next(&mut stream).await.unwrap().sequence, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_one_replica_sees_appends_through_another_even_across_a_listener_reconnect() {
+    const WRITERS: i64 = 8;
+    const EACH: i64 = 125;
+    let replica_a = TestApp::spawn().await;
+    let replica_b = replica_a.spawn_replica().await;
+    let created = create(&mut replica_a.client("alice"), "shared").await;
+    let mut stream = watch(&mut replica_b.client("alice"), &created.id, 0).await;
+
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let mut client = replica_a.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    append(&mut client, &id, &format!("writer {writer} message {i}")).await;
+                }
+            })
+        })
+        .collect();
+
+    let total = WRITERS * EACH;
+    let mut received = expect_sequences(&mut stream, 1, total / 4).await;
+    // Cut the listening sessions mid-stream; messages appended meanwhile must
+    // still arrive once the listener is back.
+    kill_listeners(&replica_a).await;
+    received.extend(expect_sequences(&mut stream, total / 4 + 1, total).await);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert_eq!(received.len() as i64, total);
+    // Each writer's messages arrive in the order it appended them.
+    for writer in 0..WRITERS {
+        let mine: Vec<_> = received
+            .iter()
+            .filter_map(|m| m.content.strip_prefix(&format!("writer {writer} message ")))
+            .map(|i| i.parse::<i64>().unwrap())
+            .collect();
+        assert_eq!(mine, (0..EACH).collect::<Vec<_>>());
+    }
+    // Both replicas listen again.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while listener_count(&replica_a).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And live delivery after the reconnect works, with nothing in between.
+    append(
+        &mut replica_a.client("alice"),
+        &created.id,
+        "after the reconnect",
+    )
+    .await;
+    assert_eq!(next(&mut stream).await.unwrap().sequence, total + 1);
+    drop(replica_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_made_while_the_listener_is_down_are_backfilled() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "gap").await;
+    let mut stream = watch(&mut alice, &created.id, 0).await;
+    append(&mut alice, &created.id, "one").await;
+    expect_sequences(&mut stream, 1, 1).await;
+
+    // New sessions are refused (open ones keep working), so the listener,
+    // once killed, stays down while messages are appended.
+    app.db
+        .admin(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            app.db.name
+        ))
+        .await;
+    kill_listeners(&app).await;
+    for i in 2..=20 {
+        append(
+            &mut alice,
+            &created.id,
+            &format!("while the listener is down {i}"),
+        )
+        .await;
+    }
+    assert_eq!(listener_count(&app).await, 0);
+    app.db.bring_online().await;
+    expect_sequences(&mut stream, 2, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_ends_with_not_found_when_the_conversation_is_deleted() {
+    let app = TestApp::spawn().await;
+    let other_replica = app.spawn_replica().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "short-lived").await;
+    append(&mut alice, &created.id, "hello").await;
+    let mut stream = watch(&mut other_replica.client("alice"), &created.id, 0).await;
+    expect_sequences(&mut stream, 1, 1).await;
+    alice
+        .delete_conversation(proto::DeleteConversationRequest {
+            conversation_id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let end = next(&mut stream).await.expect_err("the stream ends");
+    assert_eq!(end.code(), Code::NotFound, "{end:?}");
+    assert!(
+        tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_ends_with_not_found_when_the_users_data_is_erased() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "erased").await;
+    let mut stream = watch(&mut alice, &created.id, 0).await;
+    alice
+        .delete_user_data(proto::DeleteUserDataRequest {})
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut stream).await.expect_err("the stream ends").code(),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn watch_checks_identity_ownership_and_arguments_before_streaming() {
+    let app = TestApp::spawn().await;
+    let created = create(&mut app.client("alice"), "mine").await;
+    let request = |id: &str, after_sequence: i64| WatchConversationRequest {
+        conversation_id: id.into(),
+        after_sequence,
+    };
+    expect_code(
+        app.client("bob")
+            .watch_conversation(request(&created.id, 0))
+            .await,
+        Code::NotFound,
+    );
+    expect_code(
+        app.client("alice")
+            .watch_conversation(request(&uuid::Uuid::now_v7().to_string(), 0))
+            .await,
+        Code::NotFound,
+    );
+    expect_invalid(
+        app.client("alice")
+            .watch_conversation(request(&created.id, -1))
+            .await,
+        "after_sequence",
+    );
+    expect_invalid(
+        app.client("alice")
+            .watch_conversation(request("nope", 0))
+            .await,
+        "conversation_id",
+    );
+    expect_code(
+        app.client_with_header(None)
+            .watch_conversation(request(&created.id, 0))
+            .await,
+        Code::Unauthenticated,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_does_not_hold_back_appends_and_catches_up_in_order() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "firehose").await;
+    let mut slow = watch(&mut alice, &created.id, 0).await;
+    let mut fast = watch(&mut alice, &created.id, 0).await;
+    // 2,000 messages while `slow` reads nothing: far more than any buffer.
+    append_many(&mut alice, &created.id, 2000).await;
+    expect_sequences(&mut fast, 1, 2000).await;
+    let caught_up = expect_sequences(&mut slow, 1, 2000).await;
+    assert_eq!(caught_up.last().unwrap().content, "m2000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_the_server_down_ends_open_streams_with_unavailable() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "goodbye").await;
+    let mut stream = watch(&mut alice, &created.id, 0).await;
+    append(&mut alice, &created.id, "before").await;
+    expect_sequences(&mut stream, 1, 1).await;
+    app.shutdown();
+    let end = next(&mut stream).await.expect_err("the stream ends");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+}
