@@ -135,6 +135,7 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     store: Store,
+    changes: ChangeFeed,
     settings: Settings,
 }
 
@@ -157,16 +158,23 @@ impl Application {
                 addr: settings.listen,
                 source,
             })?;
+        let changes = ChangeFeed::start(&settings.database_url);
         Ok(Self {
             listener,
             local_addr,
             store,
+            changes,
             settings,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The live-change feed this server's watch streams use.
+    pub fn changes(&self) -> &ChangeFeed {
+        &self.changes
     }
 
     /// Serves convo.v1, health and reflection until `shutdown` completes, then
@@ -197,7 +205,7 @@ impl Application {
             .build_v1alpha()
             .map_err(|e| StartupError::Reflection(e.to_string()))?;
 
-        let changes = ChangeFeed::start(&self.settings.database_url);
+        let changes = self.changes;
         let api = ConversationApi::new(
             Conversations::new(self.store.clone(), changes.clone()),
             self.settings.limits,

@@ -160,12 +160,9 @@ impl ChangeFeed {
         self.shared.closing.send_replace(true);
     }
 
-    /// Waits until the listener is connected (or `timeout` passes).
-    pub async fn wait_until_listening(&self, timeout: Duration) -> bool {
-        let mut listening = self.shared.listening.subscribe();
-        tokio::time::timeout(timeout, listening.wait_for(|up| *up))
-            .await
-            .is_ok()
+    /// How many conversations have at least one watcher in this process.
+    pub fn watched_conversations(&self) -> usize {
+        self.shared.registry().conversations.len()
     }
 }
 

@@ -16,7 +16,7 @@ use convo::{
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
     local_postgres::{LocalPostgres, LocalPostgresOptions},
     startup::{Application, Settings},
-    store::{self, PoolSettings},
+    store::{self, ChangeFeed, PoolSettings},
 };
 use diesel::{QueryableByName, sql_types::BigInt};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -346,6 +346,8 @@ pub fn test_settings(database_url: &str) -> Settings {
 /// A running convo server with its own database.
 pub struct TestApp {
     pub db: Arc<TestDb>,
+    /// The server's live-change feed, to observe its watchers.
+    pub changes: ChangeFeed,
     channel: Channel,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -371,6 +373,7 @@ impl TestApp {
             .await
             .expect("build the server");
         let addr = app.local_addr();
+        let changes = app.changes().clone();
         let (shutdown, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -382,6 +385,7 @@ impl TestApp {
             .expect("connect to the test server");
         Self {
             db,
+            changes,
             channel,
             shutdown: std::sync::Mutex::new(Some(shutdown)),
         }

@@ -296,3 +296,35 @@ async fn shutting_the_server_down_ends_open_streams_with_unavailable() {
     let end = next(&mut stream).await.expect_err("the stream ends");
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_watch() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let first = create(&mut alice, "one").await;
+    let second = create(&mut alice, "two").await;
+    let mut a = watch(&mut alice, &first.id, 0).await;
+    let b = watch(&mut alice, &first.id, 0).await;
+    let c = watch(&mut alice, &second.id, 0).await;
+    assert_eq!(app.changes.watched_conversations(), 2);
+    drop(c);
+    wait_for_watched(&app, 1).await;
+    drop(b);
+    // One watcher of `first` remains, and it still works.
+    append(&mut alice, &first.id, "still here").await;
+    expect_sequences(&mut a, 1, 1).await;
+    assert_eq!(app.changes.watched_conversations(), 1);
+    drop(a);
+    wait_for_watched(&app, 0).await;
+}
+
+async fn wait_for_watched(app: &TestApp, wanted: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while app.changes.watched_conversations() != wanted {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watchers were not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
