@@ -67,6 +67,27 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub statement_timeout: Duration,
 
+    /// PostgreSQL lock_timeout: how long a call waits for a locked row (an append for
+    /// its conversation) before failing with UNAVAILABLE.
+    #[arg(long, env = "CONVO_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the
+    /// server stops anyway.
+    #[arg(long, env = "CONVO_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Most convo.v1 calls in progress at once; more are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing. Open watch streams do not count.
+    #[arg(long, env = "CONVO_MAX_IN_FLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// Largest request accepted, in bytes; a larger one is refused with
+    /// OUT_OF_RANGE. Split bigger batches.
+    #[arg(long, env = "CONVO_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1_200_000..=256 * 1024 * 1024))]
+    pub max_request_bytes: u64,
+
     /// How often gRPC health re-checks the database.
     #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -102,6 +123,7 @@ impl ServeArgs {
             max_size: self.pool_size,
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
         }
     }
 

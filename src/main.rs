@@ -35,6 +35,9 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
             health_interval: args.health_interval,
             limits: args.limits(),
             page_token_secret: args.page_token_secret.clone().into_bytes(),
+            drain_timeout: args.drain_timeout,
+            max_in_flight: args.max_in_flight as usize,
+            max_request_bytes: args.max_request_bytes as usize,
         })
         .await?;
         app.run_until(startup::shutdown_signal()).await

@@ -50,6 +50,12 @@ pub struct Settings {
     pub health_interval: Duration,
     pub limits: Limits,
     pub page_token_secret: Vec<u8>,
+    /// After the shutdown signal, how long in-flight calls may take.
+    pub drain_timeout: Duration,
+    /// Most convo.v1 calls in progress at once.
+    pub max_in_flight: usize,
+    /// Largest request accepted, in bytes.
+    pub max_request_bytes: usize,
 }
 
 /// The database convo talks to, and the private cluster behind it if convo
@@ -211,7 +217,15 @@ impl Application {
             self.settings.limits,
             PageTokenCodec::new(&self.settings.page_token_secret),
         );
-        let conversations = ConversationServiceServer::with_interceptor(api, grpc::require_user_id);
+        // Identity first (no identity, no work), then the in-flight bound.
+        let conversations = tonic::service::interceptor::InterceptedService::new(
+            tower::Layer::layer(
+                &grpc::InFlightLimitLayer::new(self.settings.max_in_flight),
+                ConversationServiceServer::new(api)
+                    .max_decoding_message_size(self.settings.max_request_bytes),
+            ),
+            grpc::require_user_id,
+        );
 
         let incoming = TcpListenerStream::new(self.listener).map(|stream| {
             stream.inspect(|s| {
@@ -220,7 +234,8 @@ impl Application {
             })
         });
         tracing::info!(addr = %self.local_addr, "serving convo.v1");
-        let served = Server::builder()
+        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+        let serve = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -230,8 +245,23 @@ impl Application {
                 // Watch streams never end by themselves: end them so that
                 // in-flight calls can drain.
                 changes.close();
-            })
-            .await;
+                let _ = draining.send(());
+            });
+        tokio::pin!(serve);
+        let drain_timeout = self.settings.drain_timeout;
+        let served = tokio::select! {
+            served = &mut serve => served,
+            () = async {
+                if drain_started.await.is_ok() {
+                    tokio::time::sleep(drain_timeout).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::warn!(?drain_timeout, "calls still in progress after the drain timeout; stopping anyway");
+                Ok(())
+            }
+        };
         health_watch.abort();
         drop(self.store);
         tracing::info!("server stopped");

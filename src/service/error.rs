@@ -30,7 +30,7 @@ impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound => Self::ConversationNotFound,
-            StoreError::Unavailable(_) => Self::Unavailable(error),
+            StoreError::Unavailable(_) | StoreError::TimedOut(_) => Self::Unavailable(error),
             StoreError::SequenceMismatch { expected, current } => {
                 Self::SequenceMismatch { expected, current }
             }

@@ -17,6 +17,11 @@ pub enum StoreError {
     /// The database could not be reached or the pool had no connection in time.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// PostgreSQL cancelled the statement: it waited longer than
+    /// `lock_timeout` for a lock or ran longer than `statement_timeout`.
+    /// Nothing was written; trying again later is safe.
+    #[error("the database cancelled the statement: {0}")]
+    TimedOut(String),
     /// Any other database failure: a bug or a broken invariant, never the client's doing.
     #[error("database error: {0}")]
     Database(DieselError),
@@ -33,6 +38,19 @@ impl From<DieselError> for StoreError {
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 ref info,
             ) => Self::Unavailable(info.message().to_owned()),
+            // diesel-async keeps the message but not the SQLSTATE (55P03 or
+            // 57014) of these errors, so they are told apart by PostgreSQL's
+            // message; pooled sessions ask for English ones (lc_messages = C).
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
+                if info
+                    .message()
+                    .starts_with("canceling statement due to lock timeout")
+                    || info
+                        .message()
+                        .starts_with("canceling statement due to statement timeout") =>
+            {
+                Self::TimedOut(info.message().to_owned())
+            }
             DieselError::BrokenTransactionManager => {
                 Self::Unavailable("the connection's transaction state was lost".to_owned())
             }

@@ -23,6 +23,9 @@ pub struct PoolSettings {
     pub acquire_timeout: Duration,
     /// PostgreSQL's `statement_timeout` on every pooled connection.
     pub statement_timeout: Duration,
+    /// PostgreSQL's `lock_timeout`: how long a statement waits for a row lock
+    /// (an append waits for its conversation's) before giving up.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -31,6 +34,7 @@ impl Default for PoolSettings {
             max_size: 16,
             acquire_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Store {
     /// opens the first connection.
     pub fn new(database_url: &str, settings: PoolSettings) -> Self {
         let statement_timeout_ms = settings.statement_timeout.as_millis();
+        let lock_timeout_ms = settings.lock_timeout.as_millis();
         let mut config = ManagerConfig::default();
         // Hand out no connection that is known to be closed, without the extra
         // round trip per checkout that a verifying SELECT would cost.
@@ -73,10 +78,15 @@ impl Store {
             Box::pin(async move {
                 let mut conn = AsyncPgConnection::establish(&url).await?;
                 conn.batch_execute(&format!(
-                    "SET statement_timeout = {statement_timeout_ms}; SET TIME ZONE 'UTC'"
+                    "SET statement_timeout = {statement_timeout_ms}; \
+                     SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'"
                 ))
                 .await
                 .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                // Timeouts are recognised by PostgreSQL's English messages (see
+                // StoreError). Only superusers may choose the language; where
+                // convo may not, the server's default stays.
+                let _ = conn.batch_execute("SET lc_messages = 'C'").await;
                 Ok(conn)
             })
         });
