@@ -63,6 +63,8 @@ pub struct LocalPostgresOptions {
     pub data_dir: PathBuf,
     /// Durable writes. Off only for throwaway clusters such as the tests'.
     pub fsync: bool,
+    /// The loopback port; `None` picks a free one at each start.
+    pub port: Option<u16>,
 }
 
 /// A running private cluster. Stop it with [`LocalPostgres::stop`]; dropping it
@@ -102,7 +104,10 @@ impl LocalPostgres {
             initdb(&bin_dir, &data_dir, run_as)?;
         }
 
-        let port = free_port()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let log_path = data_dir.join("convo-postgres.log");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -155,6 +160,10 @@ impl LocalPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
@@ -166,12 +175,22 @@ impl LocalPostgres {
 
     /// Fast shutdown: ends sessions, checkpoints and exits. Waits up to 30 s,
     /// then kills the process.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_with(Signal::SIGINT).await;
+    }
+
+    /// Immediate shutdown, as in a crash: no checkpoint; the next start runs
+    /// crash recovery from the WAL.
+    pub async fn stop_immediately(self) {
+        self.stop_with(Signal::SIGQUIT).await;
+    }
+
+    async fn stop_with(mut self, signal: Signal) {
         let Some(mut child) = self.child.take() else {
             return;
         };
         let pid = Pid::from_raw(child.id() as i32);
-        let _ = kill(pid, Signal::SIGINT);
+        let _ = kill(pid, signal);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

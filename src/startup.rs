@@ -88,6 +88,7 @@ impl Database {
         let local = LocalPostgres::start(&LocalPostgresOptions {
             data_dir: args.data_dir.clone(),
             fsync: true,
+            port: None,
         })
         .await?;
         let url = local.url("convo");

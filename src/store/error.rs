@@ -38,18 +38,18 @@ impl From<DieselError> for StoreError {
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 ref info,
             ) => Self::Unavailable(info.message().to_owned()),
-            // diesel-async keeps the message but not the SQLSTATE (55P03 or
-            // 57014) of these errors, so they are told apart by PostgreSQL's
-            // message; pooled sessions ask for English ones (lc_messages = C).
+            // diesel-async keeps the message but not the SQLSTATE of these
+            // errors, so they are told apart by PostgreSQL's message; pooled
+            // sessions ask for English ones (lc_messages = C).
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
-                if info
-                    .message()
-                    .starts_with("canceling statement due to lock timeout")
-                    || info
-                        .message()
-                        .starts_with("canceling statement due to statement timeout") =>
+                if is_timeout(info.message()) =>
             {
                 Self::TimedOut(info.message().to_owned())
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
+                if is_session_ended(info.message()) =>
+            {
+                Self::Unavailable(info.message().to_owned())
             }
             DieselError::BrokenTransactionManager => {
                 Self::Unavailable("the connection's transaction state was lost".to_owned())
@@ -67,5 +67,40 @@ impl From<bb8::RunError<PoolError>> for StoreError {
             }
             bb8::RunError::User(error) => Self::Unavailable(error.to_string()),
         }
+    }
+}
+
+/// 55P03 lock_not_available and 57014 query_canceled (by a timeout).
+fn is_timeout(message: &str) -> bool {
+    message.starts_with("canceling statement due to lock timeout")
+        || message.starts_with("canceling statement due to statement timeout")
+}
+
+/// Class 57P (operator intervention: shutdown, crash of another backend,
+/// terminated backend, server starting up or shutting down). The session is
+/// gone or going, though the socket may not show it yet.
+fn is_session_ended(message: &str) -> bool {
+    message.starts_with("terminating connection") || message.starts_with("the database system is")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_messages_are_classified() {
+        assert!(is_timeout("canceling statement due to lock timeout"));
+        assert!(is_timeout("canceling statement due to statement timeout"));
+        assert!(!is_timeout("canceling statement due to user request"));
+        assert!(is_session_ended(
+            "terminating connection due to administrator command"
+        ));
+        assert!(is_session_ended(
+            "terminating connection because of crash of another server process"
+        ));
+        assert!(is_session_ended("the database system is shutting down"));
+        assert!(!is_session_ended(
+            "duplicate key value violates unique constraint"
+        ));
     }
 }

@@ -27,6 +27,9 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::Channel,
 };
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// The database server the tests use, and the migrated template to clone.
 struct TestCluster {
@@ -49,7 +52,18 @@ fn with_database(url: &str, database: &str) -> String {
     url.to_string()
 }
 
+/// Server logs, for a failing test: `CONVO_TEST_LOG=debug cargo test …`.
+pub fn init_test_logs() {
+    if let Ok(level) = std::env::var("CONVO_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(level)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 async fn start_cluster() -> TestCluster {
+    init_test_logs();
     let server_url =
         match std::env::var("TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
             Ok(url) if !url.is_empty() => url,
@@ -64,6 +78,7 @@ async fn start_cluster() -> TestCluster {
                 let local = LocalPostgres::start(&LocalPostgresOptions {
                     data_dir: data_dir.clone(),
                     fsync: false,
+                    port: None,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));
@@ -428,6 +443,12 @@ impl Drop for TestApp {
 #[derive(Clone)]
 pub struct UserHeader(Option<MetadataValue<tonic::metadata::Ascii>>);
 
+impl UserHeader {
+    pub fn new(user: &str) -> Self {
+        Self(Some(user.parse().expect("test user ids are ASCII")))
+    }
+}
+
 impl Interceptor for UserHeader {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(user) = &self.0 {
@@ -529,4 +550,34 @@ pub async fn append_many(client: &mut Client, conversation_id: &str, n: usize) {
 pub fn micros(time: &Option<prost_types::Timestamp>) -> i64 {
     let time = time.as_ref().expect("timestamp is set");
     time.seconds * 1_000_000 + i64::from(time.nanos / 1_000)
+}
+
+/// The health of `service` ("" for the server as a whole).
+pub async fn health(channel: Channel, service: &str) -> ServingStatus {
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).expect("a known serving status")
+}
+
+/// Waits until both the server and convo.v1 report `wanted`.
+pub async fn wait_for_health(channel: Channel, wanted: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let overall = health(channel.clone(), "").await;
+        let service = health(channel.clone(), "convo.v1.ConversationService").await;
+        if overall == wanted && service == wanted {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health stayed {overall:?}/{service:?}, wanted {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -6,6 +6,8 @@ mod helpers;
 mod concurrency;
 mod conversations;
 mod erasure;
+mod fault_harness;
+mod faults;
 mod fork;
 mod identity;
 mod messages;

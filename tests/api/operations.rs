@@ -5,41 +5,9 @@ use std::{process::Stdio, time::Duration};
 use convo::grpc::proto;
 use tokio::time::{Instant, sleep};
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, create, expect_code};
-
-async fn health(app: &TestApp, service: &str) -> ServingStatus {
-    let status = HealthClient::new(app.channel())
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .expect("health check")
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).expect("a known serving status")
-}
-
-async fn wait_for_health(app: &TestApp, wanted: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (overall, service) = (
-            health(app, "").await,
-            health(app, "convo.v1.ConversationService").await,
-        );
-        if overall == wanted && service == wanted {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health stayed {overall:?}/{service:?}, wanted {wanted:?}"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::helpers::{TestApp, create, expect_code, wait_for_health};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_errors_follow_the_database_away_and_back() {
@@ -48,10 +16,10 @@ async fn health_and_errors_follow_the_database_away_and_back() {
             .await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "survivor").await;
-    wait_for_health(&app, ServingStatus::Serving).await;
+    wait_for_health(app.channel(), ServingStatus::Serving).await;
 
     app.db.take_offline().await;
-    wait_for_health(&app, ServingStatus::NotServing).await;
+    wait_for_health(app.channel(), ServingStatus::NotServing).await;
     let get = proto::GetConversationRequest {
         conversation_id: created.id.clone(),
     };
@@ -86,7 +54,7 @@ async fn health_and_errors_follow_the_database_away_and_back() {
     );
 
     app.db.bring_online().await;
-    wait_for_health(&app, ServingStatus::Serving).await;
+    wait_for_health(app.channel(), ServingStatus::Serving).await;
     let back = alice
         .get_conversation(get)
         .await

@@ -1,0 +1,600 @@
+//! Database faults, overload and shutdown: the damage is done for real, to a
+//! PostgreSQL of the test's own behind a proxy the test controls.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use convo::{
+    grpc::proto::{self, AppendMessageRequest, Role},
+    startup::{self, Application, Settings},
+};
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use tokio::{
+    sync::oneshot,
+    task::JoinHandle,
+    time::{Instant, sleep, timeout},
+};
+use tonic::{Code, Request, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{
+    fault_harness::{DedicatedCluster, Proxy},
+    helpers::{Client, TestApp, UserHeader, create, expect_code, test_settings, wait_for_health},
+};
+
+/// A convo server whose only way to its database is a proxy the test controls.
+struct FaultyWorld {
+    cluster: DedicatedCluster,
+    proxy: Proxy,
+    channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), startup::StartupError>>,
+}
+
+impl FaultyWorld {
+    async fn start(adjust: impl FnOnce(&mut Settings)) -> Self {
+        crate::helpers::init_test_logs();
+        let cluster = DedicatedCluster::start().await;
+        startup::prepare_database(&cluster.url("convo"))
+            .await
+            .expect("migrate");
+        let proxy = Proxy::start(cluster.addr()).await;
+        let mut settings = test_settings(&proxy.url("convo"));
+        settings.pool.acquire_timeout = Duration::from_millis(500);
+        adjust(&mut settings);
+        let app = Application::build(settings)
+            .await
+            .expect("build the server");
+        let addr = app.local_addr();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stop.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            cluster,
+            proxy,
+            channel,
+            shutdown: Some(shutdown),
+            server,
+        }
+    }
+
+    fn client(&self, user: &str) -> Client {
+        proto::conversation_service_client::ConversationServiceClient::with_interceptor(
+            self.channel.clone(),
+            UserHeader::new(user),
+        )
+    }
+
+    /// A direct connection to PostgreSQL, past the proxy, to see the truth.
+    async fn direct(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.cluster.url("convo"))
+            .await
+            .expect("direct connection")
+    }
+
+    async fn stop(mut self) -> Result<(), startup::StartupError> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let result = timeout(Duration::from_secs(30), &mut self.server)
+            .await
+            .expect("the server stops")
+            .expect("the server task");
+        drop(self.proxy);
+        self.cluster.remove().await;
+        result
+    }
+}
+
+fn append_request(conversation_id: &str, content: &str, request_id: &str) -> AppendMessageRequest {
+    AppendMessageRequest {
+        conversation_id: conversation_id.to_owned(),
+        role: Role::User as i32,
+        content: content.to_owned(),
+        request_id: request_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// Eventually succeeds: repeats `create` until the server answers.
+async fn create_eventually(client: &mut Client, title: &str) -> proto::Conversation {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client
+            .create_conversation(proto::CreateConversationRequest {
+                title: title.into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(created) => return created.into_inner(),
+            Err(status) => assert!(Instant::now() < deadline, "never recovered: {status:?}"),
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(QueryableByName, Debug)]
+struct StoredMessage {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    sequence: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    content: String,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: uuid::Uuid,
+}
+
+async fn stored_messages(
+    conn: &mut AsyncPgConnection,
+    conversation_id: &str,
+) -> Vec<StoredMessage> {
+    diesel::sql_query("SELECT sequence, content, id FROM messages WHERE conversation_id = $1::uuid ORDER BY sequence")
+        .bind::<diesel::sql_types::Text, _>(conversation_id)
+        .load(conn)
+        .await
+        .expect("read the messages")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_fast_with_unavailable_and_recovery_needs_no_restart() {
+    let world = FaultyWorld::start(|_| {}).await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "outage").await;
+    wait_for_health(world.channel.clone(), ServingStatus::Serving).await;
+
+    world.proxy.cut();
+    wait_for_health(world.channel.clone(), ServingStatus::NotServing).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let status = expect_code(
+            alice
+                .get_conversation(with_deadline(
+                    proto::GetConversationRequest {
+                        conversation_id: created.id.clone(),
+                    },
+                    Duration::from_secs(10),
+                ))
+                .await,
+            Code::Unavailable,
+        );
+        // Within the pool's acquire timeout (500 ms) and well inside the deadline.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            status.message(),
+            "storage is temporarily unavailable; retry with backoff"
+        );
+    }
+    // A client deadline shorter than the acquire timeout is honoured too.
+    let started = Instant::now();
+    let status = alice
+        .get_conversation(with_deadline(
+            proto::GetConversationRequest {
+                conversation_id: created.id.clone(),
+            },
+            Duration::from_millis(100),
+        ))
+        .await
+        .expect_err("no database");
+    assert!(
+        matches!(
+            status.code(),
+            Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable
+        ),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    world.proxy.restore();
+    let restored = Instant::now();
+    create_eventually(&mut alice, "back").await;
+    assert!(
+        restored.elapsed() < Duration::from_secs(2),
+        "recovered in {:?}",
+        restored.elapsed()
+    );
+    wait_for_health(world.channel.clone(), ServingStatus::Serving).await;
+    world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_are_survived_and_dead_connections_are_not_reused() {
+    let mut world = FaultyWorld::start(|settings| settings.pool.max_size = 4).await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "restarts").await;
+    // Open every pooled connection, so that all of them die in the restart.
+    let warm: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = world.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                client
+                    .get_conversation(proto::GetConversationRequest {
+                        conversation_id: id,
+                    })
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for task in warm {
+        task.await.unwrap();
+    }
+
+    for crash in [false, true] {
+        if crash {
+            world.cluster.crash_and_restart().await;
+        } else {
+            world.cluster.restart().await;
+        }
+        let restarted = Instant::now();
+        create_eventually(&mut alice, "after restart").await;
+        assert!(
+            restarted.elapsed() < Duration::from_secs(2),
+            "recovered in {:?}",
+            restarted.elapsed()
+        );
+        // Once one call works, every following call works: no connection
+        // killed by the restart is handed out again.
+        for i in 0..20 {
+            alice
+                .append_message(append_request(
+                    &created.id,
+                    &format!("after restart {crash} {i}"),
+                    "",
+                ))
+                .await
+                .unwrap_or_else(|status| panic!("call {i} after the restart failed: {status:?}"));
+        }
+    }
+    world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
+    let app =
+        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
+            .await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "locked").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let status = expect_code(
+        alice
+            .append_message(append_request(&created.id, "blocked", "k1"))
+            .await,
+        Code::Unavailable,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        status.message(),
+        "storage is temporarily unavailable; retry with backoff"
+    );
+
+    // With a longer lock_timeout, the client's own deadline still ends the call.
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    drop(holder);
+    let patient =
+        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_secs(30)).await;
+    let mut alice = patient.client("alice");
+    let created = create(&mut alice, "locked").await;
+    let mut holder = patient.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let status = alice
+        .append_message(with_deadline(
+            append_request(&created.id, "late", "k2"),
+            Duration::from_millis(300),
+        ))
+        .await
+        .expect_err("the deadline passes");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // Nothing half-done is left behind, and the retry succeeds exactly once.
+    let stored = alice
+        .append_message(append_request(&created.id, "late", "k2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.sequence, 1);
+    for _ in 0..10 {
+        alice
+            .get_conversation(proto::GetConversationRequest {
+                conversation_id: created.id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        patient.db.count("SELECT count(*) AS n FROM messages").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_reply_was_lost_is_recovered_by_the_retry() {
+    let world = FaultyWorld::start(|_| {}).await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "ambiguous").await;
+    let request = append_request(&created.id, "did this land?", "turn-1");
+
+    world.proxy.lose_next_commit_reply();
+    let status = alice
+        .append_message(request.clone())
+        .await
+        .expect_err("the reply is lost");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // The commit did happen: the client cannot know, but PostgreSQL does.
+    let mut direct = world.direct().await;
+    let stored = stored_messages(&mut direct, &created.id).await;
+    assert_eq!(stored.len(), 1, "the commit reached the database");
+
+    // The retry with the same request_id returns that very message.
+    let retried = alice
+        .append_message(request)
+        .await
+        .expect("the retry succeeds")
+        .into_inner();
+    assert_eq!(retried.sequence, 1);
+    assert_eq!(retried.id, stored[0].id.to_string());
+    assert_eq!(
+        stored_messages(&mut direct, &created.id).await.len(),
+        1,
+        "no duplicate"
+    );
+    drop(direct);
+    world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_loses_no_acknowledged_message_and_duplicates_none() {
+    const WORKERS: usize = 8;
+    const EACH: usize = 40;
+    let mut world = FaultyWorld::start(|_| {}).await;
+    let created = create(&mut world.client("alice"), "chaos").await;
+    let retries = Arc::new(AtomicUsize::new(0));
+    let failures_seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+
+    let workers: Vec<JoinHandle<Vec<(String, proto::Message)>>> = (0..WORKERS)
+        .map(|worker| {
+            let mut client = world.client("alice");
+            let id = created.id.clone();
+            let retries = retries.clone();
+            let failures_seen = failures_seen.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0..EACH {
+                    let content = format!("worker {worker} message {i}");
+                    let request_id = format!("w{worker}-m{i}");
+                    let deadline = Instant::now() + Duration::from_secs(45);
+                    loop {
+                        let request = with_deadline(
+                            append_request(&id, &content, &request_id),
+                            Duration::from_secs(3),
+                        );
+                        match client.append_message(request).await {
+                            Ok(reply) => {
+                                acknowledged.push((content.clone(), reply.into_inner()));
+                                // Paced, so the appends span every kind of damage.
+                                sleep(Duration::from_millis(100)).await;
+                                break;
+                            }
+                            Err(status) => {
+                                assert!(
+                                    matches!(
+                                        status.code(),
+                                        Code::Unavailable
+                                            | Code::DeadlineExceeded
+                                            | Code::Cancelled
+                                            | Code::Unknown
+                                    ),
+                                    "not a retryable failure: {status:?}"
+                                );
+                                assert!(
+                                    Instant::now() < deadline,
+                                    "could not append for 45 s: {status:?}"
+                                );
+                                retries.fetch_add(1, Ordering::Relaxed);
+                                *failures_seen
+                                    .lock()
+                                    .unwrap()
+                                    .entry(format!("{:?}", status.code()))
+                                    .or_default() += 1;
+                                sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+
+    // Damage while the workers append: cuts, resets and restarts, bounded.
+    let mut damage = Vec::new();
+    let chaos_started = Instant::now();
+    let mut round = 0;
+    while workers.iter().any(|w| !w.is_finished())
+        && chaos_started.elapsed() < Duration::from_secs(20)
+    {
+        sleep(Duration::from_millis(250)).await;
+        match round % 4 {
+            0 => {
+                world.proxy.cut();
+                sleep(Duration::from_millis(400)).await;
+                world.proxy.restore();
+                damage.push("cut");
+            }
+            1 => {
+                world.cluster.restart().await;
+                damage.push("restart");
+            }
+            2 => {
+                world.proxy.reset();
+                damage.push("reset");
+            }
+            _ => {
+                world.cluster.crash_and_restart().await;
+                damage.push("crash");
+            }
+        }
+        round += 1;
+    }
+    let mut acknowledged = Vec::new();
+    for worker in workers {
+        acknowledged.extend(worker.await.expect("a worker"));
+    }
+
+    let mut direct = world.direct().await;
+    let stored = stored_messages(&mut direct, &created.id).await;
+    let present: HashMap<&str, &StoredMessage> =
+        stored.iter().map(|m| (m.content.as_str(), m)).collect();
+    let duplicates = stored.len() - present.len();
+    let gaps = stored
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| m.sequence != *i as i64 + 1)
+        .count();
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|(content, _)| !present.contains_key(content.as_str()))
+        .collect();
+    let mismatched: Vec<_> = acknowledged
+        .iter()
+        .filter(|(content, reply)| {
+            present
+                .get(content.as_str())
+                .is_some_and(|m| m.sequence != reply.sequence || m.id.to_string() != reply.id)
+        })
+        .collect();
+    println!(
+        "chaos report: acknowledged={} present={} duplicates={} gaps={} missing={} mismatched={} \
+         retries={} failures={:?} damage={:?} in {:?}",
+        acknowledged.len(),
+        stored.len(),
+        duplicates,
+        gaps,
+        missing.len(),
+        mismatched.len(),
+        AtomicUsize::load(&retries, Ordering::Relaxed),
+        failures_seen.lock().unwrap(),
+        damage,
+        chaos_started.elapsed(),
+    );
+    assert_eq!(acknowledged.len(), WORKERS * EACH);
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    assert!(
+        mismatched.is_empty(),
+        "acknowledged with another id or sequence: {mismatched:?}"
+    );
+    assert_eq!(duplicates, 0);
+    assert_eq!(gaps, 0);
+    assert_eq!(
+        stored.len(),
+        WORKERS * EACH,
+        "only acknowledged messages are stored"
+    );
+    assert!(
+        damage.len() >= 4,
+        "the run saw every kind of damage: {damage:?}"
+    );
+    let unique: HashSet<_> = acknowledged.iter().map(|(_, m)| m.sequence).collect();
+    assert_eq!(unique.len(), WORKERS * EACH);
+    drop(direct);
+    world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_database_is_bounded_by_the_clients_deadline() {
+    let world = FaultyWorld::start(|_| {}).await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "slow").await;
+    let get = || proto::GetConversationRequest {
+        conversation_id: created.id.clone(),
+    };
+
+    world.proxy.delay(Duration::from_millis(400));
+    let started = Instant::now();
+    let status = alice
+        .get_conversation(with_deadline(get(), Duration::from_millis(150)))
+        .await
+        .expect_err("slower than the deadline");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A patient caller is served, slowly.
+    let fetched = alice
+        .get_conversation(with_deadline(get(), Duration::from_secs(10)))
+        .await
+        .expect("slow but served");
+    assert_eq!(fetched.into_inner().id, created.id);
+
+    world.proxy.delay(Duration::ZERO);
+    for _ in 0..10 {
+        alice
+            .get_conversation(with_deadline(get(), Duration::from_secs(2)))
+            .await
+            .expect("fast again");
+    }
+    world.stop().await.expect("the server ran without error");
+}
