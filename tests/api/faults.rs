@@ -560,7 +560,9 @@ async fn chaos_loses_no_acknowledged_message_and_duplicates_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_database_is_bounded_by_the_clients_deadline() {
-    let world = FaultyWorld::start(|_| {}).await;
+    // Opening a connection takes several round trips: give the pool time.
+    let world =
+        FaultyWorld::start(|settings| settings.pool.acquire_timeout = Duration::from_secs(8)).await;
     let mut alice = world.client("alice");
     let created = create(&mut alice, "slow").await;
     let get = || proto::GetConversationRequest {
@@ -597,4 +599,232 @@ async fn a_slow_database_is_bounded_by_the_clients_deadline() {
             .expect("fast again");
     }
     world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_refused_fast_instead_of_queued() {
+    let app = TestApp::spawn_with(|settings| settings.max_in_flight = 4).await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "hot").await;
+    // Appends to a locked conversation wait: four of them fill the server.
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let flood: Vec<_> = (0..40)
+        .map(|i| {
+            let mut client = app.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = client
+                    .append_message(append_request(&id, &format!("flood {i}"), &format!("f{i}")))
+                    .await;
+                (result.map(|r| r.into_inner().sequence), started.elapsed())
+            })
+        })
+        .collect();
+    sleep(Duration::from_millis(500)).await;
+    // While the server is full, other calls are refused at once too…
+    let status = expect_code(
+        alice
+            .get_conversation(proto::GetConversationRequest {
+                conversation_id: created.id.clone(),
+            })
+            .await,
+        Code::ResourceExhausted,
+    );
+    assert!(status.message().contains("retry"), "{}", status.message());
+    // …and health, which is not a convo.v1 call, still answers.
+    wait_for_health(app.channel(), ServingStatus::Serving).await;
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    for call in flood {
+        let (result, elapsed) = call.await.unwrap();
+        match result {
+            Ok(sequence) => admitted.push(sequence),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    elapsed < Duration::from_millis(400),
+                    "refused only after {elapsed:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    admitted.sort_unstable();
+    assert_eq!(admitted.len(), 4, "exactly the limit was admitted");
+    assert_eq!(admitted, [1, 2, 3, 4]);
+    assert_eq!(refused, 36);
+    // Once the flood is over, calls are served again.
+    alice
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_request_gets_a_clear_status_and_the_connection_lives_on() {
+    let app = TestApp::spawn_with(|settings| settings.max_request_bytes = 2 * 1024 * 1024).await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "big").await;
+    let status = alice
+        .append_messages(proto::AppendMessagesRequest {
+            conversation_id: created.id.clone(),
+            messages: (0..3)
+                .map(|_| crate::helpers::user_message(&"x".repeat(1 << 20)))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("3 MiB is over the 2 MiB limit");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("limit"), "{}", status.message());
+    // The same channel keeps working, and a 1 MiB message still fits.
+    let stored = alice
+        .append_message(append_request(&created.id, &"y".repeat(1 << 20), ""))
+        .await
+        .unwrap();
+    assert_eq!(stored.into_inner().sequence, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_calls_finish_and_loses_no_acknowledged_message() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "draining").await;
+    // One call is certainly in flight: it waits for a row lock.
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let mut blocked_client = app.client("alice");
+    let blocked_id = created.id.clone();
+    let blocked = tokio::spawn(async move {
+        blocked_client
+            .append_message(append_request(
+                &blocked_id,
+                "in flight at shutdown",
+                "in-flight",
+            ))
+            .await
+    });
+    // And more keep coming until the server stops taking them.
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|worker| {
+            let mut client = app.client("alice");
+            let other = created.id.clone();
+            let acknowledged = acknowledged.clone();
+            tokio::spawn(async move {
+                let mine = create(&mut client, &format!("worker {worker}")).await;
+                let _ = other;
+                for i in 0.. {
+                    match client
+                        .append_message(append_request(
+                            &mine.id,
+                            &format!("{worker}/{i}"),
+                            &format!("{worker}-{i}"),
+                        ))
+                        .await
+                    {
+                        Ok(reply) => acknowledged
+                            .lock()
+                            .unwrap()
+                            .push(reply.into_inner().content),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    sleep(Duration::from_millis(300)).await;
+
+    let stopping = tokio::spawn({
+        let release_after = Duration::from_millis(300);
+        async move {
+            sleep(release_after).await;
+            holder.batch_execute("ROLLBACK").await.unwrap();
+        }
+    });
+    let started = Instant::now();
+    app.shut_down_and_wait().await.expect("a clean stop");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "the server waited for the call in flight"
+    );
+    stopping.await.unwrap();
+    let in_flight = blocked
+        .await
+        .unwrap()
+        .expect("the call in flight at shutdown completed");
+    assert_eq!(in_flight.into_inner().content, "in flight at shutdown");
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 10,
+        "the workers were busy: {}",
+        acknowledged.len()
+    );
+    let stored = app.db.count("SELECT count(*) AS n FROM messages").await;
+    assert_eq!(
+        stored as usize,
+        acknowledged.len() + 1,
+        "every acknowledged message, and only those, is stored"
+    );
+    for content in &acknowledged {
+        let sql = format!("SELECT count(*) AS n FROM messages WHERE content = '{content}'");
+        assert_eq!(app.db.count(&sql).await, 1, "{content}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_timeout_bounds_how_long_shutdown_waits() {
+    let app =
+        TestApp::spawn_with(|settings| settings.drain_timeout = Duration::from_millis(500)).await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "stuck").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let stuck = tokio::spawn(async move {
+        alice
+            .append_message(append_request(&created.id, "stuck", "s1"))
+            .await
+    });
+    sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    app.shut_down_and_wait().await.expect("a clean stop");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "stopped after {took:?}"
+    );
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the abandoned call was not acknowledged"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // Its transaction never committed.
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 0);
 }

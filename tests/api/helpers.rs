@@ -15,7 +15,7 @@ use convo::{
     domain::Limits,
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
     local_postgres::{LocalPostgres, LocalPostgresOptions},
-    startup::{Application, Settings},
+    startup::{Application, Settings, StartupError},
     store::{self, ChangeFeed, PoolSettings},
 };
 use diesel::{QueryableByName, sql_types::BigInt};
@@ -369,6 +369,7 @@ pub struct TestApp {
     pub changes: ChangeFeed,
     channel: Channel,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), StartupError>>>>,
 }
 
 impl TestApp {
@@ -394,7 +395,7 @@ impl TestApp {
         let addr = app.local_addr();
         let changes = app.changes().clone();
         let (shutdown, stopped) = oneshot::channel::<()>();
-        tokio::spawn(app.run_until(async {
+        let server = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -407,6 +408,7 @@ impl TestApp {
             changes,
             channel,
             shutdown: std::sync::Mutex::new(Some(shutdown)),
+            server: tokio::sync::Mutex::new(Some(server)),
         }
     }
 
@@ -426,6 +428,18 @@ impl TestApp {
         if let Some(shutdown) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
             let _ = shutdown.send(());
         }
+    }
+
+    /// Shuts the server down gracefully and waits until it has stopped.
+    pub async fn shut_down_and_wait(&self) -> Result<(), StartupError> {
+        self.shutdown();
+        let server = self
+            .server
+            .lock()
+            .await
+            .take()
+            .expect("the server is running");
+        server.await.expect("the server task")
     }
 
     pub fn channel(&self) -> Channel {
