@@ -240,8 +240,9 @@ impl Drop for LocalPostgres {
 }
 
 /// The directory that holds both `initdb` and `postgres`: first on PATH, then
-/// the newest of Debian's `/usr/lib/postgresql/<version>/bin`.
-fn find_binaries() -> Option<PathBuf> {
+/// the newest of Debian's `/usr/lib/postgresql/<version>/bin`. Its other tools
+/// (`pgbench`, `psql`) are usually there too.
+pub fn find_binaries() -> Option<PathBuf> {
     let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(path) = std::env::var_os("PATH") {
         if let Some(dir) = std::env::split_paths(&path).find(|dir| has_both(dir)) {

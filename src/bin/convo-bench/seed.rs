@@ -1,0 +1,87 @@
+//! Large cases are seeded in the database in bulk (`generate_series`), not
+//! through a million RPCs. The rows are shaped exactly as convo writes them.
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use uuid::Uuid;
+
+use crate::BoxError;
+
+async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
+    Ok(AsyncPgConnection::establish(database_url).await?)
+}
+
+async fn ensure_user(conn: &mut AsyncPgConnection, user: &str) -> Result<(), BoxError> {
+    diesel::sql_query("INSERT INTO users (user_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind::<Text, _>(user)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A conversation of `user` holding `length` messages of about 200 bytes.
+pub async fn conversation(database_url: &str, user: &str, length: i64) -> Result<Uuid, BoxError> {
+    let mut conn = connect(database_url).await?;
+    ensure_user(&mut conn, user).await?;
+    let id = Uuid::now_v7();
+    diesel::sql_query(
+        "INSERT INTO conversations (user_id, id, title, create_time, update_time, message_count) \
+         VALUES ($1, $2::uuid, 'seeded', now(), now(), $3)",
+    )
+    .bind::<Text, _>(user)
+    .bind::<Text, _>(id.to_string())
+    .bind::<BigInt, _>(length)
+    .execute(&mut conn)
+    .await?;
+    diesel::sql_query(
+        "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
+         SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, \
+                'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7), \
+                now() - make_interval(secs => ($3 - s) / 1000.0) \
+         FROM generate_series(1, $3) AS s",
+    )
+    .bind::<Text, _>(user)
+    .bind::<Text, _>(id.to_string())
+    .bind::<BigInt, _>(length)
+    .execute(&mut conn)
+    .await?;
+    conn.batch_execute("ANALYZE conversations; ANALYZE messages")
+        .await?;
+    Ok(id)
+}
+
+/// `count` empty conversations of `user`, updated one millisecond apart.
+pub async fn conversations(database_url: &str, user: &str, count: i64) -> Result<(), BoxError> {
+    let mut conn = connect(database_url).await?;
+    ensure_user(&mut conn, user).await?;
+    diesel::sql_query(
+        "INSERT INTO conversations (user_id, id, title, create_time, update_time) \
+         SELECT $1, gen_random_uuid(), 'seeded ' || s, \
+                now() - make_interval(secs => s / 1000.0), now() - make_interval(secs => s / 1000.0) \
+         FROM generate_series(1, $2) AS s",
+    )
+    .bind::<Text, _>(user)
+    .bind::<BigInt, _>(count)
+    .execute(&mut conn)
+    .await?;
+    conn.batch_execute("ANALYZE conversations").await?;
+    Ok(())
+}
+
+/// The conversations pgbench's append script writes to: one per client, with
+/// ids derived from pgbench's `client_id` (0-based).
+pub async fn pgbench_conversations(database_url: &str, clients: usize) -> Result<(), BoxError> {
+    let mut conn = connect(database_url).await?;
+    ensure_user(&mut conn, "pgbench").await?;
+    diesel::sql_query(
+        "INSERT INTO conversations (user_id, id, title, create_time, update_time) \
+         SELECT 'pgbench', ('00000000-0000-0000-0000-' || lpad(c::text, 12, '0'))::uuid, \
+                'pgbench ' || c, now(), now() \
+         FROM generate_series(0, $1 - 1) AS c \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<BigInt, _>(clients as i64)
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}

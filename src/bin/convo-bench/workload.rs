@@ -1,0 +1,416 @@
+//! The workloads, each a loop of one kind of call per worker, measured into an
+//! HDR histogram after a warm-up.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::ValueEnum;
+use convo::grpc::proto::{
+    self, AppendMessageRequest, ListConversationsRequest, ResumeConversationRequest, Role,
+    WatchConversationRequest, conversation_service_client::ConversationServiceClient,
+};
+use hdrhistogram::Histogram;
+use tokio_stream::StreamExt;
+use tonic::{
+    Code, Request, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use crate::{BoxError, report::Measured, seed};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Each worker appends to its own conversation.
+    Append,
+    /// Every worker appends to one conversation: its row lock is the bottleneck.
+    HotAppend,
+    /// ResumeConversation(50) of a conversation of --messages messages.
+    Resume,
+    /// ListConversations(50) at --depth into a user's listing.
+    List,
+    /// An orchestrator turn: resume, append the user message, append the reply.
+    Turn,
+    /// Delay from sending an append to receiving it on a watch stream.
+    Watch,
+}
+
+/// How hard and how long to drive.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub workers: usize,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub requests: Option<u64>,
+}
+
+/// Sends `x-user-id` on every call.
+#[derive(Clone)]
+pub struct UserHeader(AsciiMetadataValue);
+
+impl Interceptor for UserHeader {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("x-user-id", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Client = ConversationServiceClient<InterceptedService<Channel, UserHeader>>;
+
+/// The server, over a fixed number of HTTP/2 connections.
+pub struct Target {
+    channels: Vec<Channel>,
+}
+
+impl Target {
+    pub async fn connect(addr: &str, connections: usize) -> Result<Self, BoxError> {
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            let channel = Endpoint::from_shared(addr.to_owned())?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+            channels.push(channel);
+        }
+        Ok(Self { channels })
+    }
+
+    pub fn client(&self, index: usize, user: &str) -> Result<Client, BoxError> {
+        let header = AsciiMetadataValue::try_from(user)?;
+        Ok(ConversationServiceClient::with_interceptor(
+            self.channels[index % self.channels.len()].clone(),
+            UserHeader(header),
+        )
+        .max_decoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+/// What a workload needs before the clock starts.
+#[derive(Clone)]
+pub struct Setup {
+    workload: Workload,
+    label: String,
+    user: String,
+    /// The shared conversation (hot-append, resume).
+    conversation: Option<String>,
+    /// The page token of ListConversations at the requested depth.
+    page_token: String,
+}
+
+const CONTENT: &str = "The quick brown fox jumps over the lazy dog, again and again, \
+    while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.";
+
+impl Setup {
+    pub async fn prepare(
+        target: &Target,
+        workload: Workload,
+        messages: i64,
+        depth: i64,
+        database_url: Option<&str>,
+    ) -> Result<Self, BoxError> {
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let user = format!("bench-{run}");
+        let mut setup = Self {
+            workload,
+            label: format!("{workload:?}").to_lowercase(),
+            user: user.clone(),
+            conversation: None,
+            page_token: String::new(),
+        };
+        match workload {
+            Workload::HotAppend => {
+                let mut client = target.client(0, &user)?;
+                setup.conversation = Some(create(&mut client).await?);
+                setup.label = "hot-append".into();
+            }
+            Workload::Resume => {
+                let url =
+                    database_url.ok_or("resume needs --database-url to seed its conversation")?;
+                setup.conversation =
+                    Some(seed::conversation(url, &user, messages).await?.to_string());
+                setup.label = format!("resume L={messages}");
+            }
+            Workload::List => {
+                let url =
+                    database_url.ok_or("list needs --database-url to seed the conversations")?;
+                seed::conversations(url, &user, depth + 100).await?;
+                setup.page_token = page_token_at(&mut target.client(0, &user)?, depth).await?;
+                setup.label = format!("list depth={depth}");
+            }
+            Workload::Append | Workload::Turn | Workload::Watch => {}
+        }
+        Ok(setup)
+    }
+}
+
+impl Setup {
+    /// The user the workload calls as.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The conversation every worker shares, if the workload has one.
+    pub fn conversation(&self) -> Option<&str> {
+        self.conversation.as_deref()
+    }
+}
+
+async fn create(client: &mut Client) -> Result<String, BoxError> {
+    Ok(client
+        .create_conversation(proto::CreateConversationRequest {
+            title: "bench".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .id)
+}
+
+/// Walks the listing in pages of 1000 to the token at `depth`.
+async fn page_token_at(client: &mut Client, depth: i64) -> Result<String, BoxError> {
+    let mut token = String::new();
+    let mut walked = 0;
+    while walked < depth {
+        let size = (depth - walked).min(1000);
+        let page = client
+            .list_conversations(ListConversationsRequest {
+                page_size: size as i32,
+                page_token: token,
+            })
+            .await?
+            .into_inner();
+        walked += page.conversations.len() as i64;
+        token = page.next_page_token;
+        if token.is_empty() {
+            return Err(format!("the listing ended at {walked}, before depth {depth}").into());
+        }
+    }
+    Ok(token)
+}
+
+/// One worker's connection and state.
+struct Worker {
+    client: Client,
+    conversation: String,
+    /// The watch stream of `watch`, read on another connection.
+    stream: Option<tonic::Streaming<proto::Message>>,
+    next_sequence: i64,
+    turn: u64,
+}
+
+impl Worker {
+    async fn new(target: &Target, setup: &Setup, index: usize) -> Result<Self, BoxError> {
+        let mut client = target.client(index, &setup.user)?;
+        let conversation = match &setup.conversation {
+            Some(shared) => shared.clone(),
+            None if setup.workload == Workload::List => String::new(),
+            None => create(&mut client).await?,
+        };
+        let stream = if setup.workload == Workload::Watch {
+            let mut watcher = target.client(index + 1, &setup.user)?;
+            let stream = watcher
+                .watch_conversation(WatchConversationRequest {
+                    conversation_id: conversation.clone(),
+                    after_sequence: 0,
+                })
+                .await?
+                .into_inner();
+            Some(stream)
+        } else {
+            None
+        };
+        Ok(Self {
+            client,
+            conversation,
+            stream,
+            next_sequence: 1,
+            turn: 0,
+        })
+    }
+
+    /// One operation; its latency is measured by the caller.
+    async fn step(&mut self, setup: &Setup) -> Result<(), Status> {
+        match setup.workload {
+            Workload::Append | Workload::HotAppend => {
+                self.client
+                    .append_message(self.append(Role::User, None, None))
+                    .await?;
+            }
+            Workload::Resume => {
+                self.client
+                    .resume_conversation(ResumeConversationRequest {
+                        conversation_id: self.conversation.clone(),
+                        max_messages: 50,
+                    })
+                    .await?;
+            }
+            Workload::List => {
+                self.client
+                    .list_conversations(ListConversationsRequest {
+                        page_size: 50,
+                        page_token: setup.page_token.clone(),
+                    })
+                    .await?;
+            }
+            Workload::Turn => {
+                let resumed = self
+                    .client
+                    .resume_conversation(ResumeConversationRequest {
+                        conversation_id: self.conversation.clone(),
+                        max_messages: 50,
+                    })
+                    .await?
+                    .into_inner();
+                let count = resumed.conversation.map_or(0, |c| c.message_count);
+                self.turn += 1;
+                let turn = self.turn;
+                self.client
+                    .append_message(self.append(
+                        Role::User,
+                        Some(format!("t{turn}-user")),
+                        Some(count),
+                    ))
+                    .await?;
+                self.client
+                    .append_message(self.append(
+                        Role::Assistant,
+                        Some(format!("t{turn}-assistant")),
+                        Some(count + 1),
+                    ))
+                    .await?;
+            }
+            Workload::Watch => {
+                self.client
+                    .append_message(self.append(Role::User, None, None))
+                    .await?;
+                let expected = self.next_sequence;
+                self.next_sequence += 1;
+                let stream = self
+                    .stream
+                    .as_mut()
+                    .ok_or_else(|| Status::internal("no watch stream"))?;
+                loop {
+                    match stream.next().await {
+                        Some(Ok(message)) if message.sequence >= expected => break,
+                        Some(Ok(_)) => continue,
+                        Some(Err(status)) => return Err(status),
+                        None => return Err(Status::unavailable("the watch stream ended")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(
+        &self,
+        role: Role,
+        request_id: Option<String>,
+        expected: Option<i64>,
+    ) -> AppendMessageRequest {
+        AppendMessageRequest {
+            conversation_id: self.conversation.clone(),
+            role: role as i32,
+            content: CONTENT.to_owned(),
+            metadata: Default::default(),
+            request_id: request_id.unwrap_or_default(),
+            expected_last_sequence: expected,
+        }
+    }
+}
+
+/// Runs the workload: workers start together, warm up, then record.
+pub async fn drive(target: &Target, setup: &Setup, load: &Load) -> Measured {
+    let mut workers = Vec::with_capacity(load.workers);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for index in 0..load.workers {
+        match Worker::new(target, setup, index).await {
+            Ok(worker) => workers.push(worker),
+            Err(error) => *errors.entry(format!("setup: {error}")).or_default() += 1,
+        }
+    }
+    let started = Instant::now();
+    let measure_from = started + load.warmup;
+    let measure_until = measure_from + load.duration;
+    let remaining = Arc::new(AtomicU64::new(load.requests.unwrap_or(u64::MAX)));
+    let setup = Arc::new(setup.clone());
+
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|mut worker| {
+            let setup = setup.clone();
+            let remaining = remaining.clone();
+            let bounded_by_count = load.requests.is_some();
+            tokio::spawn(async move {
+                let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .unwrap_or_else(|_| unreachable!("valid histogram bounds"));
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                loop {
+                    let now = Instant::now();
+                    let measuring = now >= measure_from;
+                    if measuring && !bounded_by_count && now >= measure_until {
+                        break;
+                    }
+                    if measuring
+                        && bounded_by_count
+                        && remaining
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_err()
+                    {
+                        break;
+                    }
+                    let call = Instant::now();
+                    let outcome = worker.step(&setup).await;
+                    if !measuring {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(()) => {
+                            let micros = call.elapsed().as_micros().max(1) as u64;
+                            let _ = histogram.record(micros.min(60_000_000));
+                        }
+                        Err(status) => *errors.entry(code_name(status.code())).or_default() += 1,
+                    }
+                }
+                (histogram, errors)
+            })
+        })
+        .collect();
+
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid histogram bounds"));
+    for task in tasks {
+        if let Ok((histogram, worker_errors)) = task.await {
+            let _ = merged.add(&histogram);
+            for (code, n) in worker_errors {
+                *errors.entry(code).or_default() += n;
+            }
+        }
+    }
+    let seconds = Instant::now()
+        .saturating_duration_since(measure_from)
+        .as_secs_f64();
+    Measured::new(
+        setup.label.clone(),
+        load.workers,
+        load.connections,
+        seconds,
+        &merged,
+        errors,
+    )
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
