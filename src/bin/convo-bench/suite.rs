@@ -37,7 +37,7 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
     /// Lengths of the conversations resumed.
-    #[arg(long, value_delimiter = ',', default_values_t = [10_i64, 10_000, 100_000])]
+    #[arg(long, value_delimiter = ',', default_values_t = [10_i64, 50, 10_000, 100_000])]
     resume_lengths: Vec<i64>,
     /// Depth of the deep ListConversations page.
     #[arg(long, default_value_t = 10_000)]
@@ -63,6 +63,9 @@ struct SuiteReport {
     append_ratio: Option<f64>,
     resume_ratio: Option<f64>,
     resume_length_ratio: Option<f64>,
+    /// The same ratio against the shortest conversation that fills a page of
+    /// 50, so both sides return the same number of messages.
+    resume_full_page_ratio: Option<f64>,
     list_depth_ratio: Option<f64>,
     memory: Option<MemoryReport>,
 }
@@ -170,6 +173,11 @@ async fn measure(
     };
     let first_resume = args.resume_lengths.first().map(|l| format!("resume L={l}"));
     let last_resume = args.resume_lengths.last().map(|l| format!("resume L={l}"));
+    let full_page_resume = args
+        .resume_lengths
+        .iter()
+        .find(|&&l| l >= 50)
+        .map(|l| format!("resume L={l}"));
     Ok(SuiteReport {
         workers: load.workers,
         connections: load.connections,
@@ -184,6 +192,10 @@ async fn measure(
         resume_length_ratio: ratio(
             last_resume.as_deref().and_then(find).map(|r| r.p50_ms),
             first_resume.as_deref().and_then(find).map(|r| r.p50_ms),
+        ),
+        resume_full_page_ratio: ratio(
+            last_resume.as_deref().and_then(find).map(|r| r.p50_ms),
+            full_page_resume.as_deref().and_then(find).map(|r| r.p50_ms),
         ),
         list_depth_ratio: ratio(
             find(&format!("list depth={}", args.list_depth)).map(|r| r.p50_ms),
@@ -223,6 +235,11 @@ fn print(report: &SuiteReport) {
     show(
         "resume p50, longest / shortest conversation",
         report.resume_length_ratio,
+        "x",
+    );
+    show(
+        "resume p50, longest / shortest full page (50)",
+        report.resume_full_page_ratio,
         "x",
     );
     show(
