@@ -62,6 +62,7 @@ impl TryFrom<ConversationRow> for Conversation {
     }
 }
 
+/// A new conversation: created empty, or forked with messages copied in.
 #[derive(Insertable)]
 #[diesel(table_name = conversations)]
 struct NewConversationRow<'a> {
@@ -71,6 +72,9 @@ struct NewConversationRow<'a> {
     metadata: serde_json::Value,
     create_time: DateTime<Utc>,
     update_time: DateTime<Utc>,
+    message_count: i64,
+    forked_from_conversation_id: Option<Uuid>,
+    forked_at_sequence: Option<i64>,
     request_id: Option<&'a str>,
 }
 
@@ -177,6 +181,9 @@ impl Store {
                     metadata: metadata_to_json(&new.metadata),
                     create_time: now,
                     update_time: now,
+                    message_count: 0,
+                    forked_from_conversation_id: None,
+                    forked_at_sequence: None,
                     request_id: request_id.map(RequestId::as_str),
                 };
                 let created = diesel::insert_into(conversations::table)
@@ -336,7 +343,7 @@ impl Store {
                     }
                 };
                 let now = now_micros();
-                let fork = NewForkRow {
+                let fork = NewConversationRow {
                     user_id: owner.as_str(),
                     id: *ConversationId::generate().as_uuid(),
                     title: title.map_or(source_row.title.as_str(), Title::as_str),
@@ -344,8 +351,9 @@ impl Store {
                     create_time: now,
                     update_time: now,
                     message_count: copied,
-                    forked_from_conversation_id: source_row.id,
-                    forked_at_sequence: copied,
+                    forked_from_conversation_id: Some(source_row.id),
+                    forked_at_sequence: Some(copied),
+                    request_id: None,
                 };
                 let created: ConversationRow = diesel::insert_into(conversations::table)
                     .values(&fork)
@@ -382,20 +390,6 @@ const COPY_MESSAGES: &str = "\
     FROM messages m \
     JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
     WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
-
-#[derive(Insertable)]
-#[diesel(table_name = conversations)]
-struct NewForkRow<'a> {
-    user_id: &'a str,
-    id: Uuid,
-    title: &'a str,
-    metadata: serde_json::Value,
-    create_time: DateTime<Utc>,
-    update_time: DateTime<Utc>,
-    message_count: i64,
-    forked_from_conversation_id: Uuid,
-    forked_at_sequence: i64,
-}
 
 /// Turns `size + 1` fetched rows into a page and whether more follow.
 pub(super) fn page_of<R, T>(mut rows: Vec<R>, size: PageSize) -> Result<Page<T>, StoreError>

@@ -13,7 +13,7 @@ use crate::domain::{
     RequestId, Role, UserId,
 };
 
-#[derive(Debug, Queryable, Selectable)]
+#[derive(Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages, check_for_backend(diesel::pg::Pg))]
 pub(super) struct MessageRow {
     id: Uuid,

@@ -1,15 +1,12 @@
-use chrono::{DateTime, Utc};
 use diesel::{
     QueryableByName,
-    sql_types::{BigInt, Float4, Int2, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Float4, Nullable, Text, Uuid as SqlUuid},
 };
 use diesel_async::RunQueryDsl;
-use uuid::Uuid;
 
-use super::{Page, Store, StoreError, conversations::metadata_from_json};
+use super::{Page, Store, StoreError, messages::MessageRow};
 use crate::domain::{
-    ConversationId, Message, MessageId, PageSize, Role, SearchCursor, SearchHit, SearchQuery,
-    UserId,
+    ConversationId, Message, PageSize, SearchCursor, SearchHit, SearchQuery, UserId,
 };
 
 /// Full-text search over one user's messages.
@@ -48,20 +45,8 @@ ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC";
 
 #[derive(QueryableByName)]
 struct HitRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = SqlUuid)]
-    conversation_id: Uuid,
-    #[diesel(sql_type = BigInt)]
-    sequence: i64,
-    #[diesel(sql_type = Int2)]
-    role: i16,
-    #[diesel(sql_type = Text)]
-    content: String,
-    #[diesel(sql_type = Jsonb)]
-    metadata: serde_json::Value,
-    #[diesel(sql_type = Timestamptz)]
-    create_time: DateTime<Utc>,
+    #[diesel(embed)]
+    message: MessageRow,
     #[diesel(sql_type = Float4)]
     rank: f32,
     #[diesel(sql_type = Text)]
@@ -74,18 +59,8 @@ impl TryFrom<HitRow> for SearchHit {
     type Error = StoreError;
 
     fn try_from(row: HitRow) -> Result<Self, StoreError> {
-        let role = Role::parse("role", i32::from(row.role))
-            .map_err(|_| StoreError::Corrupt(format!("message {}: role {}", row.id, row.role)))?;
         Ok(SearchHit {
-            message: Message {
-                id: MessageId::from_uuid(row.id),
-                conversation_id: ConversationId::from_uuid(row.conversation_id),
-                sequence: row.sequence,
-                role,
-                content: row.content,
-                metadata: metadata_from_json(row.metadata),
-                create_time: row.create_time,
-            },
+            message: Message::try_from(row.message)?,
             conversation_title: row.conversation_title,
             snippet: row.snippet,
             rank: row.rank,
