@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{domain::Limits, store::PoolSettings};
+use crate::{domain::Limits, retention::RetentionPolicy, store::PoolSettings};
 
 /// convo: a conversation store for AI systems, over gRPC and PostgreSQL.
 #[derive(Debug, Parser)]
@@ -26,6 +26,8 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Apply pending migrations, then serve convo.v1 over gRPC until SIGINT/SIGTERM.
     Serve(ServeArgs),
@@ -88,6 +90,23 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1_200_000..=256 * 1024 * 1024))]
     pub max_request_bytes: u64,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "CONVO_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Delete conversations idle (not updated) for longer than this, e.g. 90d.
+    /// Off unless given.
+    #[arg(long, env = "CONVO_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+
+    /// Pause between retention sweeps.
+    #[arg(long, env = "CONVO_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
+
+    /// Conversations deleted per retention transaction.
+    #[arg(long, env = "CONVO_RETENTION_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub retention_batch: u32,
+
     /// How often gRPC health re-checks the database.
     #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
@@ -125,6 +144,14 @@ impl ServeArgs {
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
         }
+    }
+
+    pub fn retention(&self) -> Option<RetentionPolicy> {
+        self.retention.map(|idle_for| RetentionPolicy {
+            idle_for,
+            interval: self.retention_interval,
+            batch: self.retention_batch,
+        })
     }
 
     /// The contract's limits, lowered where the operator asked.

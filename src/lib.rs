@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod local_postgres;
+pub mod retention;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -41,6 +41,8 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
             drain_timeout: args.drain_timeout,
             max_in_flight: args.max_in_flight as usize,
             max_request_bytes: args.max_request_bytes as usize,
+            metrics_addr: args.metrics_addr,
+            retention: args.retention(),
         })
         .await?;
         app.run_until(startup::shutdown_signal()).await

@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::transport::Server;
+use tonic::{codec::CompressionEncoding, transport::Server};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
         proto::conversation_service_server::ConversationServiceServer,
     },
     local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
+    retention::RetentionPolicy,
     service::Conversations,
     store::{self, ChangeFeed, PoolSettings, Store, StoreError},
 };
@@ -39,6 +40,8 @@ pub enum StartupError {
     LocalPostgres(#[from] LocalPostgresError),
     #[error("could not build the reflection service: {0}")]
     Reflection(String),
+    #[error("could not serve metrics: {0}")]
+    Metrics(String),
 }
 
 /// Everything the server needs, resolved from flags and environment.
@@ -56,6 +59,10 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Where to serve Prometheus metrics; `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Delete conversations idle for longer than this; `None` keeps everything.
+    pub retention: Option<RetentionPolicy>,
 }
 
 /// The database convo talks to, and the private cluster behind it if convo
@@ -150,6 +157,10 @@ impl Application {
     /// Checks that the database answers and binds the listen address (port 0
     /// picks a free port: see [`Application::local_addr`]).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        if let Some(addr) = settings.metrics_addr {
+            crate::telemetry::serve_metrics(addr).map_err(StartupError::Metrics)?;
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        }
         let store = Store::new(&settings.database_url, settings.pool);
         store.ping().await.map_err(StartupError::Database)?;
         let listener =
@@ -200,6 +211,10 @@ impl Application {
             reporter,
             self.settings.health_interval,
         ));
+        let sweeper = self.settings.retention.map(|policy| {
+            tracing::info!(idle_for = ?policy.idle_for, "retention policy on");
+            tokio::spawn(crate::retention::sweep(self.store.clone(), policy))
+        });
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
@@ -218,14 +233,21 @@ impl Application {
             self.settings.limits,
             PageTokenCodec::new(&self.settings.page_token_secret),
         );
-        // Identity first (no identity, no work), then the in-flight bound.
-        let conversations = tonic::service::interceptor::InterceptedService::new(
-            tower::Layer::layer(
-                &grpc::InFlightLimitLayer::new(self.settings.max_in_flight),
-                ConversationServiceServer::new(api)
-                    .max_decoding_message_size(self.settings.max_request_bytes),
-            ),
-            grpc::require_user_id,
+        // Every call logged and counted (refused ones too), then identity
+        // (no identity, no work), then the in-flight bound.
+        let server = ConversationServiceServer::new(api)
+            .max_decoding_message_size(self.settings.max_request_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd);
+        let limited = tower::Layer::layer(
+            &grpc::InFlightLimitLayer::new(self.settings.max_in_flight),
+            server,
+        );
+        let conversations = tower::Layer::layer(
+            &grpc::ObserveLayer,
+            tonic::service::interceptor::InterceptedService::new(limited, grpc::require_user_id),
         );
 
         let incoming = TcpListenerStream::new(self.listener).map(|stream| {
@@ -264,6 +286,9 @@ impl Application {
             }
         };
         health_watch.abort();
+        if let Some(sweeper) = sweeper {
+            sweeper.abort();
+        }
         drop(self.store);
         tracing::info!("server stopped");
         served.map_err(|e| StartupError::Listen {

@@ -1,7 +1,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{domain::FieldViolation, service::ServiceError};
+use crate::{domain::FieldViolation, service::ServiceError, store::StoreError};
 
 /// Everything a handler can fail with. Converted to a `Status` in exactly one
 /// place, so every code and message a client sees is decided here.
@@ -60,10 +60,16 @@ impl From<ApiError> for Status {
                     "the server is shutting down; reconnect and resume from the last sequence received",
                 ),
                 ServiceError::Unavailable(source) => {
+                    let kind = match source {
+                        StoreError::TimedOut(_) => "timeout",
+                        _ => "unavailable",
+                    };
+                    metrics::counter!("convo_db_errors_total", "kind" => kind).increment(1);
                     tracing::warn!(error = %source, "storage unavailable");
                     Status::unavailable("storage is temporarily unavailable; retry with backoff")
                 }
                 ServiceError::Internal(source) => {
+                    metrics::counter!("convo_db_errors_total", "kind" => "internal").increment(1);
                     tracing::error!(error = %source, "internal error");
                     Status::internal("internal error")
                 }

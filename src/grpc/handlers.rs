@@ -5,6 +5,7 @@ use super::{
     convert,
     error::ApiError,
     identity::caller,
+    observe::record_conversation,
     parse::{self, Parser},
     proto::{self, conversation_service_server::ConversationService},
 };
@@ -69,6 +70,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+                record_conversation(id);
                 let conversation = self.service.get_conversation(&owner, id).await?;
                 Ok(conversation.into())
             }
@@ -112,6 +114,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let (id, changes) = self.parser.update_conversation(request.into_inner())?;
+                record_conversation(id);
                 let updated = self
                     .service
                     .update_conversation(&owner, id, changes)
@@ -130,6 +133,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+                record_conversation(id);
                 self.service.delete_conversation(&owner, id).await?;
                 Ok(())
             }
@@ -145,6 +149,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let append = self.parser.append_message(request.into_inner())?;
+                record_conversation(append.conversation_id);
                 let stored = self.service.append_messages(&owner, append).await?;
                 // A one-message append stores exactly one message.
                 let message = stored.into_iter().next().ok_or_else(|| {
@@ -166,6 +171,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let append = self.parser.append_messages(request.into_inner())?;
+                record_conversation(append.conversation_id);
                 let stored = self.service.append_messages(&owner, append).await?;
                 Ok(proto::AppendMessagesResponse {
                     messages: convert::messages(stored),
@@ -183,6 +189,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let list = self.parser.list_messages(&owner, request.get_ref())?;
+                record_conversation(list.conversation_id);
                 let page = self.service.list_messages(&owner, list).await?;
                 let next_page_token = match page.items.last() {
                     Some(last) if page.has_more => self.parser.tokens.encode_messages(
@@ -212,6 +219,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let (id, max_messages) = self.parser.resume_conversation(request.get_ref())?;
+                record_conversation(id);
                 let resumed = self
                     .service
                     .resume_conversation(&owner, id, max_messages)
@@ -236,6 +244,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let (id, after_sequence) = self.parser.watch_conversation(request.get_ref())?;
+                record_conversation(id);
                 let messages = self
                     .service
                     .watch_conversation(&owner, id, after_sequence)
@@ -258,6 +267,7 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let fork = self.parser.fork_conversation(request.into_inner())?;
+                record_conversation(fork.source);
                 let forked = self.service.fork_conversation(&owner, fork).await?;
                 Ok(forked.into())
             }
@@ -273,6 +283,9 @@ impl ConversationService for ConversationApi {
         reply(
             async {
                 let search = self.parser.search_messages(&owner, request.into_inner())?;
+                if let Some(id) = search.conversation_id {
+                    record_conversation(id);
+                }
                 let page = self.service.search_messages(&owner, &search).await?;
                 let next_page_token = match page.items.last() {
                     Some(last) if page.has_more => self.parser.tokens.encode_search(

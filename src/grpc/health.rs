@@ -8,12 +8,14 @@ use crate::store::Store;
 /// Keeps gRPC health in step with the database: `""` and the service are
 /// SERVING only while a query succeeds, NOT_SERVING otherwise. Probes every
 /// `interval` until the task is dropped; logs only when the status changes.
+/// Publishes the pool's metrics on the same beat.
 pub async fn watch_database_health(store: Store, reporter: HealthReporter, interval: Duration) {
     let mut last: Option<ServingStatus> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        store.record_pool_metrics();
         let status =
             match tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await {
                 Ok(Ok(())) => ServingStatus::Serving,

@@ -8,12 +8,14 @@ mod handlers;
 mod health;
 mod identity;
 mod limit;
+mod observe;
 mod parse;
 
 pub use handlers::ConversationApi;
 pub use health::watch_database_health;
 pub use identity::{USER_ID_HEADER, require_user_id};
 pub use limit::InFlightLimitLayer;
+pub use observe::{ObserveLayer, REQUEST_ID_HEADER};
 
 /// Code generated from `proto/convo/v1/convo.proto` by `build.rs`.
 pub mod proto {

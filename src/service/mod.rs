@@ -74,6 +74,22 @@ pub struct ForkConversation {
 /// error that ends it.
 pub type WatchStream = mpsc::Receiver<std::result::Result<Message, ServiceError>>;
 
+/// Counts a watch stream in `convo_watch_streams` for as long as it lives.
+struct OpenWatch;
+
+impl OpenWatch {
+    fn start() -> Self {
+        metrics::gauge!("convo_watch_streams").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        metrics::gauge!("convo_watch_streams").decrement(1.0);
+    }
+}
+
 /// How many messages a watcher reads per query, and buffers for its client.
 const WATCH_BATCH: u32 = 256;
 
@@ -220,6 +236,7 @@ impl Conversations {
         let batch = PageSize::parse("page_size", WATCH_BATCH as i32, &Limits::CONTRACT)
             .unwrap_or_else(|_| unreachable!("the watch batch is a valid page size"));
         tokio::spawn(async move {
+            let _open = OpenWatch::start();
             let mut last = after_sequence;
             loop {
                 let page = store

@@ -69,6 +69,7 @@ impl Shared {
     }
 
     fn dispatch(&self, payload: &str) {
+        metrics::counter!("convo_notifications_received_total").increment(1);
         let registry = self.registry();
         match payload.split_once(':') {
             Some(("c", id)) => {

@@ -9,6 +9,7 @@ mod error;
 mod messages;
 mod migrations;
 mod pool;
+mod retention;
 pub mod schema;
 mod search;
 mod users;

@@ -119,6 +119,23 @@ impl Store {
         }
     }
 
+    /// Publishes the pool's state as metrics: connections open and idle,
+    /// checkouts that had to wait or timed out, connections thrown away.
+    pub fn record_pool_metrics(&self) {
+        let state = self.pool.state();
+        let stats = state.statistics;
+        metrics::gauge!("convo_pool_connections").set(f64::from(state.connections));
+        metrics::gauge!("convo_pool_idle_connections").set(f64::from(state.idle_connections));
+        metrics::gauge!("convo_pool_in_use_connections").set(f64::from(
+            state.connections.saturating_sub(state.idle_connections),
+        ));
+        metrics::counter!("convo_pool_checkouts_total").absolute(stats.get_started);
+        metrics::counter!("convo_pool_checkouts_waited_total").absolute(stats.get_waited);
+        metrics::counter!("convo_pool_acquire_timeouts_total").absolute(stats.get_timed_out);
+        metrics::counter!("convo_pool_connections_closed_broken_total")
+            .absolute(stats.connections_closed_broken + stats.connections_closed_invalid);
+    }
+
     /// Succeeds when the database answers a query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))

@@ -1,6 +1,7 @@
 //! Tools for doing damage on purpose: a TCP proxy between convo and
 //! PostgreSQL that a test can cut, reset, slow down or make lose a commit's
-//! reply, and a private PostgreSQL of the test's own that it can restart.
+//! reply (it also counts bytes, in front of any server), and a private
+//! PostgreSQL of the test's own that it can restart.
 
 use std::{
     net::SocketAddr,
@@ -28,6 +29,8 @@ struct ProxyState {
     /// Lose the reply to the next COMMIT: forward the COMMIT, then close the
     /// link before any answer reaches convo.
     lose_commit_reply: bool,
+    /// Bytes forwarded from the upstream to the clients, in total.
+    bytes_to_client: u64,
     links: Vec<JoinHandle<()>>,
 }
 
@@ -97,6 +100,11 @@ impl Proxy {
         self.state.lock().unwrap().delay = delay;
     }
 
+    /// Bytes the upstream has sent back through the proxy so far.
+    pub fn bytes_to_client(&self) -> u64 {
+        self.state.lock().unwrap().bytes_to_client
+    }
+
     /// The next COMMIT reaches PostgreSQL, but its reply never reaches convo.
     pub fn lose_next_commit_reply(&self) {
         self.state.lock().unwrap().lose_commit_reply = true;
@@ -147,7 +155,11 @@ async fn link(mut inbound: TcpStream, upstream: SocketAddr, state: Arc<Mutex<Pro
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let delay = state.lock().unwrap().delay;
+            let delay = {
+                let mut state = state.lock().unwrap();
+                state.bytes_to_client += n as u64;
+                state.delay
+            };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

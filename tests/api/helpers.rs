@@ -359,12 +359,15 @@ pub fn test_settings(database_url: &str) -> Settings {
         drain_timeout: Duration::from_secs(10),
         max_in_flight: 256,
         max_request_bytes: 4 * 1024 * 1024,
+        metrics_addr: None,
+        retention: None,
     }
 }
 
 /// A running convo server with its own database.
 pub struct TestApp {
     pub db: Arc<TestDb>,
+    addr: std::net::SocketAddr,
     /// The server's live-change feed, to observe its watchers.
     pub changes: ChangeFeed,
     channel: Channel,
@@ -386,6 +389,11 @@ impl TestApp {
         Self::spawn_on(self.db.clone(), |_| {}).await
     }
 
+    /// A second replica with its own settings.
+    pub async fn spawn_replica_with(&self, adjust: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_on(self.db.clone(), adjust).await
+    }
+
     async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = test_settings(&db.url);
         adjust(&mut settings);
@@ -405,6 +413,7 @@ impl TestApp {
             .expect("connect to the test server");
         Self {
             db,
+            addr,
             changes,
             channel,
             shutdown: std::sync::Mutex::new(Some(shutdown)),
@@ -440,6 +449,10 @@ impl TestApp {
             .take()
             .expect("the server is running");
         server.await.expect("the server task")
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     pub fn channel(&self) -> Channel {

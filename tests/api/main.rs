@@ -11,6 +11,7 @@ mod faults;
 mod fork;
 mod identity;
 mod messages;
+mod operability;
 mod operations;
 mod search;
 mod watch;

@@ -1,0 +1,170 @@
+//! One log line and one set of metrics per convo.v1 call, and the request id
+//! that ties a client's call to the server's log.
+//!
+//! The caller may send `x-request-id` (1-128 visible ASCII); otherwise one is
+//! generated. It is returned in the response metadata and logged with `rpc`,
+//! `user_id`, `conversation_id` (recorded by the handler into the call's span),
+//! `code` and `duration_ms`. Message content and metadata values are never
+//! logged.
+
+use std::{
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use http::HeaderValue;
+use tonic::{Code, server::NamedService};
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, field::Empty};
+
+use crate::domain::UserId;
+
+/// The request metadata that carries the caller's request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S: NamedService> NamedService for Observe<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let rpc = rpc_name(request.uri().path());
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| UserId::parse(v).is_ok())
+            .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+        // Only a well-formed identity is logged; a malformed one is refused
+        // by the interceptor and must not reach the log verbatim.
+        let user_id = request
+            .headers()
+            .get(super::USER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| UserId::parse(v).ok());
+        let span = tracing::info_span!(
+            "call",
+            rpc,
+            request_id = %request_id,
+            user_id = user_id.as_ref().map(UserId::as_str),
+            conversation_id = Empty,
+        );
+        let call = self.inner.call(request).instrument(span.clone());
+        async move {
+            let mut response = call.await?;
+            let code = response_code(&response);
+            let duration = started.elapsed();
+            if let Ok(value) = HeaderValue::from_str(&request_id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            }
+            record(rpc, code, duration.as_secs_f64());
+            let code_name = format!("{code:?}");
+            let duration_ms = duration.as_secs_f64() * 1000.0;
+            span.in_scope(|| match code {
+                Code::Internal | Code::Unknown | Code::DataLoss => {
+                    tracing::error!(code = %code_name, duration_ms, "call failed")
+                }
+                Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {
+                    tracing::warn!(code = %code_name, duration_ms, "call failed")
+                }
+                _ => tracing::info!(code = %code_name, duration_ms, "call"),
+            });
+            Ok(response)
+        }
+        .boxed()
+    }
+}
+
+/// Records the conversation a call is about into its log line.
+pub fn record_conversation(id: impl std::fmt::Display) {
+    Span::current().record("conversation_id", tracing::field::display(id));
+}
+
+/// `/convo.v1.ConversationService/AppendMessage` → `AppendMessage`.
+fn rpc_name(path: &str) -> &'static str {
+    const RPCS: &[&str] = &[
+        "CreateConversation",
+        "GetConversation",
+        "ListConversations",
+        "UpdateConversation",
+        "DeleteConversation",
+        "AppendMessage",
+        "AppendMessages",
+        "ListMessages",
+        "ResumeConversation",
+        "WatchConversation",
+        "ForkConversation",
+        "SearchMessages",
+        "DeleteUserData",
+    ];
+    let method = path.rsplit('/').next().unwrap_or_default();
+    // A fixed set keeps metric label values bounded whatever a client sends.
+    RPCS.iter()
+        .copied()
+        .find(|rpc| *rpc == method)
+        .unwrap_or("unknown")
+}
+
+/// A handler's error travels as `grpc-status` in the response headers
+/// ("trailers-only"); a success sends its status later, in the trailers.
+fn response_code<R>(response: &http::Response<R>) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+fn record(rpc: &'static str, code: Code, seconds: f64) {
+    metrics::counter!("convo_rpc_requests_total", "rpc" => rpc, "code" => format!("{code:?}"))
+        .increment(1);
+    metrics::histogram!("convo_rpc_duration_seconds", "rpc" => rpc).record(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_names_are_a_fixed_set() {
+        assert_eq!(
+            rpc_name("/convo.v1.ConversationService/AppendMessage"),
+            "AppendMessage"
+        );
+        assert_eq!(rpc_name("/convo.v1.ConversationService/Nope"), "unknown");
+        assert_eq!(rpc_name(""), "unknown");
+    }
+}

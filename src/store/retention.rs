@@ -1,0 +1,67 @@
+use chrono::{DateTime, Utc};
+use diesel::{
+    QueryableByName,
+    sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid},
+};
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{Store, StoreError, changes};
+
+#[derive(QueryableByName)]
+struct Deleted {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+/// Deletes up to `$2` conversations idle since before `$1`, oldest first. Rows
+/// another sweeper (another replica) has locked are skipped, not waited for.
+const DELETE_IDLE: &str = "\
+    WITH doomed AS ( \
+        SELECT user_id, id FROM conversations \
+        WHERE update_time < $1 \
+        ORDER BY update_time \
+        LIMIT $2 \
+        FOR UPDATE SKIP LOCKED \
+    ) \
+    DELETE FROM conversations c USING doomed d \
+    WHERE c.user_id = d.user_id AND c.id = d.id \
+    RETURNING c.id";
+
+impl Store {
+    /// One batch of the retention policy: deletes conversations (and, by
+    /// cascade, their messages) not updated since `idle_before`, and tells
+    /// their watchers. Returns how many were deleted.
+    ///
+    /// The one query that is not scoped by an owner: retention is the
+    /// operator's policy over all users. Under Citus it is a multi-shard
+    /// statement, to be run per shard or replaced by a per-user sweep.
+    pub async fn delete_idle_conversations(
+        &self,
+        idle_before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<usize, StoreError> {
+        self.with_conn(async |conn| {
+            conn.transaction(async |conn| {
+                let deleted: Vec<Deleted> = diesel::sql_query(DELETE_IDLE)
+                    .bind::<Timestamptz, _>(idle_before)
+                    .bind::<BigInt, _>(i64::from(batch))
+                    .load(conn)
+                    .await?;
+                let ids: Vec<Uuid> = deleted.into_iter().map(|d| d.id).collect();
+                if !ids.is_empty() {
+                    diesel::sql_query(
+                        "SELECT pg_notify($1, 'c:' || id) FROM unnest($2::uuid[]) AS id",
+                    )
+                    .bind::<Text, _>(changes::CHANNEL)
+                    .bind::<Array<SqlUuid>, _>(&ids)
+                    .execute(conn)
+                    .await?;
+                }
+                Ok(ids.len())
+            })
+            .await
+        })
+        .await
+    }
+}
