@@ -8,6 +8,8 @@ mod limits;
 mod message;
 mod metadata;
 mod paging;
+#[cfg(test)]
+mod properties;
 mod role;
 mod search;
 mod text;

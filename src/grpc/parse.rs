@@ -389,3 +389,78 @@ fn expected_last_sequence(value: Option<i64>) -> Result<Option<i64>, FieldViolat
         other => Ok(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost_types::FieldMask;
+
+    use super::*;
+
+    fn parser() -> Parser {
+        Parser {
+            limits: Limits::CONTRACT,
+            tokens: PageTokenCodec::new(b"secret"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn field_masks_name_only_title_and_metadata(
+            paths in proptest::collection::vec("title|metadata|\\PC{0,12}", 0..4),
+            has_mask in any::<bool>(),
+        ) {
+            let request = proto::UpdateConversationRequest {
+                conversation_id: ConversationId::generate().to_string(),
+                title: "t".into(),
+                metadata: Default::default(),
+                update_mask: has_mask.then(|| FieldMask { paths: paths.clone() }),
+            };
+            let valid = has_mask
+                && !paths.is_empty()
+                && paths.iter().all(|p| p == "title" || p == "metadata");
+            match parser().update_conversation(request) {
+                Ok((_, changes)) => {
+                    prop_assert!(valid);
+                    prop_assert_eq!(changes.title.is_some(), paths.iter().any(|p| p == "title"));
+                    prop_assert_eq!(changes.metadata.is_some(), paths.iter().any(|p| p == "metadata"));
+                }
+                Err(violations) => {
+                    prop_assert!(!valid);
+                    prop_assert!(violations.iter().all(|v| v.field == "update_mask"));
+                }
+            }
+        }
+
+        #[test]
+        fn batches_report_each_bad_message_by_its_index(
+            messages in proptest::collection::vec((0i32..6, "\\PC{0,8}"), 0..120),
+        ) {
+            let request = proto::AppendMessagesRequest {
+                conversation_id: ConversationId::generate().to_string(),
+                messages: messages
+                    .iter()
+                    .map(|(role, content)| proto::NewMessage { role: *role, content: content.clone(), metadata: Default::default() })
+                    .collect(),
+                request_id: String::new(),
+                expected_last_sequence: None,
+            };
+            match parser().append_messages(request) {
+                Ok(append) => {
+                    prop_assert!((1..=100).contains(&messages.len()));
+                    prop_assert_eq!(append.messages.len(), messages.len());
+                }
+                Err(violations) => {
+                    for v in &violations {
+                        prop_assert!(v.field == "messages" || v.field.starts_with("messages["), "{}", v.field);
+                    }
+                    let bad = messages.iter().take(100).position(|(role, content)| !(1..=4).contains(role) || content.is_empty() || content.contains('\0'));
+                    if let Some(i) = bad {
+                        let prefix = format!("messages[{i}].");
+                        prop_assert!(violations.iter().any(|v| v.field.starts_with(&prefix)));
+                    }
+                }
+            }
+        }
+    }
+}
