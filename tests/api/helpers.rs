@@ -205,6 +205,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     admin_url: String,
+    /// Roles a test created, dropped after the database.
+    roles: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestDb {
@@ -236,6 +238,7 @@ impl TestDb {
             url: with_database(&cluster.admin_url, &name),
             name,
             admin_url: cluster.admin_url.clone(),
+            roles: std::sync::Mutex::default(),
         }
     }
 
@@ -255,6 +258,11 @@ impl TestDb {
             .batch_execute(sql)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Drops `role` when this database is dropped.
+    pub fn drop_role_on_drop(&self, role: &str) {
+        self.roles.lock().unwrap().push(role.to_owned());
     }
 
     /// Makes the database refuse connections and ends those it has: to the
@@ -321,6 +329,7 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
+        let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|p| p.into_inner()));
         // Drop cannot await; a short-lived runtime on its own thread can.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -332,7 +341,11 @@ impl Drop for TestDb {
                 admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await
-                    .ok()
+                    .ok()?;
+                for role in roles {
+                    admin.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await.ok()?;
+                }
+                Some(())
             })
         })
         .join();
@@ -392,6 +405,12 @@ impl TestApp {
     /// A second replica with its own settings.
     pub async fn spawn_replica_with(&self, adjust: impl FnOnce(&mut Settings)) -> Self {
         Self::spawn_on(self.db.clone(), adjust).await
+    }
+
+    /// A server on this test database, connecting with another URL (another role).
+    pub async fn spawn_with_url(db: Arc<TestDb>, url: &str) -> Self {
+        let url = url.to_owned();
+        Self::spawn_on(db, move |settings| settings.database_url = url).await
     }
 
     async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {

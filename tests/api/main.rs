@@ -14,4 +14,5 @@ mod messages;
 mod operability;
 mod operations;
 mod search;
+mod security;
 mod watch;
