@@ -5,7 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{domain::Limits, retention::RetentionPolicy, store::PoolSettings};
+use crate::{
+    domain::Limits,
+    retention::RetentionPolicy,
+    startup::{StartupError, TlsSettings},
+    store::PoolSettings,
+};
 
 /// convo: a conversation store for AI systems, over gRPC and PostgreSQL.
 #[derive(Debug, Parser)]
@@ -90,6 +95,24 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1_200_000..=256 * 1024 * 1024))]
     pub max_request_bytes: u64,
 
+    /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "CONVO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS private key (PEM) of --tls-cert.
+    #[arg(long, env = "CONVO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS, so only
+    /// the trusted orchestrator can call and assert x-user-id.
+    #[arg(long, env = "CONVO_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Also serve gRPC health alone, in plaintext, on this address (for probes
+    /// that cannot present a client certificate).
+    #[arg(long, env = "CONVO_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "CONVO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -144,6 +167,22 @@ impl ServeArgs {
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
         }
+    }
+
+    /// Reads the TLS files named by the flags.
+    pub fn tls(&self) -> Result<Option<TlsSettings>, StartupError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| StartupError::Tls(format!("cannot read {}: {e}", path.display())))
+        };
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(TlsSettings {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: self.tls_client_ca.as_ref().map(read).transpose()?,
+        }))
     }
 
     pub fn retention(&self) -> Option<RetentionPolicy> {

@@ -28,6 +28,7 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    let tls = args.tls()?;
     let database = Database::resolve(&args.database).await?;
     let served = async {
         startup::prepare_database(&database.url).await?;
@@ -43,6 +44,8 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
             max_request_bytes: args.max_request_bytes as usize,
             metrics_addr: args.metrics_addr,
             retention: args.retention(),
+            tls: tls.clone(),
+            health_listen: args.health_listen,
         })
         .await?;
         app.run_until(startup::shutdown_signal()).await

@@ -5,7 +5,10 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::{codec::CompressionEncoding, transport::Server};
+use tonic::{
+    codec::CompressionEncoding,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -42,6 +45,8 @@ pub enum StartupError {
     Reflection(String),
     #[error("could not serve metrics: {0}")]
     Metrics(String),
+    #[error("invalid TLS configuration: {0}")]
+    Tls(String),
 }
 
 /// Everything the server needs, resolved from flags and environment.
@@ -63,6 +68,28 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// Delete conversations idle for longer than this; `None` keeps everything.
     pub retention: Option<RetentionPolicy>,
+    /// Serve over TLS (and require client certificates, with a client CA).
+    pub tls: Option<TlsSettings>,
+    /// A plaintext listener that serves only gRPC health, for probes that
+    /// cannot present a client certificate.
+    pub health_listen: Option<SocketAddr>,
+}
+
+/// PEM-encoded TLS material.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, only clients with a certificate signed by this CA may call.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The database convo talks to, and the private cluster behind it if convo
@@ -256,9 +283,48 @@ impl Application {
                 let _ = s.set_nodelay(true);
             })
         });
-        tracing::info!(addr = %self.local_addr, "serving convo.v1");
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.settings.tls {
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| StartupError::Tls(e.to_string()))?;
+        }
+        // Probes that cannot present a client certificate get health alone,
+        // in plaintext, on their own address.
+        let (stopping, stop_probes) = tokio::sync::watch::channel(false);
+        let probes = match self.settings.health_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Listen { addr, source })?;
+                tracing::info!(%addr, "serving gRPC health for probes, in plaintext");
+                let mut stop_probes = stop_probes;
+                Some(tokio::spawn(
+                    Server::builder()
+                        .add_service(health_service.clone())
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            async move {
+                                let _ = stop_probes.wait_for(|stop| *stop).await;
+                            },
+                        ),
+                ))
+            }
+            None => None,
+        };
+        tracing::info!(
+            addr = %self.local_addr,
+            tls = self.settings.tls.is_some(),
+            mutual_tls = self.settings.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+            "serving convo.v1"
+        );
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
-        let serve = Server::builder()
+        let serve = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -268,6 +334,7 @@ impl Application {
                 // Watch streams never end by themselves: end them so that
                 // in-flight calls can drain.
                 changes.close();
+                let _ = stopping.send(true);
                 let _ = draining.send(());
             });
         tokio::pin!(serve);
@@ -286,6 +353,10 @@ impl Application {
             }
         };
         health_watch.abort();
+        if let Some(probes) = probes {
+            let _ = stopping.send(true);
+            let _ = probes.await;
+        }
         if let Some(sweeper) = sweeper {
             sweeper.abort();
         }

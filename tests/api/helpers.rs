@@ -343,7 +343,10 @@ impl Drop for TestDb {
                     .await
                     .ok()?;
                 for role in roles {
-                    admin.batch_execute(&format!("DROP ROLE IF EXISTS {role}")).await.ok()?;
+                    admin
+                        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+                        .await
+                        .ok()?;
                 }
                 Some(())
             })
@@ -374,6 +377,8 @@ pub fn test_settings(database_url: &str) -> Settings {
         max_request_bytes: 4 * 1024 * 1024,
         metrics_addr: None,
         retention: None,
+        tls: None,
+        health_listen: None,
     }
 }
 
