@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     domain::Limits,
+    grpc::JwtSettings,
     retention::RetentionPolicy,
     startup::{StartupError, TlsSettings},
     store::PoolSettings,
@@ -28,6 +29,13 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// How callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    Header,
+    Jwt,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +121,39 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
+    /// How callers prove who they are: `header` trusts x-user-id (put convo behind an
+    /// authenticating orchestrator); `jwt` verifies `authorization: Bearer <JWT>`.
+    #[arg(long, env = "CONVO_AUTH", value_enum, default_value_t = AuthMode::Header)]
+    pub auth: AuthMode,
+
+    /// jwt: file holding the HS256 shared secret (at least 32 bytes).
+    #[arg(long, env = "CONVO_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// jwt: PEM public key (RSA for RS256, EC for ES256).
+    #[arg(long, env = "CONVO_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// jwt: JWKS file; the token's `kid` picks the key.
+    #[arg(long, env = "CONVO_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// jwt: the required issuer (`iss`).
+    #[arg(long, env = "CONVO_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// jwt: the required audience (`aud`).
+    #[arg(long, env = "CONVO_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// jwt: the claim that holds the user id.
+    #[arg(long, env = "CONVO_JWT_USER_CLAIM", default_value = "sub")]
+    pub jwt_user_claim: String,
+
+    /// jwt: clock skew allowed for exp and nbf.
+    #[arg(long, env = "CONVO_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "CONVO_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -167,6 +208,30 @@ impl ServeArgs {
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
         }
+    }
+
+    /// The JWT settings, reading the key files, in `--auth jwt` mode.
+    pub fn jwt(&self) -> Result<Option<JwtSettings>, StartupError> {
+        if self.auth == AuthMode::Header {
+            return Ok(None);
+        }
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| StartupError::Auth(format!("cannot read {}: {e}", path.display())))
+        };
+        Ok(Some(JwtSettings {
+            secret: self
+                .jwt_secret_file
+                .as_ref()
+                .map(|path| read(path).map(|s| s.trim_ascii().to_vec()))
+                .transpose()?,
+            public_key_pem: self.jwt_public_key.as_ref().map(read).transpose()?,
+            jwks_json: self.jwt_jwks.as_ref().map(read).transpose()?,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            user_claim: self.jwt_user_claim.clone(),
+            leeway: self.jwt_leeway,
+        }))
     }
 
     /// Reads the TLS files named by the flags.

@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let tls = args.tls()?;
+    let jwt = args.jwt()?;
     let database = Database::resolve(&args.database).await?;
     let served = async {
         startup::prepare_database(&database.url).await?;
@@ -46,6 +47,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
             retention: args.retention(),
             tls: tls.clone(),
             health_listen: args.health_listen,
+            jwt: jwt.clone(),
         })
         .await?;
         app.run_until(startup::shutdown_signal()).await

@@ -47,6 +47,8 @@ pub enum StartupError {
     Metrics(String),
     #[error("invalid TLS configuration: {0}")]
     Tls(String),
+    #[error("invalid JWT configuration: {0}")]
+    Auth(String),
 }
 
 /// Everything the server needs, resolved from flags and environment.
@@ -73,6 +75,8 @@ pub struct Settings {
     /// A plaintext listener that serves only gRPC health, for probes that
     /// cannot present a client certificate.
     pub health_listen: Option<SocketAddr>,
+    /// Verify JWT bearer tokens; `None` trusts `x-user-id`.
+    pub jwt: Option<grpc::JwtSettings>,
 }
 
 /// PEM-encoded TLS material.
@@ -173,6 +177,7 @@ pub async fn prepare_database(database_url: &str) -> Result<(), StartupError> {
 
 /// A server that is connected and bound, but not yet serving.
 pub struct Application {
+    authenticator: grpc::Authenticator,
     listener: TcpListener,
     local_addr: SocketAddr,
     store: Store,
@@ -184,6 +189,12 @@ impl Application {
     /// Checks that the database answers and binds the listen address (port 0
     /// picks a free port: see [`Application::local_addr`]).
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let authenticator = match &settings.jwt {
+            None => grpc::Authenticator::TrustedHeader,
+            Some(jwt) => grpc::Authenticator::Jwt(std::sync::Arc::new(
+                grpc::JwtVerifier::new(jwt).map_err(StartupError::Auth)?,
+            )),
+        };
         if let Some(addr) = settings.metrics_addr {
             crate::telemetry::serve_metrics(addr).map_err(StartupError::Metrics)?;
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
@@ -205,6 +216,7 @@ impl Application {
             })?;
         let changes = ChangeFeed::start(&settings.database_url);
         Ok(Self {
+            authenticator,
             listener,
             local_addr,
             store,
@@ -274,7 +286,7 @@ impl Application {
         );
         let conversations = tower::Layer::layer(
             &grpc::ObserveLayer,
-            tonic::service::interceptor::InterceptedService::new(limited, grpc::require_user_id),
+            tonic::service::interceptor::InterceptedService::new(limited, self.authenticator),
         );
 
         let incoming = TcpListenerStream::new(self.listener).map(|stream| {

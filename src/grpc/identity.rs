@@ -1,6 +1,60 @@
-use tonic::{Request, Status};
+use std::sync::Arc;
 
+use tonic::{Request, Status, service::Interceptor};
+
+use super::jwt::JwtVerifier;
 use crate::domain::UserId;
+
+/// How callers prove who they are. Either way the resolved [`UserId`] goes
+/// into the request's extensions, before the body is read; no identity, no
+/// request.
+#[derive(Debug, Clone)]
+pub enum Authenticator {
+    /// Trust `x-user-id`: the service sits behind an orchestrator that
+    /// authenticates users (ideally reached over mutual TLS).
+    TrustedHeader,
+    /// Verify `authorization: Bearer <JWT>` and take the user from a claim;
+    /// an `x-user-id` that disagrees is refused.
+    Jwt(Arc<JwtVerifier>),
+}
+
+impl Interceptor for Authenticator {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            Self::TrustedHeader => require_user_id(request),
+            Self::Jwt(verifier) => require_bearer_token(request, verifier),
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)] // tonic's interceptor signature
+fn require_bearer_token(
+    mut request: Request<()>,
+    verifier: &JwtVerifier,
+) -> Result<Request<()>, Status> {
+    let header = request.metadata().get("authorization").ok_or_else(|| {
+        Status::unauthenticated(
+            "missing authorization metadata: send `authorization: Bearer <JWT>`",
+        )
+    })?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <JWT>`"))?;
+    let user = verifier
+        .verify(token.trim())
+        .map_err(Status::unauthenticated)?;
+    if let Some(asserted) = request.metadata().get(USER_ID_HEADER)
+        && asserted.to_str().ok() != Some(user.as_str())
+    {
+        return Err(Status::unauthenticated(
+            "x-user-id does not match the token's user",
+        ));
+    }
+    request.extensions_mut().insert(user);
+    Ok(request)
+}
 
 /// The request metadata that names the caller.
 pub const USER_ID_HEADER: &str = "x-user-id";

@@ -7,13 +7,15 @@ mod error;
 mod handlers;
 mod health;
 mod identity;
+mod jwt;
 mod limit;
 mod observe;
 mod parse;
 
 pub use handlers::ConversationApi;
 pub use health::watch_database_health;
-pub use identity::{USER_ID_HEADER, require_user_id};
+pub use identity::{Authenticator, USER_ID_HEADER, require_user_id};
+pub use jwt::{JwtSettings, JwtVerifier};
 pub use limit::InFlightLimitLayer;
 pub use observe::{ObserveLayer, REQUEST_ID_HEADER};
 

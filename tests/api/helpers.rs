@@ -379,6 +379,7 @@ pub fn test_settings(database_url: &str) -> Settings {
         retention: None,
         tls: None,
         health_listen: None,
+        jwt: None,
     }
 }
 

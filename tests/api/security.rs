@@ -317,3 +317,218 @@ mod transport {
         );
     }
 }
+
+mod jwt {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use convo::grpc::{JwtSettings, proto};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    use serde_json::json;
+    use tonic::{Code, Request};
+
+    use crate::helpers::TestApp;
+
+    const SECRET: &[u8] = b"a-test-secret-of-at-least-32-bytes!!";
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn hs256(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn settings() -> JwtSettings {
+        JwtSettings {
+            secret: Some(SECRET.to_vec()),
+            issuer: Some("https://auth.example".into()),
+            audience: Some("convo".into()),
+            user_claim: "sub".into(),
+            leeway: Duration::from_secs(5),
+            ..Default::default()
+        }
+    }
+
+    fn good_claims(user: &str) -> serde_json::Value {
+        json!({"sub": user, "iss": "https://auth.example", "aud": "convo", "exp": now() + 300, "nbf": now() - 10})
+    }
+
+    async fn call(
+        app: &TestApp,
+        token: Option<&str>,
+        asserted: Option<&str>,
+    ) -> Result<proto::Conversation, tonic::Status> {
+        let mut request = Request::new(proto::CreateConversationRequest {
+            title: "jwt".into(),
+            ..Default::default()
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        if let Some(user) = asserted {
+            request
+                .metadata_mut()
+                .insert("x-user-id", user.parse().unwrap());
+        }
+        proto::conversation_service_client::ConversationServiceClient::new(app.channel())
+            .create_conversation(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    #[track_caller]
+    fn refused(result: Result<proto::Conversation, tonic::Status>, why: &str) {
+        let status = result.expect_err("the call must be refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains(why),
+            "{:?} does not say {why:?}",
+            status.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_names_the_caller_and_every_failed_check_is_named() {
+        let app = TestApp::spawn_with(|s| s.jwt = Some(settings())).await;
+        let created = call(&app, Some(&hs256(good_claims("alice"))), None)
+            .await
+            .expect("a valid token");
+        assert_eq!(created.user_id, "alice");
+        // A matching x-user-id is fine; a conflicting one is refused.
+        assert!(
+            call(&app, Some(&hs256(good_claims("alice"))), Some("alice"))
+                .await
+                .is_ok()
+        );
+        refused(
+            call(&app, Some(&hs256(good_claims("alice"))), Some("mallory")).await,
+            "does not match",
+        );
+        // x-user-id alone is no identity in this mode.
+        refused(
+            call(&app, None, Some("alice")).await,
+            "missing authorization",
+        );
+
+        let mut expired = good_claims("alice");
+        expired["exp"] = json!(now() - 60);
+        refused(call(&app, Some(&hs256(expired)), None).await, "expired");
+        let mut early = good_claims("alice");
+        early["nbf"] = json!(now() + 600);
+        refused(call(&app, Some(&hs256(early)), None).await, "not valid yet");
+        let mut issuer = good_claims("alice");
+        issuer["iss"] = json!("https://evil.example");
+        refused(call(&app, Some(&hs256(issuer)), None).await, "issuer");
+        let mut audience = good_claims("alice");
+        audience["aud"] = json!("someone-else");
+        refused(call(&app, Some(&hs256(audience)), None).await, "audience");
+        let mut no_exp = good_claims("alice");
+        no_exp.as_object_mut().unwrap().remove("exp");
+        refused(call(&app, Some(&hs256(no_exp)), None).await, "exp");
+        let mut no_sub = good_claims("alice");
+        no_sub.as_object_mut().unwrap().remove("sub");
+        refused(call(&app, Some(&hs256(no_sub)), None).await, "sub");
+        let mut bad_user = good_claims("alice");
+        bad_user["sub"] = json!("has space");
+        refused(
+            call(&app, Some(&hs256(bad_user)), None).await,
+            "not a valid user id",
+        );
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &good_claims("alice"),
+            &EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes!"),
+        )
+        .unwrap();
+        refused(call(&app, Some(&forged), None).await, "signature");
+        refused(call(&app, Some("not.a.jwt"), None).await, "");
+        // Within the leeway, a just-expired token still passes.
+        let mut skewed = good_claims("alice");
+        skewed["exp"] = json!(now() - 2);
+        assert!(call(&app, Some(&hs256(skewed)), None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_user_can_come_from_another_claim() {
+        let app = TestApp::spawn_with(|s| {
+            s.jwt = Some(JwtSettings {
+                user_claim: "uid".into(),
+                ..settings()
+            });
+        })
+        .await;
+        let mut claims = good_claims("ignored");
+        claims["uid"] = json!("user-42");
+        assert_eq!(
+            call(&app, Some(&hs256(claims)), None)
+                .await
+                .unwrap()
+                .user_id,
+            "user-42"
+        );
+    }
+
+    #[tokio::test]
+    async fn es256_tokens_verify_with_a_public_key_or_a_jwks() {
+        let key = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+        let signing = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("key-1".into());
+        let token = encode(&header, &good_claims("bob"), &signing).unwrap();
+
+        let with_pem = TestApp::spawn_with(|s| {
+            s.jwt = Some(JwtSettings {
+                secret: None,
+                public_key_pem: Some(key.public_key_pem().into_bytes()),
+                ..settings()
+            });
+        })
+        .await;
+        assert_eq!(
+            call(&with_pem, Some(&token), None).await.unwrap().user_id,
+            "bob"
+        );
+        // An HS256 token signed with the public key as a secret (algorithm
+        // confusion) is refused.
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &good_claims("bob"),
+            &EncodingKey::from_secret(key.public_key_pem().as_bytes()),
+        )
+        .unwrap();
+        refused(call(&with_pem, Some(&confused), None).await, "algorithm");
+
+        let raw = key.public_key_raw();
+        let jwks = json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "key-1", "use": "sig", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        }]});
+        let with_jwks = TestApp::spawn_with(|s| {
+            s.jwt = Some(JwtSettings {
+                secret: None,
+                jwks_json: Some(jwks.to_string().into_bytes()),
+                ..settings()
+            });
+        })
+        .await;
+        assert_eq!(
+            call(&with_jwks, Some(&token), None).await.unwrap().user_id,
+            "bob"
+        );
+        let mut unknown = Header::new(Algorithm::ES256);
+        unknown.kid = Some("key-2".into());
+        let unknown_kid = encode(&unknown, &good_claims("bob"), &signing).unwrap();
+        refused(call(&with_jwks, Some(&unknown_kid), None).await, "no key");
+    }
+}
