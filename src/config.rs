@@ -70,6 +70,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    /// Do not create the database or apply migrations; only check that the schema
+    /// is current. For a server role that may read and write but not migrate.
+    #[arg(long, env = "CONVO_SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
+
     /// Most connections this replica opens to PostgreSQL.
     #[arg(long, env = "CONVO_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub pool_size: u32,

@@ -32,7 +32,13 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let jwt = args.jwt()?;
     let database = Database::resolve(&args.database).await?;
     let served = async {
-        startup::prepare_database(&database.url).await?;
+        if args.skip_migrations {
+            store::ensure_schema_current(&database.url)
+                .await
+                .map_err(|e| StartupError::Migrations(e.to_string()))?;
+        } else {
+            startup::prepare_database(&database.url).await?;
+        }
         let app = Application::build(Settings {
             listen: args.listen,
             database_url: database.url.clone(),

@@ -4,6 +4,7 @@
 
 mod convert;
 mod error;
+mod fuzzing;
 mod handlers;
 mod health;
 mod identity;
@@ -12,6 +13,7 @@ mod limit;
 mod observe;
 mod parse;
 
+pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
 pub use health::watch_database_health;
 pub use identity::{Authenticator, USER_ID_HEADER, require_user_id};

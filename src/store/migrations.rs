@@ -83,3 +83,38 @@ fn percent_decode(text: &str) -> Result<String, BoxError> {
         .decode_utf8()?
         .into_owned())
 }
+
+/// Checks, without changing anything, that every embedded migration has been
+/// applied: for a server whose role may read and write but not migrate.
+pub async fn ensure_schema_current(database_url: &str) -> Result<(), BoxError> {
+    use diesel::migration::MigrationSource;
+
+    #[derive(diesel::QueryableByName)]
+    struct Applied {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
+    }
+    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    let applied: Vec<Applied> = diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+        .load(&mut conn)
+        .await
+        .map_err(|e| {
+            format!("cannot read the applied migrations ({e}): run `convo migrate` first")
+        })?;
+    let applied: std::collections::HashSet<String> =
+        applied.into_iter().map(|a| a.version).collect();
+    let missing: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .filter(|version| !applied.contains(version))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the database schema lacks migrations {}: run `convo migrate` with a privileged role",
+            missing.join(", ")
+        )
+        .into())
+    }
+}

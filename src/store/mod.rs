@@ -18,7 +18,10 @@ pub use changes::{ChangeFeed, Subscription, Wake};
 pub use conversations::ConversationChanges;
 pub use error::StoreError;
 pub use messages::{AppendOutcome, MessageOrder};
-pub use migrations::{create_database_if_missing, revert_last_migration, run_pending_migrations};
+pub use migrations::{
+    create_database_if_missing, ensure_schema_current, revert_last_migration,
+    run_pending_migrations,
+};
 pub use pool::{PoolSettings, Store};
 pub use search::SEARCH_SQL;
 

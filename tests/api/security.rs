@@ -101,6 +101,54 @@ async fn the_server_runs_as_a_role_that_can_only_read_and_write_its_tables() {
     assert!(ddl.is_err(), "the application role created a table");
     let dropped = conn.batch_execute("DROP TABLE messages").await;
     assert!(dropped.is_err(), "the application role dropped a table");
+    // The binary runs as that role too, checking the schema instead of migrating.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
+        .args([
+            "serve",
+            "--skip-migrations",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            &app_url,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(channel) =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+        {
+            break channel;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "convo serve --skip-migrations did not start"
+        );
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "convo serve --skip-migrations exited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let served = proto::conversation_service_client::ConversationServiceClient::with_interceptor(
+        channel,
+        crate::helpers::UserHeader::new("bob"),
+    )
+    .create_conversation(proto::CreateConversationRequest::default())
+    .await;
+    assert!(served.is_ok(), "{served:?}");
+    let _ = server.kill().await;
     drop_role_later(&owner, &role);
     drop(conn);
     drop(app);
