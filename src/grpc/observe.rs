@@ -112,29 +112,30 @@ pub fn record_conversation(id: impl std::fmt::Display) {
     Span::current().record("conversation_id", tracing::field::display(id));
 }
 
-/// `/convo.v1.ConversationService/AppendMessage` → `AppendMessage`.
+/// The RPC names of convo.v1.ConversationService, read once from the
+/// descriptor the server was built from.
+static RPC_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    use prost::Message as _;
+    prost_types::FileDescriptorSet::decode(super::proto::FILE_DESCRIPTOR_SET)
+        .map(|set| {
+            set.file
+                .iter()
+                .flat_map(|file| &file.service)
+                .flat_map(|service| service.method.iter().map(|m| m.name().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+});
+
+/// `/convo.v1.ConversationService/AppendMessage` → `AppendMessage`. Only the
+/// service's own names come back, so metric labels stay a bounded set
+/// whatever path a client sends.
 fn rpc_name(path: &str) -> &'static str {
-    const RPCS: &[&str] = &[
-        "CreateConversation",
-        "GetConversation",
-        "ListConversations",
-        "UpdateConversation",
-        "DeleteConversation",
-        "AppendMessage",
-        "AppendMessages",
-        "ListMessages",
-        "ResumeConversation",
-        "WatchConversation",
-        "ForkConversation",
-        "SearchMessages",
-        "DeleteUserData",
-    ];
     let method = path.rsplit('/').next().unwrap_or_default();
-    // A fixed set keeps metric label values bounded whatever a client sends.
-    RPCS.iter()
-        .copied()
+    RPC_NAMES
+        .iter()
         .find(|rpc| *rpc == method)
-        .unwrap_or("unknown")
+        .map_or("unknown", String::as_str)
 }
 
 /// A handler's error travels as `grpc-status` in the response headers

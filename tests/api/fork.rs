@@ -1,22 +1,11 @@
 use std::collections::HashMap;
 
-use convo::grpc::proto::{self, ForkConversationRequest, ListMessagesRequest, Role};
+use convo::grpc::proto::{self, ForkConversationRequest, Role};
 use tonic::Code;
 
-use crate::helpers::{Client, TestApp, append, create, expect_code, expect_invalid, micros};
-
-async fn messages(client: &mut Client, id: &str) -> Vec<proto::Message> {
-    client
-        .list_messages(ListMessagesRequest {
-            conversation_id: id.into(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages
-}
+use crate::helpers::{
+    Client, TestApp, all_messages, append, create, expect_code, expect_invalid, micros,
+};
 
 async fn source_with_five_messages(client: &mut Client) -> proto::Conversation {
     let source = client
@@ -57,7 +46,7 @@ async fn fork_of_everything_copies_every_message_with_new_ids() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
     let source = source_with_five_messages(&mut alice).await;
-    let original = messages(&mut alice, &source.id).await;
+    let original = all_messages(&mut alice, &source.id).await;
 
     let fork = alice
         .fork_conversation(ForkConversationRequest {
@@ -77,7 +66,7 @@ async fn fork_of_everything_copies_every_message_with_new_ids() {
     assert_eq!(fork.forked_at_sequence, 5);
     assert_eq!(fork.create_time, fork.update_time);
 
-    let copied = messages(&mut alice, &fork.id).await;
+    let copied = all_messages(&mut alice, &fork.id).await;
     assert_eq!(copied.len(), 5);
     for (copy, original) in copied.iter().zip(&original) {
         assert_ne!(copy.id, original.id, "copies get new ids");
@@ -104,7 +93,7 @@ async fn fork_of_everything_copies_every_message_with_new_ids() {
         );
     }
     // The source is untouched.
-    assert_eq!(messages(&mut alice, &source.id).await, original);
+    assert_eq!(all_messages(&mut alice, &source.id).await, original);
     let source_now = alice
         .get_conversation(proto::GetConversationRequest {
             conversation_id: source.id.clone(),
@@ -144,7 +133,7 @@ async fn fork_of_a_prefix_continues_on_its_own() {
     assert_eq!(fork.title, "what if");
     assert_eq!(fork.message_count, 3);
     assert_eq!(fork.forked_at_sequence, 3);
-    let copied = messages(&mut alice, &fork.id).await;
+    let copied = all_messages(&mut alice, &fork.id).await;
     assert_eq!(
         copied
             .iter()
@@ -157,7 +146,7 @@ async fn fork_of_a_prefix_continues_on_its_own() {
     let next = append(&mut alice, &fork.id, "a different turn").await;
     assert_eq!(next.sequence, 4);
     assert!(micros(&next.create_time) >= micros(&copied[2].create_time));
-    assert_eq!(messages(&mut alice, &source.id).await.len(), 5);
+    assert_eq!(all_messages(&mut alice, &source.id).await.len(), 5);
 
     // Deleting the source leaves the fork whole, still naming its origin.
     alice
@@ -174,7 +163,7 @@ async fn fork_of_a_prefix_continues_on_its_own() {
         .unwrap()
         .into_inner();
     assert_eq!(survivor.forked_from_conversation_id, source.id);
-    assert_eq!(messages(&mut alice, &fork.id).await.len(), 4);
+    assert_eq!(all_messages(&mut alice, &fork.id).await.len(), 4);
 }
 
 #[tokio::test]

@@ -633,3 +633,17 @@ pub async fn wait_for_health(channel: Channel, wanted: ServingStatus) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every message of a conversation (up to 1,000), oldest first.
+pub async fn all_messages(client: &mut Client, id: &str) -> Vec<proto::Message> {
+    client
+        .list_messages(proto::ListMessagesRequest {
+            conversation_id: id.to_owned(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list the messages")
+        .into_inner()
+        .messages
+}

@@ -7,7 +7,8 @@ use convo::grpc::proto::{
 use tonic::Code;
 
 use crate::helpers::{
-    Client, TestApp, append, append_many, create, expect_code, expect_invalid, micros, user_message,
+    Client, TestApp, all_messages, append, append_many, create, expect_code, expect_invalid,
+    micros, user_message,
 };
 
 fn request(conversation_id: &str, content: &str) -> AppendMessageRequest {
@@ -27,19 +28,6 @@ async fn conversation(client: &mut Client, id: &str) -> proto::Conversation {
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn all_messages(client: &mut Client, id: &str) -> Vec<proto::Message> {
-    client
-        .list_messages(ListMessagesRequest {
-            conversation_id: id.to_owned(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages
 }
 
 #[tokio::test]
