@@ -160,10 +160,6 @@ impl LocalPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }

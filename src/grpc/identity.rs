@@ -20,10 +20,14 @@ pub enum Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        match self {
-            Self::TrustedHeader => require_user_id(request),
-            Self::Jwt(verifier) => require_bearer_token(request, verifier),
+        let request = match self {
+            Self::TrustedHeader => require_user_id(request)?,
+            Self::Jwt(verifier) => require_bearer_token(request, verifier)?,
+        };
+        if let Some(user) = request.extensions().get::<UserId>() {
+            super::observe::record_user(user);
         }
+        Ok(request)
     }
 }
 

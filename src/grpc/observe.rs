@@ -18,7 +18,7 @@ use tonic::{Code, server::NamedService};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 
-use crate::domain::UserId;
+use crate::domain::{RequestId, UserId};
 
 /// The request metadata that carries the caller's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -61,27 +61,36 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let rpc = rpc_name(request.uri().path());
+        // A caller's id has the shape of an idempotency key; anything else is
+        // replaced, so the log never carries arbitrary header bytes.
         let request_id = request
             .headers()
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
-            .filter(|v| UserId::parse(v).is_ok())
-            .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
-        // Only a well-formed identity is logged; a malformed one is refused
-        // by the interceptor and must not reach the log verbatim.
-        let user_id = request
-            .headers()
-            .get(super::USER_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| UserId::parse(v).ok());
+            .and_then(|v| {
+                RequestId::parse_optional(REQUEST_ID_HEADER, v)
+                    .ok()
+                    .flatten()
+            })
+            .map_or_else(
+                || uuid::Uuid::now_v7().to_string(),
+                |id| id.as_str().to_owned(),
+            );
+        // `user_id` is recorded by the authenticator once it has resolved the
+        // caller (from the header or a token); a refused caller stays empty.
         let span = tracing::info_span!(
             "call",
             rpc,
             request_id = %request_id,
-            user_id = user_id.as_ref().map(UserId::as_str),
+            user_id = Empty,
             conversation_id = Empty,
         );
-        let call = self.inner.call(request).instrument(span.clone());
+        // Entered while the inner services are called, so the authenticator
+        // (an interceptor, which runs here, before the handler's future) can
+        // record into it.
+        let call = span
+            .in_scope(|| self.inner.call(request))
+            .instrument(span.clone());
         async move {
             let mut response = call.await?;
             let code = response_code(&response);
@@ -89,8 +98,8 @@ where
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
-            record(rpc, code, duration.as_secs_f64());
             let code_name = format!("{code:?}");
+            record(rpc, &code_name, duration.as_secs_f64());
             let duration_ms = duration.as_secs_f64() * 1000.0;
             span.in_scope(|| match code {
                 Code::Internal | Code::Unknown | Code::DataLoss => {
@@ -110,6 +119,11 @@ where
 /// Records the conversation a call is about into its log line.
 pub fn record_conversation(id: impl std::fmt::Display) {
     Span::current().record("conversation_id", tracing::field::display(id));
+}
+
+/// Records the resolved caller into the call's log line.
+pub fn record_user(user: &UserId) {
+    Span::current().record("user_id", user.as_str());
 }
 
 /// The RPC names of convo.v1.ConversationService, read once from the
@@ -149,8 +163,8 @@ fn response_code<R>(response: &http::Response<R>) -> Code {
         .map_or(Code::Ok, Code::from_i32)
 }
 
-fn record(rpc: &'static str, code: Code, seconds: f64) {
-    metrics::counter!("convo_rpc_requests_total", "rpc" => rpc, "code" => format!("{code:?}"))
+fn record(rpc: &'static str, code: &str, seconds: f64) {
+    metrics::counter!("convo_rpc_requests_total", "rpc" => rpc, "code" => code.to_owned())
         .increment(1);
     metrics::histogram!("convo_rpc_duration_seconds", "rpc" => rpc).record(seconds);
 }

@@ -56,8 +56,6 @@ struct Shared {
     resync: watch::Sender<u64>,
     /// Set when the server shuts down: watch streams end.
     closing: watch::Sender<bool>,
-    /// Whether the listener is connected, for tests and health.
-    listening: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -102,7 +100,7 @@ pub struct ChangeFeed {
 impl std::fmt::Debug for ChangeFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChangeFeed")
-            .field("listening", &*self.shared.listening.borrow())
+            .field("watched_conversations", &self.watched_conversations())
             .finish()
     }
 }
@@ -124,7 +122,6 @@ impl ChangeFeed {
             registry: Mutex::default(),
             resync: watch::Sender::new(0),
             closing: watch::Sender::new(false),
-            listening: watch::Sender::new(false),
         });
         let url = listener_url(database_url);
         let listener = tokio::spawn(listen(url, shared.clone()));
@@ -233,12 +230,10 @@ async fn listen(url: String, shared: Arc<Shared>) {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);
-                    shared.listening.send_replace(true);
                     // Anything committed while no one listened is read now.
                     shared.resync.send_modify(|epoch| *epoch += 1);
                     tracing::info!("listening for changes from every replica");
                     receive(&mut conn, &shared).await;
-                    shared.listening.send_replace(false);
                     tracing::warn!("lost the change listener's connection; reconnecting");
                 }
                 Err(error) => tracing::warn!(%error, "could not LISTEN for changes"),
