@@ -220,10 +220,7 @@ impl ServeArgs {
         if self.auth == AuthMode::Header {
             return Ok(None);
         }
-        let read = |path: &PathBuf| {
-            std::fs::read(path)
-                .map_err(|e| StartupError::Auth(format!("cannot read {}: {e}", path.display())))
-        };
+        let read = |path: &PathBuf| read_file(path).map_err(StartupError::Auth);
         Ok(Some(JwtSettings {
             secret: self
                 .jwt_secret_file
@@ -241,10 +238,7 @@ impl ServeArgs {
 
     /// Reads the TLS files named by the flags.
     pub fn tls(&self) -> Result<Option<TlsSettings>, StartupError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path)
-                .map_err(|e| StartupError::Tls(format!("cannot read {}: {e}", path.display())))
-        };
+        let read = |path: &PathBuf| read_file(path).map_err(StartupError::Tls);
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -284,4 +278,8 @@ pub struct MigrateArgs {
     /// Revert the most recently applied migration instead of applying.
     #[arg(long)]
     pub revert: bool,
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }

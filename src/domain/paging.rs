@@ -26,6 +26,12 @@ impl PageSize {
         }
     }
 
+    /// A size chosen by the service itself, checked when compiled.
+    pub const fn fixed(size: u32) -> Self {
+        assert!(size >= 1 && size <= Limits::CONTRACT.max_page_size);
+        Self(size)
+    }
+
     pub fn get(self) -> u32 {
         self.0
     }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     domain::{
-        Conversation, ConversationCursor, ConversationId, Erased, Limits, Message, MessageCursor,
+        Conversation, ConversationCursor, ConversationId, Erased, Message, MessageCursor,
         NewConversation, NewMessage, PageSize, RequestId, SearchCursor, SearchHit, SearchQuery,
         Title, UserId,
     },
@@ -91,7 +91,7 @@ impl Drop for OpenWatch {
 }
 
 /// How many messages a watcher reads per query, and buffers for its client.
-const WATCH_BATCH: u32 = 256;
+const WATCH_BATCH: PageSize = PageSize::fixed(256);
 
 /// convo's operations, each on behalf of an owner.
 #[derive(Debug, Clone)]
@@ -230,11 +230,10 @@ impl Conversations {
     ) -> Result<WatchStream> {
         let mut subscription = self.changes.subscribe(owner, id);
         self.store.get_conversation(owner, id).await?;
-        let (sender, stream) = mpsc::channel(WATCH_BATCH as usize);
+        let (sender, stream) = mpsc::channel(WATCH_BATCH.get() as usize);
         let store = self.store.clone();
         let owner = owner.clone();
-        let batch = PageSize::parse("page_size", WATCH_BATCH as i32, &Limits::CONTRACT)
-            .unwrap_or_else(|_| unreachable!("the watch batch is a valid page size"));
+        let batch = WATCH_BATCH;
         tokio::spawn(async move {
             let _open = OpenWatch::start();
             let mut last = after_sequence;

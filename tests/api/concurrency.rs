@@ -1,8 +1,8 @@
 use std::collections::HashSet;
 
-use convo::grpc::proto::{self, AppendMessageRequest, ListMessagesRequest, Role};
+use convo::grpc::proto::{self, AppendMessageRequest, Role};
 
-use crate::helpers::{TestApp, create, micros};
+use crate::helpers::{TestApp, all_messages, create, micros};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_never_share_or_skip_a_sequence() {
@@ -49,17 +49,7 @@ async fn concurrent_appenders_never_share_or_skip_a_sequence() {
         "every sequence exactly once"
     );
 
-    let stored = app
-        .client("alice")
-        .list_messages(ListMessagesRequest {
-            conversation_id: created.id.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .messages;
+    let stored = all_messages(&mut app.client("alice"), &created.id).await;
     assert_eq!(
         stored.iter().map(|m| m.sequence).collect::<Vec<_>>(),
         (1..=total).collect::<Vec<_>>()

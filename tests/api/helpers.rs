@@ -105,11 +105,6 @@ async fn start_cluster() -> TestCluster {
         .batch_execute("SELECT pg_advisory_lock(7243001)")
         .await
         .expect("lock");
-    #[derive(QueryableByName)]
-    struct Count {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
     let exists = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
         .bind::<diesel::sql_types::Text, _>(&template)
         .get_result::<Count>(&mut admin)
@@ -198,6 +193,25 @@ extern "C" fn stop_private_cluster() {
         let _ = waitpid(pid, None);
         let _ = std::fs::remove_dir_all(data_dir);
     }
+}
+
+/// One row, one number: what the count helpers read.
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// A single number from SQL run on the database at `url`.
+async fn count_on(url: &str, sql: &str) -> i64 {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    diesel::sql_query(sql)
+        .get_result::<Count>(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .n
 }
 
 /// A database of one test's own, cloned from the template; dropped on drop.
@@ -294,34 +308,12 @@ impl TestDb {
 
     /// A single number from SQL run on the server's `postgres` database.
     pub async fn count_admin(&self, sql: &str) -> i64 {
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        let mut admin = AsyncPgConnection::establish(&self.admin_url)
-            .await
-            .expect("admin connection");
-        diesel::sql_query(sql)
-            .get_result::<Count>(&mut admin)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .n
+        count_on(&self.admin_url, sql).await
     }
 
     /// A single number from SQL run on this test's database.
     pub async fn count(&self, sql: &str) -> i64 {
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        let mut conn = self.connect().await;
-        diesel::sql_query(sql)
-            .get_result::<Count>(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
-            .n
+        count_on(&self.url, sql).await
     }
 }
 
