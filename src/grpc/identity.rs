@@ -67,7 +67,7 @@ pub const USER_ID_HEADER: &str = "x-user-id";
 /// extensions, or refuses the call with UNAUTHENTICATED before its body is
 /// read and before any database work. Fails closed: no identity, no request.
 #[allow(clippy::result_large_err)] // tonic's interceptor signature
-pub fn require_user_id(mut request: Request<()>) -> Result<Request<()>, Status> {
+fn require_user_id(mut request: Request<()>) -> Result<Request<()>, Status> {
     let mut values = request.metadata().get_all(USER_ID_HEADER).iter();
     let value = values.next().ok_or_else(|| {
         Status::unauthenticated("missing x-user-id metadata: every call must name its caller")
@@ -85,7 +85,7 @@ pub fn require_user_id(mut request: Request<()>) -> Result<Request<()>, Status> 
     Ok(request)
 }
 
-/// The caller that [`require_user_id`] resolved for this request.
+/// The caller that the [`Authenticator`] resolved for this request.
 #[allow(clippy::result_large_err)]
 pub(super) fn caller<T>(request: &Request<T>) -> Result<UserId, Status> {
     request

@@ -16,7 +16,7 @@ mod parse;
 pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
 pub use health::watch_database_health;
-pub use identity::{Authenticator, USER_ID_HEADER, require_user_id};
+pub use identity::{Authenticator, USER_ID_HEADER};
 pub use jwt::{JwtSettings, JwtVerifier};
 pub use limit::InFlightLimitLayer;
 pub use observe::{ObserveLayer, REQUEST_ID_HEADER};

@@ -11,8 +11,6 @@ use diesel_async::{
 use super::StoreError;
 
 pub(super) type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
-pub(super) type PooledConnection<'a> =
-    bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 /// How the pool talks to PostgreSQL.
 #[derive(Debug, Clone, Copy)]
@@ -99,10 +97,6 @@ impl Store {
         Self { pool }
     }
 
-    pub(super) async fn conn(&self) -> Result<PooledConnection<'_>, StoreError> {
-        Ok(self.pool.get().await?)
-    }
-
     /// Runs `operation` on a pooled connection. A failure that left the
     /// connection closed (the server went away, or ended the session) is an
     /// outage, reported as [`StoreError::Unavailable`], not a query error.
@@ -110,7 +104,7 @@ impl Store {
         &self,
         operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.pool.get().await?;
         match operation(&mut conn).await {
             Err(StoreError::Database(error)) if conn.is_broken() => {
                 Err(StoreError::Unavailable(error.to_string()))
