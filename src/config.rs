@@ -1,17 +1,89 @@
-//! The command line: every flag has an environment fallback, so the same
-//! binary is configured by flags on a laptop and by env in a container.
+//! Configuration: the command line, and the settings it resolves into.
+//!
+//! Every flag has an environment fallback, so the same binary is configured by
+//! flags on a laptop and by env in a container. [`ServeArgs::settings`] reads
+//! the files the flags name and returns the [`Settings`] a server is built
+//! from (tests build `Settings` directly).
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    domain::Limits,
-    grpc::JwtSettings,
-    retention::RetentionPolicy,
-    startup::{StartupError, TlsSettings},
-    store::PoolSettings,
+    domain::Limits, retention::RetentionPolicy, store::PoolSettings, telemetry::LogFormat,
 };
+
+/// Everything the server needs, resolved from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub pool: PoolSettings,
+    pub health_interval: Duration,
+    pub limits: Limits,
+    pub page_token_secret: Vec<u8>,
+    /// After the shutdown signal, how long in-flight calls may take.
+    pub drain_timeout: Duration,
+    /// Most convo.v1 calls in progress at once.
+    pub max_in_flight: usize,
+    /// Largest request accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Where to serve Prometheus metrics; `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Delete conversations idle for longer than this; `None` keeps everything.
+    pub retention: Option<RetentionPolicy>,
+    /// Serve over TLS (and require client certificates, with a client CA).
+    pub tls: Option<TlsSettings>,
+    /// A plaintext listener that serves only gRPC health, for probes that
+    /// cannot present a client certificate.
+    pub health_listen: Option<SocketAddr>,
+    /// Verify JWT bearer tokens; `None` trusts `x-user-id`.
+    pub jwt: Option<JwtSettings>,
+}
+
+/// PEM-encoded TLS material.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// When set, only clients with a certificate signed by this CA may call.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How bearer tokens are verified in `--auth jwt` mode: what to trust, and
+/// what to check.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// HS256 shared secret.
+    pub secret: Option<Vec<u8>>,
+    /// A PEM public key: RSA (RS256/384/512) or EC (ES256/384).
+    pub public_key_pem: Option<Vec<u8>>,
+    /// A JWKS document (`{"keys": […]}`); the token's `kid` picks the key.
+    pub jwks_json: Option<Vec<u8>>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// The claim that holds the user id.
+    pub user_claim: String,
+    /// Clock skew allowed for `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// A setting that names a file convo cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid TLS configuration: {0}")]
+    Tls(String),
+    #[error("invalid JWT configuration: {0}")]
+    Auth(String),
+}
 
 /// convo: a conversation store for AI systems, over gRPC and PostgreSQL.
 #[derive(Debug, Parser)]
@@ -23,12 +95,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// How callers prove who they are.
@@ -206,7 +272,28 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    pub fn pool(&self) -> PoolSettings {
+    /// The server's settings, reading the TLS and JWT files the flags name.
+    /// The database URL is resolved separately (it may be a private cluster).
+    pub fn settings(&self, database_url: String) -> Result<Settings, ConfigError> {
+        Ok(Settings {
+            listen: self.listen,
+            database_url,
+            pool: self.pool(),
+            health_interval: self.health_interval,
+            limits: self.limits(),
+            page_token_secret: self.page_token_secret.clone().into_bytes(),
+            drain_timeout: self.drain_timeout,
+            max_in_flight: self.max_in_flight as usize,
+            max_request_bytes: self.max_request_bytes as usize,
+            metrics_addr: self.metrics_addr,
+            retention: self.retention(),
+            tls: self.tls()?,
+            health_listen: self.health_listen,
+            jwt: self.jwt()?,
+        })
+    }
+
+    fn pool(&self) -> PoolSettings {
         PoolSettings {
             max_size: self.pool_size,
             acquire_timeout: self.acquire_timeout,
@@ -216,11 +303,11 @@ impl ServeArgs {
     }
 
     /// The JWT settings, reading the key files, in `--auth jwt` mode.
-    pub fn jwt(&self) -> Result<Option<JwtSettings>, StartupError> {
+    fn jwt(&self) -> Result<Option<JwtSettings>, ConfigError> {
         if self.auth == AuthMode::Header {
             return Ok(None);
         }
-        let read = |path: &PathBuf| read_file(path).map_err(StartupError::Auth);
+        let read = |path: &PathBuf| read_file(path).map_err(ConfigError::Auth);
         Ok(Some(JwtSettings {
             secret: self
                 .jwt_secret_file
@@ -237,8 +324,8 @@ impl ServeArgs {
     }
 
     /// Reads the TLS files named by the flags.
-    pub fn tls(&self) -> Result<Option<TlsSettings>, StartupError> {
-        let read = |path: &PathBuf| read_file(path).map_err(StartupError::Tls);
+    fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let read = |path: &PathBuf| read_file(path).map_err(ConfigError::Tls);
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -249,7 +336,7 @@ impl ServeArgs {
         }))
     }
 
-    pub fn retention(&self) -> Option<RetentionPolicy> {
+    fn retention(&self) -> Option<RetentionPolicy> {
         self.retention.map(|idle_for| RetentionPolicy {
             idle_for,
             interval: self.retention_interval,
@@ -258,7 +345,7 @@ impl ServeArgs {
     }
 
     /// The contract's limits, lowered where the operator asked.
-    pub fn limits(&self) -> Limits {
+    fn limits(&self) -> Limits {
         let max_page_size = self.max_page_size as u32;
         Limits {
             max_content_bytes: self.max_content_bytes as usize,

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use convo::{
     config::{Cli, Command, MigrateArgs, ServeArgs},
-    startup::{self, Application, Database, Settings, StartupError},
+    startup::{self, Application, Database, StartupError},
     store, telemetry,
 };
 
@@ -28,8 +28,6 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
-    let tls = args.tls()?;
-    let jwt = args.jwt()?;
     let database = Database::resolve(&args.database).await?;
     let served = async {
         if args.skip_migrations {
@@ -39,23 +37,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
         } else {
             startup::prepare_database(&database.url).await?;
         }
-        let app = Application::build(Settings {
-            listen: args.listen,
-            database_url: database.url.clone(),
-            pool: args.pool(),
-            health_interval: args.health_interval,
-            limits: args.limits(),
-            page_token_secret: args.page_token_secret.clone().into_bytes(),
-            drain_timeout: args.drain_timeout,
-            max_in_flight: args.max_in_flight as usize,
-            max_request_bytes: args.max_request_bytes as usize,
-            metrics_addr: args.metrics_addr,
-            retention: args.retention(),
-            tls: tls.clone(),
-            health_listen: args.health_listen,
-            jwt: jwt.clone(),
-        })
-        .await?;
+        let app = Application::build(args.settings(database.url.clone())?).await?;
         app.run_until(startup::shutdown_signal()).await
     }
     .await;

@@ -1,27 +1,18 @@
-//! Start-up as a value: [`Application::build`] connects and binds, returns the
-//! bound address, and [`Application::run_until`] serves until told to stop.
+//! Start-up as a value: [`Database::resolve`] finds (or starts) the database,
+//! [`Application::build`] connects and binds and returns the bound address,
+//! and [`Application::run_until`] wires store, service and the gRPC server
+//! together and serves until told to stop.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr};
 
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::{
-    codec::CompressionEncoding,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
-};
-use tonic_health::ServingStatus;
 
 use crate::{
-    config::DatabaseArgs,
-    domain::{Limits, PageTokenCodec},
-    grpc::{
-        self, ConversationApi, SERVICE_NAME,
-        proto::conversation_service_server::ConversationServiceServer,
-    },
+    config::{ConfigError, DatabaseArgs, Settings},
+    grpc::{self, ConversationApi, PageTokenCodec, ServeError, ServerOptions},
     local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
-    retention::RetentionPolicy,
     service::Conversations,
-    store::{self, ChangeFeed, PoolSettings, Store, StoreError},
+    store::{self, ChangeFeed, Store, StoreError},
 };
 
 /// Why convo could not start. Printed as one line by the binary.
@@ -41,59 +32,14 @@ pub enum StartupError {
     },
     #[error("could not start the private PostgreSQL: {0}")]
     LocalPostgres(#[from] LocalPostgresError),
-    #[error("could not build the reflection service: {0}")]
-    Reflection(String),
     #[error("could not serve metrics: {0}")]
     Metrics(String),
-    #[error("invalid TLS configuration: {0}")]
-    Tls(String),
     #[error("invalid JWT configuration: {0}")]
     Auth(String),
-}
-
-/// Everything the server needs, resolved from flags and environment.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub listen: SocketAddr,
-    pub database_url: String,
-    pub pool: PoolSettings,
-    pub health_interval: Duration,
-    pub limits: Limits,
-    pub page_token_secret: Vec<u8>,
-    /// After the shutdown signal, how long in-flight calls may take.
-    pub drain_timeout: Duration,
-    /// Most convo.v1 calls in progress at once.
-    pub max_in_flight: usize,
-    /// Largest request accepted, in bytes.
-    pub max_request_bytes: usize,
-    /// Where to serve Prometheus metrics; `None` serves none.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Delete conversations idle for longer than this; `None` keeps everything.
-    pub retention: Option<RetentionPolicy>,
-    /// Serve over TLS (and require client certificates, with a client CA).
-    pub tls: Option<TlsSettings>,
-    /// A plaintext listener that serves only gRPC health, for probes that
-    /// cannot present a client certificate.
-    pub health_listen: Option<SocketAddr>,
-    /// Verify JWT bearer tokens; `None` trusts `x-user-id`.
-    pub jwt: Option<grpc::JwtSettings>,
-}
-
-/// PEM-encoded TLS material.
-#[derive(Clone)]
-pub struct TlsSettings {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    /// When set, only clients with a certificate signed by this CA may call.
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsSettings")
-            .field("mutual", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// The database convo talks to, and the private cluster behind it if convo
@@ -201,19 +147,12 @@ impl Application {
         }
         let store = Store::new(&settings.database_url, settings.pool);
         store.ping().await.map_err(StartupError::Database)?;
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartupError::Listen {
-                    addr: settings.listen,
-                    source,
-                })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| StartupError::Listen {
-                addr: settings.listen,
-                source,
-            })?;
+        let listen = |source| StartupError::Listen {
+            addr: settings.listen,
+            source,
+        };
+        let listener = TcpListener::bind(settings.listen).await.map_err(listen)?;
+        let local_addr = listener.local_addr().map_err(listen)?;
         let changes = ChangeFeed::start(&settings.database_url);
         Ok(Self {
             authenticator,
@@ -237,147 +176,40 @@ impl Application {
     /// Serves convo.v1, health and reflection until `shutdown` completes, then
     /// stops accepting, lets in-flight calls finish and closes the pool.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        // The database answered in build(); the watcher takes over from here.
-        reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        reporter
-            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-            .await;
-        let health_watch = tokio::spawn(grpc::watch_database_health(
-            self.store.clone(),
-            reporter,
-            self.settings.health_interval,
-        ));
-        let sweeper = self.settings.retention.map(|policy| {
+        let settings = &self.settings;
+        let sweeper = settings.retention.map(|policy| {
             tracing::info!(idle_for = ?policy.idle_for, "retention policy on");
             tokio::spawn(crate::retention::sweep(self.store.clone(), policy))
         });
-
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartupError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(grpc::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartupError::Reflection(e.to_string()))?;
-
         let changes = self.changes;
         let api = ConversationApi::new(
             Conversations::new(self.store.clone(), changes.clone()),
-            self.settings.limits,
-            PageTokenCodec::new(&self.settings.page_token_secret),
+            settings.limits,
+            PageTokenCodec::new(&settings.page_token_secret),
         );
-        // Every call logged and counted (refused ones too), then identity
-        // (no identity, no work), then the in-flight bound.
-        let server = ConversationServiceServer::new(api)
-            .max_decoding_message_size(self.settings.max_request_bytes)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .send_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Zstd);
-        let limited = tower::Layer::layer(
-            &grpc::InFlightLimitLayer::new(self.settings.max_in_flight),
-            server,
-        );
-        let conversations = tower::Layer::layer(
-            &grpc::ObserveLayer,
-            tonic::service::interceptor::InterceptedService::new(limited, self.authenticator),
-        );
-
-        let incoming = TcpListenerStream::new(self.listener).map(|stream| {
-            stream.inspect(|s| {
-                // Small unary replies should not wait for Nagle's algorithm.
-                let _ = s.set_nodelay(true);
-            })
-        });
-        let mut builder = Server::builder();
-        if let Some(tls) = &self.settings.tls {
-            let mut config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-            if let Some(ca) = &tls.client_ca_pem {
-                config = config.client_ca_root(Certificate::from_pem(ca));
-            }
-            builder = builder
-                .tls_config(config)
-                .map_err(|e| StartupError::Tls(e.to_string()))?;
-        }
-        // Probes that cannot present a client certificate get health alone,
-        // in plaintext, on their own address.
-        let (stopping, stop_probes) = tokio::sync::watch::channel(false);
-        let probes = match self.settings.health_listen {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartupError::Listen { addr, source })?;
-                tracing::info!(%addr, "serving gRPC health for probes, in plaintext");
-                let mut stop_probes = stop_probes;
-                Some(tokio::spawn(
-                    Server::builder()
-                        .add_service(health_service.clone())
-                        .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(listener),
-                            async move {
-                                let _ = stop_probes.wait_for(|stop| *stop).await;
-                            },
-                        ),
-                ))
-            }
-            None => None,
+        let options = ServerOptions {
+            authenticator: self.authenticator,
+            max_request_bytes: settings.max_request_bytes,
+            max_in_flight: settings.max_in_flight,
+            tls: settings.tls.as_ref(),
+            health_listen: settings.health_listen,
+            drain_timeout: settings.drain_timeout,
+            health_of: self.store.clone(),
+            health_interval: settings.health_interval,
         };
-        tracing::info!(
-            addr = %self.local_addr,
-            tls = self.settings.tls.is_some(),
-            mutual_tls = self.settings.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
-            "serving convo.v1"
-        );
-        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
-        let serve = builder
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(conversations)
-            .serve_with_incoming_shutdown(incoming, async {
-                shutdown.await;
-                // Watch streams never end by themselves: end them so that
-                // in-flight calls can drain.
-                changes.close();
-                let _ = stopping.send(true);
-                let _ = draining.send(());
-            });
-        tokio::pin!(serve);
-        let drain_timeout = self.settings.drain_timeout;
-        let served = tokio::select! {
-            served = &mut serve => served,
-            () = async {
-                if drain_started.await.is_ok() {
-                    tokio::time::sleep(drain_timeout).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-            } => {
-                tracing::warn!(?drain_timeout, "calls still in progress after the drain timeout; stopping anyway");
-                Ok(())
-            }
-        };
-        health_watch.abort();
-        if let Some(probes) = probes {
-            let _ = stopping.send(true);
-            let _ = probes.await;
-        }
+        let served = grpc::serve(self.listener, api, options, async {
+            shutdown.await;
+            // Watch streams never end by themselves: end them so that
+            // in-flight calls can drain.
+            changes.close();
+        })
+        .await;
         if let Some(sweeper) = sweeper {
             sweeper.abort();
         }
         drop(self.store);
         tracing::info!("server stopped");
-        served.map_err(|e| StartupError::Listen {
-            addr: self.local_addr,
-            source: std::io::Error::other(e),
-        })
+        Ok(served?)
     }
 }
 

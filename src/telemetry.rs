@@ -3,7 +3,12 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::LogFormat;
+/// How logs are written: readable text, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`, with the noisier dependencies at `warn`).

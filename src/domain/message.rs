@@ -1,6 +1,6 @@
 use chrono::{DateTime, Utc};
 
-use super::{Content, ConversationId, MessageId, Metadata, Role, Title, UserId};
+use super::{Content, ConversationId, MessageId, Metadata, Role, UserId};
 
 /// A conversation as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,15 +46,18 @@ impl NewMessage {
     }
 }
 
-/// What a new conversation starts with.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct NewConversation {
-    pub title: Title,
-    pub metadata: Metadata,
+/// What an orchestrator needs to pick a conversation back up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resumed {
+    pub conversation: Conversation,
+    /// The latest messages, oldest first.
+    pub messages: Vec<Message>,
+    /// True iff older messages exist.
+    pub has_more: bool,
 }
 
 /// What an erasure of a user's data removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Erased {
     pub conversations: i64,
     pub messages: i64,

@@ -1,10 +1,12 @@
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
-use uuid::Uuid;
+//! Keyset pagination: how big a page is, what a page holds, and where the
+//! next one starts. Each listing's cursor is built here, from the last item of
+//! a page, with the same keys the store orders that listing by; the store
+//! returns every page with its continuation. How a cursor travels to a client
+//! (a sealed token) is the gRPC edge's business (`grpc/page_token.rs`).
 
-use super::{ConversationId, FieldViolation, Limits, UserId};
+use chrono::{DateTime, Utc};
+
+use super::{Conversation, ConversationId, FieldViolation, Limits, Message, SearchHit};
 
 /// How many rows a page holds: 0 asks for the default, anything above the
 /// maximum is clamped to it, and a negative size is an error.
@@ -42,22 +44,75 @@ impl PageSize {
     }
 }
 
-/// Where a page of ListConversations ended: the last row's sort key.
+/// One page of a listing, and where the next page starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T, C> {
+    pub items: Vec<T>,
+    /// The cursor after the last item; `None` on the last page.
+    pub next: Option<C>,
+}
+
+impl<T, C> Page<T, C> {
+    /// Cuts rows fetched with [`PageSize::limit_with_lookahead`] to one page.
+    /// When a row follows the page, `cursor_after` the page's last item is
+    /// where the next page starts.
+    pub fn cut(mut items: Vec<T>, size: PageSize, cursor_after: impl FnOnce(&T) -> C) -> Self {
+        let size = size.get() as usize;
+        let more = items.len() > size;
+        items.truncate(size);
+        let next = match items.last() {
+            Some(last) if more => Some(cursor_after(last)),
+            _ => None,
+        };
+        Self { items, next }
+    }
+}
+
+/// The order of a message listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageOrder {
+    OldestFirst,
+    NewestFirst,
+}
+
+/// Where a page of ListConversations ended. Conversations are listed most
+/// recently updated first: `(update_time DESC, id DESC)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConversationCursor {
     pub update_time: DateTime<Utc>,
     pub id: ConversationId,
 }
 
-/// Where a page of ListMessages ended, and which listing it belongs to.
+impl ConversationCursor {
+    pub fn after(last: &Conversation) -> Self {
+        Self {
+            update_time: last.update_time,
+            id: last.id,
+        }
+    }
+}
+
+/// Where a page of ListMessages ended, and which listing it belongs to: a
+/// cursor continues only the conversation and order it was issued for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageCursor {
     pub conversation_id: ConversationId,
-    pub newest_first: bool,
+    pub order: MessageOrder,
     pub sequence: i64,
 }
 
-/// Where a page of SearchMessages ended: the last hit's sort key.
+impl MessageCursor {
+    pub fn after(order: MessageOrder, last: &Message) -> Self {
+        Self {
+            conversation_id: last.conversation_id,
+            order,
+            sequence: last.sequence,
+        }
+    }
+}
+
+/// Where a page of SearchMessages ended. Hits are ordered by
+/// `(rank DESC, conversation_id DESC, sequence DESC)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SearchCursor {
     pub rank: f32,
@@ -65,224 +120,19 @@ pub struct SearchCursor {
     pub sequence: i64,
 }
 
-const TOKEN_VERSION: u8 = 1;
-const KIND_CONVERSATIONS: u8 = 1;
-const KIND_MESSAGES: u8 = 2;
-const KIND_SEARCH: u8 = 3;
-/// Bytes of the search's fingerprint kept in its tokens.
-const SEARCH_FINGERPRINT_LEN: usize = 8;
-const MAC_LEN: usize = 16;
-
-/// Encodes cursors as opaque page tokens that are bound to the user they were
-/// issued to. A keyed MAC makes any edit, and any replay by another user,
-/// detectable: such a token is an `INVALID_ARGUMENT`, never a different page.
-#[derive(Clone)]
-pub struct PageTokenCodec {
-    key: [u8; 32],
-}
-
-impl std::fmt::Debug for PageTokenCodec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PageTokenCodec(..)")
-    }
-}
-
-impl PageTokenCodec {
-    /// Every replica behind one load balancer must use the same secret, or a
-    /// token issued by one is refused by another.
-    pub fn new(secret: &[u8]) -> Self {
+impl SearchCursor {
+    pub fn after(last: &SearchHit) -> Self {
         Self {
-            key: Sha256::digest(secret).into(),
+            rank: last.rank,
+            conversation_id: last.message.conversation_id,
+            sequence: last.message.sequence,
         }
     }
-
-    pub fn encode_conversations(&self, user: &UserId, cursor: &ConversationCursor) -> String {
-        let mut payload = Vec::with_capacity(24);
-        payload.extend_from_slice(&cursor.update_time.timestamp_micros().to_be_bytes());
-        payload.extend_from_slice(cursor.id.as_uuid().as_bytes());
-        self.seal(user, KIND_CONVERSATIONS, &payload)
-    }
-
-    pub fn decode_conversations(
-        &self,
-        field: &str,
-        user: &UserId,
-        token: &str,
-    ) -> Result<ConversationCursor, FieldViolation> {
-        let payload = self.open(field, user, KIND_CONVERSATIONS, token)?;
-        let (micros, id) = payload.split_at_checked(8).ok_or_else(|| invalid(field))?;
-        let micros = i64::from_be_bytes(micros.try_into().map_err(|_| invalid(field))?);
-        let update_time = DateTime::from_timestamp_micros(micros).ok_or_else(|| invalid(field))?;
-        let id = Uuid::from_slice(id).map_err(|_| invalid(field))?;
-        Ok(ConversationCursor {
-            update_time,
-            id: ConversationId::from_uuid(id),
-        })
-    }
-
-    pub fn encode_messages(&self, user: &UserId, cursor: &MessageCursor) -> String {
-        let mut payload = Vec::with_capacity(25);
-        payload.extend_from_slice(cursor.conversation_id.as_uuid().as_bytes());
-        payload.push(u8::from(cursor.newest_first));
-        payload.extend_from_slice(&cursor.sequence.to_be_bytes());
-        self.seal(user, KIND_MESSAGES, &payload)
-    }
-
-    /// Decodes a ListMessages token, which only continues the listing it came
-    /// from: the same conversation in the same order.
-    pub fn decode_messages(
-        &self,
-        field: &str,
-        user: &UserId,
-        token: &str,
-        conversation_id: ConversationId,
-        newest_first: bool,
-    ) -> Result<MessageCursor, FieldViolation> {
-        let payload = self.open(field, user, KIND_MESSAGES, token)?;
-        if payload.len() != 25 {
-            return Err(invalid(field));
-        }
-        let id = Uuid::from_slice(&payload[..16]).map_err(|_| invalid(field))?;
-        let cursor = MessageCursor {
-            conversation_id: ConversationId::from_uuid(id),
-            newest_first: payload[16] == 1,
-            sequence: i64::from_be_bytes(payload[17..25].try_into().map_err(|_| invalid(field))?),
-        };
-        if cursor.conversation_id != conversation_id || cursor.newest_first != newest_first {
-            return Err(FieldViolation::new(
-                field,
-                "page_token continues a different listing: use it with the same conversation_id and newest_first it was issued for",
-            ));
-        }
-        Ok(cursor)
-    }
-
-    /// Encodes a SearchMessages cursor, bound to the search it continues: the
-    /// same query text and the same conversation filter.
-    pub fn encode_search(
-        &self,
-        user: &UserId,
-        cursor: &SearchCursor,
-        query: &str,
-        conversation: Option<ConversationId>,
-    ) -> String {
-        let mut payload = Vec::with_capacity(SEARCH_FINGERPRINT_LEN + 28);
-        payload.extend_from_slice(&search_fingerprint(query, conversation));
-        payload.extend_from_slice(&cursor.rank.to_bits().to_be_bytes());
-        payload.extend_from_slice(cursor.conversation_id.as_uuid().as_bytes());
-        payload.extend_from_slice(&cursor.sequence.to_be_bytes());
-        self.seal(user, KIND_SEARCH, &payload)
-    }
-
-    pub fn decode_search(
-        &self,
-        field: &str,
-        user: &UserId,
-        token: &str,
-        query: &str,
-        conversation: Option<ConversationId>,
-    ) -> Result<SearchCursor, FieldViolation> {
-        let payload = self.open(field, user, KIND_SEARCH, token)?;
-        if payload.len() != SEARCH_FINGERPRINT_LEN + 28 {
-            return Err(invalid(field));
-        }
-        let (fingerprint, rest) = payload.split_at(SEARCH_FINGERPRINT_LEN);
-        if fingerprint != search_fingerprint(query, conversation) {
-            return Err(FieldViolation::new(
-                field,
-                "page_token continues a different search: use it with the same query and conversation_id it was issued for",
-            ));
-        }
-        let rank = f32::from_bits(u32::from_be_bytes(
-            rest[..4].try_into().map_err(|_| invalid(field))?,
-        ));
-        let id = Uuid::from_slice(&rest[4..20]).map_err(|_| invalid(field))?;
-        let sequence = i64::from_be_bytes(rest[20..28].try_into().map_err(|_| invalid(field))?);
-        Ok(SearchCursor {
-            rank,
-            conversation_id: ConversationId::from_uuid(id),
-            sequence,
-        })
-    }
-
-    fn mac(&self, user: &UserId, body: &[u8]) -> [u8; MAC_LEN] {
-        // new_from_slice accepts keys of any length for HMAC; 32 bytes always fits.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(&(user.as_str().len() as u32).to_be_bytes());
-        mac.update(user.as_str().as_bytes());
-        mac.update(body);
-        let full = mac.finalize().into_bytes();
-        let mut short = [0u8; MAC_LEN];
-        short.copy_from_slice(&full[..MAC_LEN]);
-        short
-    }
-
-    fn seal(&self, user: &UserId, kind: u8, payload: &[u8]) -> String {
-        let mut body = Vec::with_capacity(2 + payload.len() + MAC_LEN);
-        body.push(TOKEN_VERSION);
-        body.push(kind);
-        body.extend_from_slice(payload);
-        let mac = self.mac(user, &body);
-        body.extend_from_slice(&mac);
-        URL_SAFE_NO_PAD.encode(body)
-    }
-
-    fn open(
-        &self,
-        field: &str,
-        user: &UserId,
-        kind: u8,
-        token: &str,
-    ) -> Result<Vec<u8>, FieldViolation> {
-        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid(field))?;
-        if bytes.len() < 2 + MAC_LEN {
-            return Err(invalid(field));
-        }
-        let (body, mac) = bytes.split_at(bytes.len() - MAC_LEN);
-        let expected = self.mac(user, body);
-        // Constant-time comparison: a token must not be forgeable byte by byte.
-        let differs = expected
-            .iter()
-            .zip(mac)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if differs != 0 || body[0] != TOKEN_VERSION || body[1] != kind {
-            return Err(invalid(field));
-        }
-        Ok(body[2..].to_vec())
-    }
-}
-
-fn search_fingerprint(
-    query: &str,
-    conversation: Option<ConversationId>,
-) -> [u8; SEARCH_FINGERPRINT_LEN] {
-    let mut hash = Sha256::new();
-    hash.update((query.len() as u64).to_be_bytes());
-    hash.update(query.as_bytes());
-    if let Some(id) = conversation {
-        hash.update(id.as_uuid().as_bytes());
-    }
-    let digest = hash.finalize();
-    let mut fingerprint = [0u8; SEARCH_FINGERPRINT_LEN];
-    fingerprint.copy_from_slice(&digest[..SEARCH_FINGERPRINT_LEN]);
-    fingerprint
-}
-
-fn invalid(field: &str) -> FieldViolation {
-    FieldViolation::new(
-        field,
-        "page_token is not valid here: pass the next_page_token of the previous response unchanged, from the same caller",
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn user(name: &str) -> UserId {
-        UserId::parse(name).unwrap()
-    }
 
     #[test]
     fn page_size_defaults_clamps_and_rejects_negative() {
@@ -307,156 +157,15 @@ mod tests {
     }
 
     #[test]
-    fn conversation_cursor_round_trips_for_its_user_only() {
-        let codec = PageTokenCodec::new(b"secret");
-        let cursor = ConversationCursor {
-            update_time: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
-            id: ConversationId::generate(),
-        };
-        let token = codec.encode_conversations(&user("alice"), &cursor);
-        assert_eq!(
-            codec
-                .decode_conversations("page_token", &user("alice"), &token)
-                .unwrap(),
-            cursor
-        );
-        assert!(
-            codec
-                .decode_conversations("page_token", &user("bob"), &token)
-                .is_err()
-        );
-        assert!(
-            PageTokenCodec::new(b"other")
-                .decode_conversations("page_token", &user("alice"), &token)
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn any_edited_byte_is_detected() {
-        let codec = PageTokenCodec::new(b"secret");
-        let cursor = MessageCursor {
-            conversation_id: ConversationId::generate(),
-            newest_first: false,
-            sequence: 42,
-        };
-        let alice = user("alice");
-        let token = codec.encode_messages(&alice, &cursor);
-        let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
-        for i in 0..bytes.len() {
-            bytes[i] ^= 1;
-            let edited = URL_SAFE_NO_PAD.encode(&bytes);
-            assert!(
-                codec
-                    .decode_messages("page_token", &alice, &edited, cursor.conversation_id, false)
-                    .is_err(),
-                "edit at byte {i} went unnoticed"
-            );
-            bytes[i] ^= 1;
-        }
-        assert_eq!(
-            codec
-                .decode_messages("page_token", &alice, &token, cursor.conversation_id, false)
-                .unwrap(),
-            cursor
-        );
-    }
-
-    #[test]
-    fn message_token_only_continues_its_own_listing() {
-        let codec = PageTokenCodec::new(b"secret");
-        let alice = user("alice");
-        let cursor = MessageCursor {
-            conversation_id: ConversationId::generate(),
-            newest_first: true,
-            sequence: 7,
-        };
-        let token = codec.encode_messages(&alice, &cursor);
-        assert!(
-            codec
-                .decode_messages("page_token", &alice, &token, cursor.conversation_id, false)
-                .is_err()
-        );
-        assert!(
-            codec
-                .decode_messages(
-                    "page_token",
-                    &alice,
-                    &token,
-                    ConversationId::generate(),
-                    true
-                )
-                .is_err()
-        );
-        let conversations_token = codec.encode_conversations(
-            &alice,
-            &ConversationCursor {
-                update_time: Utc::now(),
-                id: ConversationId::generate(),
-            },
-        );
-        assert!(
-            codec
-                .decode_messages(
-                    "page_token",
-                    &alice,
-                    &conversations_token,
-                    cursor.conversation_id,
-                    true
-                )
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn search_token_only_continues_its_own_search() {
-        let codec = PageTokenCodec::new(b"secret");
-        let alice = user("alice");
-        let conversation = Some(ConversationId::generate());
-        let cursor = SearchCursor {
-            rank: 0.123_456_7,
-            conversation_id: ConversationId::generate(),
-            sequence: 9,
-        };
-        let token = codec.encode_search(&alice, &cursor, "lisbon trip", conversation);
-        assert_eq!(
-            codec
-                .decode_search("page_token", &alice, &token, "lisbon trip", conversation)
-                .unwrap(),
-            cursor
-        );
-        assert!(
-            codec
-                .decode_search("page_token", &alice, &token, "lisbon", conversation)
-                .is_err()
-        );
-        assert!(
-            codec
-                .decode_search("page_token", &alice, &token, "lisbon trip", None)
-                .is_err()
-        );
-        assert!(
-            codec
-                .decode_search(
-                    "page_token",
-                    &user("bob"),
-                    &token,
-                    "lisbon trip",
-                    conversation
-                )
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn garbage_is_rejected_without_panicking() {
-        let codec = PageTokenCodec::new(b"secret");
-        for junk in ["", "!", "AAAA", "not base64 at all", &"A".repeat(10_000)] {
-            assert!(
-                codec
-                    .decode_conversations("page_token", &user("a"), junk)
-                    .is_err()
-            );
-        }
+    fn a_page_continues_only_when_a_row_follows_it() {
+        let size = PageSize::fixed(3);
+        let full = Page::cut(vec![1, 2, 3, 4], size, |last| *last);
+        assert_eq!(full.items, vec![1, 2, 3]);
+        assert_eq!(full.next, Some(3));
+        let last = Page::cut(vec![1, 2, 3], size, |last| *last);
+        assert_eq!(last.items, vec![1, 2, 3]);
+        assert_eq!(last.next, None);
+        let empty = Page::cut(Vec::<i32>::new(), size, |last| *last);
+        assert_eq!(empty.next, None);
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use chrono::DateTime;
 use proptest::prelude::*;
 
 use super::*;
@@ -100,41 +99,6 @@ proptest! {
                 if (1..=1000).contains(&n) { prop_assert_eq!(size.get() as i32, n); }
             }
             Err(v) => { prop_assert!(n < 0); prop_assert_eq!(v.field, "page_size"); }
-        }
-    }
-
-    #[test]
-    fn any_token_text_is_refused_or_decoded_never_a_panic(token in ".{0,200}|[A-Za-z0-9_-]{0,120}") {
-        let codec = PageTokenCodec::new(b"secret");
-        let user = UserId::parse("alice").unwrap();
-        let id = ConversationId::generate();
-        let _ = codec.decode_conversations("page_token", &user, &token);
-        let _ = codec.decode_messages("page_token", &user, &token, id, false);
-        let _ = codec.decode_search("page_token", &user, &token, "q", None);
-    }
-
-    #[test]
-    fn tokens_round_trip_for_their_user_and_no_other(
-        micros in -1_000_000_000_000_000i64..4_000_000_000_000_000,
-        bytes in any::<[u8; 16]>(),
-        owner in "[!-~]{1,128}",
-        other in "[!-~]{1,128}",
-        sequence in any::<i64>(),
-        newest_first in any::<bool>(),
-    ) {
-        let codec = PageTokenCodec::new(b"secret");
-        let owner = UserId::parse(&owner).unwrap();
-        let other = UserId::parse(&other).unwrap();
-        let id = ConversationId::from_uuid(uuid::Uuid::from_bytes(bytes));
-        let Some(update_time) = DateTime::from_timestamp_micros(micros) else { return Ok(()) };
-        let cursor = ConversationCursor { update_time, id };
-        let token = codec.encode_conversations(&owner, &cursor);
-        prop_assert_eq!(codec.decode_conversations("page_token", &owner, &token).unwrap(), cursor);
-        let messages = MessageCursor { conversation_id: id, newest_first, sequence };
-        let token = codec.encode_messages(&owner, &messages);
-        prop_assert_eq!(codec.decode_messages("page_token", &owner, &token, id, newest_first).unwrap(), messages);
-        if other != owner {
-            prop_assert!(codec.decode_messages("page_token", &other, &token, id, newest_first).is_err());
         }
     }
 

@@ -23,14 +23,32 @@ impl fmt::Display for FieldViolation {
     }
 }
 
+/// A request refused for what it holds: every violation found, each naming
+/// its field. The gRPC edge turns it into `INVALID_ARGUMENT` with
+/// `google.rpc.BadRequest` details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(Vec<FieldViolation>);
+
+impl BadRequest {
+    pub fn violations(&self) -> &[FieldViolation] {
+        &self.0
+    }
+}
+
+impl From<FieldViolation> for BadRequest {
+    fn from(violation: FieldViolation) -> Self {
+        Self(vec![violation])
+    }
+}
+
 /// Collects every violation of a request, so a client learns all that is wrong
 /// with it in one reply instead of one round trip per mistake.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Violations(Vec<FieldViolation>);
 
 impl Violations {
     pub fn new() -> Self {
-        Self::default()
+        Self(Vec::new())
     }
 
     /// Keeps the parsed value, or records why it could not be parsed.
@@ -51,15 +69,15 @@ impl Violations {
     /// `Ok(value)` when nothing was recorded; every recorded violation otherwise.
     /// `value` is only built when there is nothing to report, so it may unwrap
     /// the options that `check` returned.
-    pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, Vec<FieldViolation>> {
+    pub fn finish<T>(self, value: impl FnOnce() -> Option<T>) -> Result<T, BadRequest> {
         if !self.0.is_empty() {
-            return Err(self.0);
+            return Err(BadRequest(self.0));
         }
         value().ok_or_else(|| {
-            vec![FieldViolation::new(
+            BadRequest::from(FieldViolation::new(
                 "request",
                 "the request could not be read",
-            )]
+            ))
         })
     }
 }

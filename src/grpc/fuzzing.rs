@@ -4,8 +4,9 @@
 
 use prost::Message;
 
+use super::page_token::PageTokenCodec;
 use super::{parse::Parser, proto};
-use crate::domain::{Limits, PageTokenCodec, UserId};
+use crate::domain::{Limits, UserId};
 
 /// The request messages, in the order the first byte selects them.
 pub const REQUEST_KINDS: usize = 13;

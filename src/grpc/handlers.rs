@@ -3,23 +3,21 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert,
-    error::ApiError,
     identity::caller,
     observe::record_conversation,
+    page_token::PageTokenCodec,
     parse::{self, Parser},
     proto::{self, conversation_service_server::ConversationService},
 };
-use crate::{
-    domain::{ConversationCursor, Limits, MessageCursor, PageTokenCodec, SearchCursor},
-    service::Conversations,
-    store::MessageOrder,
-};
+use crate::{domain::Limits, service::Conversations};
 
 /// The `convo.v1.ConversationService` handlers. Each reads in the same order:
-/// identity, parse, call, convert.
+/// identity, parse, call, convert; errors convert to `Status` with `?`
+/// (`grpc/error.rs`).
 #[derive(Debug, Clone)]
 pub struct ConversationApi {
     service: Conversations,
+    /// Reads requests; its token codec also seals each page's continuation.
     parser: Parser,
 }
 
@@ -38,10 +36,6 @@ type Reply<T> = Result<Response<T>, Status>;
 pub type WatchStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::Message, Status>> + Send>>;
 
-fn reply<T>(result: Result<T, ApiError>) -> Reply<T> {
-    result.map(Response::new).map_err(Status::from)
-}
-
 #[tonic::async_trait]
 impl ConversationService for ConversationApi {
     async fn create_conversation(
@@ -49,17 +43,9 @@ impl ConversationService for ConversationApi {
         request: Request<proto::CreateConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let (new, request_id) = self.parser.create_conversation(request.into_inner())?;
-                let created = self
-                    .service
-                    .create_conversation(&owner, new, request_id)
-                    .await?;
-                Ok(created.into())
-            }
-            .await,
-        )
+        let new = self.parser.create_conversation(request.into_inner())?;
+        let created = self.service.create_conversation(&owner, new).await?;
+        Ok(Response::new(created.into()))
     }
 
     async fn get_conversation(
@@ -67,15 +53,10 @@ impl ConversationService for ConversationApi {
         request: Request<proto::GetConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let id = parse::conversation_id(&request.get_ref().conversation_id)?;
-                record_conversation(id);
-                let conversation = self.service.get_conversation(&owner, id).await?;
-                Ok(conversation.into())
-            }
-            .await,
-        )
+        let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+        record_conversation(id);
+        let conversation = self.service.get_conversation(&owner, id).await?;
+        Ok(Response::new(conversation.into()))
     }
 
     async fn list_conversations(
@@ -83,27 +64,15 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ListConversationsRequest>,
     ) -> Reply<proto::ListConversationsResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let (size, after) = self.parser.list_conversations(&owner, request.get_ref())?;
-                let page = self.service.list_conversations(&owner, size, after).await?;
-                let next_page_token = match page.items.last() {
-                    Some(last) if page.has_more => self.parser.tokens.encode_conversations(
-                        &owner,
-                        &ConversationCursor {
-                            update_time: last.update_time,
-                            id: last.id,
-                        },
-                    ),
-                    _ => String::new(),
-                };
-                Ok(proto::ListConversationsResponse {
-                    conversations: page.items.into_iter().map(Into::into).collect(),
-                    next_page_token,
-                })
-            }
-            .await,
-        )
+        let list = self.parser.list_conversations(&owner, request.get_ref())?;
+        let page = self.service.list_conversations(&owner, list).await?;
+        Ok(Response::new(proto::ListConversationsResponse {
+            next_page_token: self
+                .parser
+                .tokens
+                .next_conversations(&owner, page.next.as_ref()),
+            conversations: page.items.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn update_conversation(
@@ -111,18 +80,13 @@ impl ConversationService for ConversationApi {
         request: Request<proto::UpdateConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let (id, changes) = self.parser.update_conversation(request.into_inner())?;
-                record_conversation(id);
-                let updated = self
-                    .service
-                    .update_conversation(&owner, id, changes)
-                    .await?;
-                Ok(updated.into())
-            }
-            .await,
-        )
+        let (id, changes) = self.parser.update_conversation(request.into_inner())?;
+        record_conversation(id);
+        let updated = self
+            .service
+            .update_conversation(&owner, id, changes)
+            .await?;
+        Ok(Response::new(updated.into()))
     }
 
     async fn delete_conversation(
@@ -130,15 +94,10 @@ impl ConversationService for ConversationApi {
         request: Request<proto::DeleteConversationRequest>,
     ) -> Reply<()> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let id = parse::conversation_id(&request.get_ref().conversation_id)?;
-                record_conversation(id);
-                self.service.delete_conversation(&owner, id).await?;
-                Ok(())
-            }
-            .await,
-        )
+        let id = parse::conversation_id(&request.get_ref().conversation_id)?;
+        record_conversation(id);
+        self.service.delete_conversation(&owner, id).await?;
+        Ok(Response::new(()))
     }
 
     async fn append_message(
@@ -146,21 +105,10 @@ impl ConversationService for ConversationApi {
         request: Request<proto::AppendMessageRequest>,
     ) -> Reply<proto::Message> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let append = self.parser.append_message(request.into_inner())?;
-                record_conversation(append.conversation_id);
-                let stored = self.service.append_messages(&owner, append).await?;
-                // A one-message append stores exactly one message.
-                let message = stored.into_iter().next().ok_or_else(|| {
-                    ApiError::Service(crate::service::ServiceError::Internal(
-                        crate::store::StoreError::Corrupt("an append returned no message".into()),
-                    ))
-                })?;
-                Ok(message.into())
-            }
-            .await,
-        )
+        let append = self.parser.append_message(request.into_inner())?;
+        record_conversation(append.conversation_id);
+        let message = self.service.append_message(&owner, append).await?;
+        Ok(Response::new(message.into()))
     }
 
     async fn append_messages(
@@ -168,17 +116,12 @@ impl ConversationService for ConversationApi {
         request: Request<proto::AppendMessagesRequest>,
     ) -> Reply<proto::AppendMessagesResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let append = self.parser.append_messages(request.into_inner())?;
-                record_conversation(append.conversation_id);
-                let stored = self.service.append_messages(&owner, append).await?;
-                Ok(proto::AppendMessagesResponse {
-                    messages: convert::messages(stored),
-                })
-            }
-            .await,
-        )
+        let append = self.parser.append_messages(request.into_inner())?;
+        record_conversation(append.conversation_id);
+        let stored = self.service.append_messages(&owner, append).await?;
+        Ok(Response::new(proto::AppendMessagesResponse {
+            messages: convert::messages(stored),
+        }))
     }
 
     async fn list_messages(
@@ -186,29 +129,13 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ListMessagesRequest>,
     ) -> Reply<proto::ListMessagesResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let list = self.parser.list_messages(&owner, request.get_ref())?;
-                record_conversation(list.conversation_id);
-                let page = self.service.list_messages(&owner, list).await?;
-                let next_page_token = match page.items.last() {
-                    Some(last) if page.has_more => self.parser.tokens.encode_messages(
-                        &owner,
-                        &MessageCursor {
-                            conversation_id: list.conversation_id,
-                            newest_first: list.order == MessageOrder::NewestFirst,
-                            sequence: last.sequence,
-                        },
-                    ),
-                    _ => String::new(),
-                };
-                Ok(proto::ListMessagesResponse {
-                    messages: convert::messages(page.items),
-                    next_page_token,
-                })
-            }
-            .await,
-        )
+        let list = self.parser.list_messages(&owner, request.get_ref())?;
+        record_conversation(list.conversation_id);
+        let page = self.service.list_messages(&owner, list).await?;
+        Ok(Response::new(proto::ListMessagesResponse {
+            next_page_token: self.parser.tokens.next_messages(&owner, page.next.as_ref()),
+            messages: convert::messages(page.items),
+        }))
     }
 
     async fn resume_conversation(
@@ -216,22 +143,14 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ResumeConversationRequest>,
     ) -> Reply<proto::ResumeConversationResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let (id, max_messages) = self.parser.resume_conversation(request.get_ref())?;
-                record_conversation(id);
-                let resumed = self
-                    .service
-                    .resume_conversation(&owner, id, max_messages)
-                    .await?;
-                Ok(proto::ResumeConversationResponse {
-                    conversation: Some(resumed.conversation.into()),
-                    messages: convert::messages(resumed.messages),
-                    has_more: resumed.has_more,
-                })
-            }
-            .await,
-        )
+        let resume = self.parser.resume_conversation(request.get_ref())?;
+        record_conversation(resume.conversation_id);
+        let resumed = self.service.resume_conversation(&owner, resume).await?;
+        Ok(Response::new(proto::ResumeConversationResponse {
+            conversation: Some(resumed.conversation.into()),
+            messages: convert::messages(resumed.messages),
+            has_more: resumed.has_more,
+        }))
     }
 
     type WatchConversationStream = WatchStream;
@@ -241,22 +160,12 @@ impl ConversationService for ConversationApi {
         request: Request<proto::WatchConversationRequest>,
     ) -> Reply<Self::WatchConversationStream> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let (id, after_sequence) = self.parser.watch_conversation(request.get_ref())?;
-                record_conversation(id);
-                let messages = self
-                    .service
-                    .watch_conversation(&owner, id, after_sequence)
-                    .await?;
-                let stream = tokio_stream::wrappers::ReceiverStream::new(messages).map(|item| {
-                    item.map(proto::Message::from)
-                        .map_err(|error| Status::from(ApiError::from(error)))
-                });
-                Ok(Box::pin(stream) as WatchStream)
-            }
-            .await,
-        )
+        let watch = self.parser.watch_conversation(request.get_ref())?;
+        record_conversation(watch.conversation_id);
+        let messages = self.service.watch_conversation(&owner, watch).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(messages)
+            .map(|item| item.map(proto::Message::from).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream) as WatchStream))
     }
 
     async fn fork_conversation(
@@ -264,15 +173,10 @@ impl ConversationService for ConversationApi {
         request: Request<proto::ForkConversationRequest>,
     ) -> Reply<proto::Conversation> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let fork = self.parser.fork_conversation(request.into_inner())?;
-                record_conversation(fork.source);
-                let forked = self.service.fork_conversation(&owner, fork).await?;
-                Ok(forked.into())
-            }
-            .await,
-        )
+        let fork = self.parser.fork_conversation(request.into_inner())?;
+        record_conversation(fork.source);
+        let forked = self.service.fork_conversation(&owner, fork).await?;
+        Ok(Response::new(forked.into()))
     }
 
     async fn search_messages(
@@ -280,33 +184,20 @@ impl ConversationService for ConversationApi {
         request: Request<proto::SearchMessagesRequest>,
     ) -> Reply<proto::SearchMessagesResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let search = self.parser.search_messages(&owner, request.into_inner())?;
-                if let Some(id) = search.conversation_id {
-                    record_conversation(id);
-                }
-                let page = self.service.search_messages(&owner, &search).await?;
-                let next_page_token = match page.items.last() {
-                    Some(last) if page.has_more => self.parser.tokens.encode_search(
-                        &owner,
-                        &SearchCursor {
-                            rank: last.rank,
-                            conversation_id: last.message.conversation_id,
-                            sequence: last.message.sequence,
-                        },
-                        search.query.as_str(),
-                        search.conversation_id,
-                    ),
-                    _ => String::new(),
-                };
-                Ok(proto::SearchMessagesResponse {
-                    hits: page.items.into_iter().map(Into::into).collect(),
-                    next_page_token,
-                })
-            }
-            .await,
-        )
+        let search = self.parser.search_messages(&owner, request.into_inner())?;
+        if let Some(id) = search.conversation_id {
+            record_conversation(id);
+        }
+        let page = self.service.search_messages(&owner, &search).await?;
+        Ok(Response::new(proto::SearchMessagesResponse {
+            next_page_token: self.parser.tokens.next_search(
+                &owner,
+                page.next.as_ref(),
+                search.query.as_str(),
+                search.conversation_id,
+            ),
+            hits: page.items.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn delete_user_data(
@@ -314,12 +205,7 @@ impl ConversationService for ConversationApi {
         request: Request<proto::DeleteUserDataRequest>,
     ) -> Reply<proto::DeleteUserDataResponse> {
         let owner = caller(&request)?;
-        reply(
-            async {
-                let erased = self.service.delete_user_data(&owner).await?;
-                Ok(erased.into())
-            }
-            .await,
-        )
+        let erased = self.service.delete_user_data(&owner).await?;
+        Ok(Response::new(erased.into()))
     }
 }

@@ -2,32 +2,13 @@
 //! shared secret (HS256), a public key (RS256/ES256) or a JWKS file, with
 //! issuer, audience, expiry and not-before checked; the user id is a claim.
 
-use std::time::Duration;
-
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
     errors::ErrorKind,
     jwk::{AlgorithmParameters, JwkSet},
 };
 
-use crate::domain::UserId;
-
-/// What to trust, and what to check.
-#[derive(Debug, Clone, Default)]
-pub struct JwtSettings {
-    /// HS256 shared secret.
-    pub secret: Option<Vec<u8>>,
-    /// A PEM public key: RSA (RS256/384/512) or EC (ES256/384).
-    pub public_key_pem: Option<Vec<u8>>,
-    /// A JWKS document (`{"keys": […]}`); the token's `kid` picks the key.
-    pub jwks_json: Option<Vec<u8>>,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    /// The claim that holds the user id.
-    pub user_claim: String,
-    /// Clock skew allowed for `exp` and `nbf`.
-    pub leeway: Duration,
-}
+use crate::{config::JwtSettings, domain::UserId};
 
 enum Keys {
     One(DecodingKey, Vec<Algorithm>),

@@ -1,6 +1,10 @@
-//! The gRPC edge: identity, parsing into domain types, the handlers, the one
-//! mapping from errors to `Status`, and the health probe. No SQL and no
-//! business rules live here.
+//! The gRPC edge: the server and its layers (`server.rs`), identity
+//! (`identity.rs`, `jwt.rs`), parsing requests into domain commands
+//! (`parse.rs`), the handlers (`handlers.rs`), domain values back into
+//! protobuf (`convert.rs`), page tokens (`page_token.rs`), the one mapping
+//! from errors to `Status` (`error.rs`), per-call logs and metrics
+//! (`observe.rs`), the in-flight bound (`limit.rs`) and the health probe
+//! (`health.rs`). No SQL and no business rules live here.
 
 mod convert;
 mod error;
@@ -11,15 +15,18 @@ mod identity;
 mod jwt;
 mod limit;
 mod observe;
+mod page_token;
 mod parse;
+mod server;
 
 pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
-pub use health::watch_database_health;
 pub use identity::{Authenticator, USER_ID_HEADER};
-pub use jwt::{JwtSettings, JwtVerifier};
+pub use jwt::JwtVerifier;
 pub use limit::InFlightLimitLayer;
 pub use observe::{ObserveLayer, REQUEST_ID_HEADER};
+pub use page_token::PageTokenCodec;
+pub use server::{ServeError, ServerOptions, serve};
 
 /// Code generated from `proto/convo/v1/convo.proto` by `build.rs`.
 pub mod proto {

@@ -2,17 +2,13 @@
 //! checked against the contract. Every violation of a request is collected, so
 //! a client learns all that is wrong with it at once.
 
-use crate::{
-    domain::{
-        Content, ConversationCursor, ConversationId, FieldViolation, Limits, Metadata,
-        NewConversation, NewMessage, PageSize, PageTokenCodec, RequestId, Role, SearchQuery, Title,
-        UserId, Violations,
-    },
-    service::{AppendMessages, ForkConversation, ListMessages, SearchMessages},
-    store::{ConversationChanges, MessageOrder},
+use super::{page_token::PageTokenCodec, proto};
+use crate::domain::{
+    AppendMessages, BadRequest, Content, ConversationChanges, ConversationId, FieldViolation,
+    ForkConversation, Limits, ListConversations, ListMessages, MessageOrder, Metadata,
+    NewConversation, NewMessage, PageSize, RequestId, ResumeConversation, Role, SearchMessages,
+    SearchQuery, Sequence, Title, UserId, Violations, WatchConversation,
 };
-
-use super::proto;
 
 /// What parsing needs besides the request: the limits in force and the key
 /// that page tokens are sealed with.
@@ -22,29 +18,27 @@ pub(super) struct Parser {
     pub tokens: PageTokenCodec,
 }
 
-type Parsed<T> = Result<T, Vec<FieldViolation>>;
+type Parsed<T> = Result<T, BadRequest>;
 
 pub(super) fn conversation_id(value: &str) -> Parsed<ConversationId> {
-    ConversationId::parse("conversation_id", value).map_err(|v| vec![v])
+    Ok(ConversationId::parse("conversation_id", value)?)
 }
 
 impl Parser {
     pub fn create_conversation(
         &self,
         request: proto::CreateConversationRequest,
-    ) -> Parsed<(NewConversation, Option<RequestId>)> {
+    ) -> Parsed<NewConversation> {
         let mut v = Violations::new();
         let title = v.check(Title::parse("title", request.title, &self.limits));
         let metadata = v.check(Metadata::parse("metadata", request.metadata, &self.limits));
         let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
         v.finish(|| {
-            Some((
-                NewConversation {
-                    title: title?,
-                    metadata: metadata?,
-                },
-                request_id?,
-            ))
+            Some(NewConversation {
+                title: title?,
+                metadata: metadata?,
+                request_id: request_id?,
+            })
         })
     }
 
@@ -52,7 +46,7 @@ impl Parser {
         &self,
         owner: &UserId,
         request: &proto::ListConversationsRequest,
-    ) -> Parsed<(PageSize, Option<ConversationCursor>)> {
+    ) -> Parsed<ListConversations> {
         let mut v = Violations::new();
         let size = v.check(PageSize::parse(
             "page_size",
@@ -66,7 +60,12 @@ impl Parser {
                 .decode_conversations("page_token", owner, token)
                 .map(Some),
         });
-        v.finish(|| Some((size?, cursor?)))
+        v.finish(|| {
+            Some(ListConversations {
+                size: size?,
+                cursor: cursor?,
+            })
+        })
     }
 
     pub fn update_conversation(
@@ -227,37 +226,33 @@ impl Parser {
             request.page_size,
             &self.limits,
         ));
-        if request.after_sequence < 0 {
-            v.push(FieldViolation::new(
-                "after_sequence",
-                "after_sequence must not be negative (0 lists from the first message)",
-            ));
-        }
-        let cursor = match (request.page_token.as_str(), conversation_id) {
-            ("", _) => Some(None),
-            (token, Some(id)) => v
-                .check(self.tokens.decode_messages(
-                    "page_token",
-                    owner,
-                    token,
-                    id,
-                    request.newest_first,
-                ))
-                .map(Some),
-            // Without a valid conversation id the token cannot be checked; that
-            // id's own violation is already reported.
-            (_, None) => None,
-        };
+        let after_sequence = v.check(Sequence::parse(
+            "after_sequence",
+            request.after_sequence,
+            "lists from the first message",
+        ));
         let order = if request.newest_first {
             MessageOrder::NewestFirst
         } else {
             MessageOrder::OldestFirst
         };
+        let cursor = match (request.page_token.as_str(), conversation_id) {
+            ("", _) => Some(None),
+            (token, Some(id)) => v
+                .check(
+                    self.tokens
+                        .decode_messages("page_token", owner, token, id, order),
+                )
+                .map(Some),
+            // Without a valid conversation id the token cannot be checked; that
+            // id's own violation is already reported.
+            (_, None) => None,
+        };
         v.finish(|| {
             Some(ListMessages {
                 conversation_id: conversation_id?,
                 size: size?,
-                after_sequence: request.after_sequence,
+                after_sequence: after_sequence?,
                 order,
                 cursor: cursor?,
             })
@@ -267,7 +262,7 @@ impl Parser {
     pub fn resume_conversation(
         &self,
         request: &proto::ResumeConversationRequest,
-    ) -> Parsed<(ConversationId, PageSize)> {
+    ) -> Parsed<ResumeConversation> {
         let mut v = Violations::new();
         let id = v.check(ConversationId::parse(
             "conversation_id",
@@ -278,7 +273,12 @@ impl Parser {
             request.max_messages,
             &self.limits,
         ));
-        v.finish(|| Some((id?, max?)))
+        v.finish(|| {
+            Some(ResumeConversation {
+                conversation_id: id?,
+                max_messages: max?,
+            })
+        })
     }
 }
 
@@ -286,19 +286,23 @@ impl Parser {
     pub fn watch_conversation(
         &self,
         request: &proto::WatchConversationRequest,
-    ) -> Parsed<(ConversationId, i64)> {
+    ) -> Parsed<WatchConversation> {
         let mut v = Violations::new();
         let id = v.check(ConversationId::parse(
             "conversation_id",
             &request.conversation_id,
         ));
-        if request.after_sequence < 0 {
-            v.push(FieldViolation::new(
-                "after_sequence",
-                "after_sequence must not be negative (0 streams from the first message)",
-            ));
-        }
-        v.finish(|| Some((id?, request.after_sequence)))
+        let after_sequence = v.check(Sequence::parse(
+            "after_sequence",
+            request.after_sequence,
+            "streams from the first message",
+        ));
+        v.finish(|| {
+            Some(WatchConversation {
+                conversation_id: id?,
+                after_sequence: after_sequence?,
+            })
+        })
     }
 
     pub fn fork_conversation(
@@ -310,17 +314,13 @@ impl Parser {
             "conversation_id",
             &request.conversation_id,
         ));
-        let up_to_sequence = match request.up_to_sequence {
-            n if n < 0 => {
-                v.push(FieldViolation::new(
-                    "up_to_sequence",
-                    "up_to_sequence must not be negative (0 copies every message)",
-                ));
-                None
-            }
-            0 => Some(None),
-            n => Some(Some(n)),
-        };
+        let up_to_sequence = v
+            .check(Sequence::parse(
+                "up_to_sequence",
+                request.up_to_sequence,
+                "copies every message",
+            ))
+            .map(|n| (!n.is_start()).then_some(n));
         let title = match request.title.as_str() {
             "" => Some(None),
             _ => v
@@ -380,14 +380,16 @@ impl Parser {
     }
 }
 
-fn expected_last_sequence(value: Option<i64>) -> Result<Option<i64>, FieldViolation> {
-    match value {
-        Some(n) if n < 0 => Err(FieldViolation::new(
-            "expected_last_sequence",
-            "expected_last_sequence must not be negative (0 means the conversation is empty)",
-        )),
-        other => Ok(other),
-    }
+fn expected_last_sequence(value: Option<i64>) -> Result<Option<Sequence>, FieldViolation> {
+    value
+        .map(|n| {
+            Sequence::parse(
+                "expected_last_sequence",
+                n,
+                "means the conversation is empty",
+            )
+        })
+        .transpose()
 }
 
 #[cfg(test)]
@@ -425,9 +427,9 @@ mod tests {
                     prop_assert_eq!(changes.title.is_some(), paths.iter().any(|p| p == "title"));
                     prop_assert_eq!(changes.metadata.is_some(), paths.iter().any(|p| p == "metadata"));
                 }
-                Err(violations) => {
+                Err(bad) => {
                     prop_assert!(!valid);
-                    prop_assert!(violations.iter().all(|v| v.field == "update_mask"));
+                    prop_assert!(bad.violations().iter().all(|v| v.field == "update_mask"));
                 }
             }
         }
@@ -450,8 +452,9 @@ mod tests {
                     prop_assert!((1..=100).contains(&messages.len()));
                     prop_assert_eq!(append.messages.len(), messages.len());
                 }
-                Err(violations) => {
-                    for v in &violations {
+                Err(bad) => {
+                    let violations = bad.violations();
+                    for v in violations {
                         prop_assert!(v.field == "messages" || v.field.starts_with("messages["), "{}", v.field);
                     }
                     let bad = messages.iter().take(100).position(|(role, content)| !(1..=4).contains(role) || content.is_empty() || content.contains('\0'));

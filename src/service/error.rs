@@ -1,6 +1,7 @@
 use crate::store::StoreError;
 
-/// Why an operation was refused or failed, in the service's terms.
+/// Why an operation was refused or failed, in the service's terms. The gRPC
+/// edge maps each variant to a status in one place (`grpc/error.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// The caller has no such conversation (it may be someone else's).
@@ -9,10 +10,10 @@ pub enum ServiceError {
     /// A request_id was reused on this conversation with a different payload.
     #[error("request_id was already used with a different payload")]
     RequestIdReused,
-    /// `expected_last_sequence` did not match the conversation.
+    /// `expected_last_sequence` did not match the conversation; nothing was written.
     #[error("expected last sequence {expected}, but the conversation is at {current}")]
     SequenceMismatch { expected: i64, current: i64 },
-    /// A fork asked for messages beyond the end of its source.
+    /// A fork asked for messages beyond the end of its source; nothing was written.
     #[error("cannot fork up to sequence {requested}: the conversation has {length} messages")]
     ForkBeyondEnd { requested: i64, length: i64 },
     /// The server is shutting down; the client should reconnect elsewhere.
@@ -28,16 +29,17 @@ pub enum ServiceError {
 
 impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
+        // Counted here, where the store's failure kinds are still in view.
+        let kind = match &error {
+            StoreError::NotFound => return Self::ConversationNotFound,
+            StoreError::TimedOut(_) => "timeout",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Database(_) | StoreError::Corrupt(_) => "internal",
+        };
+        metrics::counter!("convo_db_errors_total", "kind" => kind).increment(1);
         match error {
-            StoreError::NotFound => Self::ConversationNotFound,
             StoreError::Unavailable(_) | StoreError::TimedOut(_) => Self::Unavailable(error),
-            StoreError::SequenceMismatch { expected, current } => {
-                Self::SequenceMismatch { expected, current }
-            }
-            StoreError::ForkBeyondEnd { requested, length } => {
-                Self::ForkBeyondEnd { requested, length }
-            }
-            StoreError::Database(_) | StoreError::Corrupt(_) => Self::Internal(error),
+            _ => Self::Internal(error),
         }
     }
 }

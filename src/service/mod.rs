@@ -1,7 +1,19 @@
-//! The rules of the service: ownership, idempotency and preconditions.
+//! The service: every operation on behalf of an owner, and what its outcome
+//! means for the caller.
 //!
-//! Requests arrive already parsed into domain types and every call names its
-//! owner; this layer knows neither protobuf nor SQL.
+//! Requests arrive already parsed into domain commands, and every call names
+//! its owner, whom the gRPC edge resolved before anything else; this layer
+//! knows neither protobuf nor SQL. Where each rule is enforced:
+//! - **ownership**: every store call is scoped by the owner; a foreign
+//!   conversation reads as missing (`ConversationNotFound`);
+//! - **idempotency**: the store finds an earlier append with the same
+//!   request_id inside the append's transaction; this layer decides whether
+//!   the payload is the same ([`Conversations::append_messages`]);
+//! - **`expected_last_sequence` and the fork's bound**: checked by the store
+//!   under the conversation's lock (they must hold at commit), reported as
+//!   outcomes that this layer turns into refusals;
+//! - **watch ordering**: this layer's watch task reads `sequence > last sent`
+//!   after every wake, so a stream has no gap and no duplicate.
 
 mod error;
 
@@ -11,64 +23,13 @@ use tokio::sync::mpsc;
 
 use crate::{
     domain::{
-        Conversation, ConversationCursor, ConversationId, Erased, Message, MessageCursor,
-        NewConversation, NewMessage, PageSize, RequestId, SearchCursor, SearchHit, SearchQuery,
-        Title, UserId,
+        AppendMessages, Conversation, ConversationChanges, ConversationCursor, ConversationId,
+        Erased, ForkConversation, ListConversations, ListMessages, Message, MessageCursor,
+        MessageOrder, NewConversation, Page, PageSize, ResumeConversation, Resumed, SearchCursor,
+        SearchHit, SearchMessages, UserId, WatchConversation,
     },
-    store::{AppendOutcome, ChangeFeed, ConversationChanges, MessageOrder, Page, Store, Wake},
+    store::{AppendOutcome, ChangeFeed, ForkOutcome, Store, StoreError, Wake},
 };
-
-/// An append of one or more messages.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AppendMessages {
-    pub conversation_id: ConversationId,
-    /// 1 to `max_batch_messages` messages, in order.
-    pub messages: Vec<NewMessage>,
-    pub request_id: Option<RequestId>,
-    /// When set, the append happens only if the conversation's last sequence
-    /// (its message count) equals this.
-    pub expected_last_sequence: Option<i64>,
-}
-
-/// Which messages of a conversation to list.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ListMessages {
-    pub conversation_id: ConversationId,
-    pub size: PageSize,
-    /// Only messages with a greater sequence.
-    pub after_sequence: i64,
-    pub order: MessageOrder,
-    pub cursor: Option<MessageCursor>,
-}
-
-/// What an orchestrator needs to pick a conversation back up.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resumed {
-    pub conversation: Conversation,
-    /// The latest messages, oldest first.
-    pub messages: Vec<Message>,
-    /// True iff older messages exist.
-    pub has_more: bool,
-}
-
-/// A search of the caller's messages.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SearchMessages {
-    pub query: SearchQuery,
-    pub conversation_id: Option<ConversationId>,
-    pub size: PageSize,
-    pub cursor: Option<SearchCursor>,
-}
-
-/// A fork of a conversation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ForkConversation {
-    pub source: ConversationId,
-    /// The last sequence to copy; `None` copies every message.
-    pub up_to_sequence: Option<i64>,
-    /// The new title; `None` keeps the source's.
-    pub title: Option<Title>,
-}
 
 /// What a watch stream yields: messages in sequence order, then possibly one
 /// error that ends it.
@@ -111,12 +72,8 @@ impl Conversations {
         &self,
         owner: &UserId,
         new: NewConversation,
-        request_id: Option<RequestId>,
     ) -> Result<Conversation> {
-        Ok(self
-            .store
-            .create_conversation(owner, &new, request_id.as_ref())
-            .await?)
+        Ok(self.store.create_conversation(owner, &new).await?)
     }
 
     pub async fn get_conversation(
@@ -130,10 +87,9 @@ impl Conversations {
     pub async fn list_conversations(
         &self,
         owner: &UserId,
-        size: PageSize,
-        after: Option<ConversationCursor>,
-    ) -> Result<Page<Conversation>> {
-        Ok(self.store.list_conversations(owner, size, after).await?)
+        list: ListConversations,
+    ) -> Result<Page<Conversation, ConversationCursor>> {
+        Ok(self.store.list_conversations(owner, list).await?)
     }
 
     pub async fn update_conversation(
@@ -156,17 +112,7 @@ impl Conversations {
         owner: &UserId,
         append: AppendMessages,
     ) -> Result<Vec<Message>> {
-        let outcome = self
-            .store
-            .append_messages(
-                owner,
-                append.conversation_id,
-                &append.messages,
-                append.request_id.as_ref(),
-                append.expected_last_sequence,
-            )
-            .await?;
-        match outcome {
+        match self.store.append_messages(owner, &append).await? {
             AppendOutcome::Appended(messages) => Ok(messages),
             AppendOutcome::Replayed(stored) => {
                 let same_payload = stored.len() == append.messages.len()
@@ -181,38 +127,43 @@ impl Conversations {
                     Err(ServiceError::RequestIdReused)
                 }
             }
+            AppendOutcome::Stale { current } => Err(ServiceError::SequenceMismatch {
+                expected: append.expected_last_sequence.map_or(current, |s| s.get()),
+                current,
+            }),
         }
     }
 
-    pub async fn list_messages(&self, owner: &UserId, list: ListMessages) -> Result<Page<Message>> {
-        Ok(self
-            .store
-            .list_messages(
-                owner,
-                list.conversation_id,
-                list.size,
-                list.after_sequence,
-                list.order,
-                list.cursor,
-            )
-            .await?)
+    /// Appends one message (an [`AppendMessages`] holding exactly one) and
+    /// returns it as stored.
+    pub async fn append_message(&self, owner: &UserId, append: AppendMessages) -> Result<Message> {
+        let stored = self.append_messages(owner, append).await?;
+        // The store wrote (or replayed, with a payload of the same length)
+        // exactly the one message asked for.
+        let count = stored.len();
+        let mut stored = stored.into_iter();
+        match (stored.next(), stored.next()) {
+            (Some(message), None) => Ok(message),
+            _ => Err(ServiceError::Internal(StoreError::Corrupt(format!(
+                "an append of one message returned {count}"
+            )))),
+        }
+    }
+
+    pub async fn list_messages(
+        &self,
+        owner: &UserId,
+        list: ListMessages,
+    ) -> Result<Page<Message, MessageCursor>> {
+        Ok(self.store.list_messages(owner, &list).await?)
     }
 
     pub async fn resume_conversation(
         &self,
         owner: &UserId,
-        id: ConversationId,
-        max_messages: PageSize,
+        resume: ResumeConversation,
     ) -> Result<Resumed> {
-        let (conversation, page) = self
-            .store
-            .resume_conversation(owner, id, max_messages)
-            .await?;
-        Ok(Resumed {
-            conversation,
-            messages: page.items,
-            has_more: page.has_more,
-        })
+        Ok(self.store.resume_conversation(owner, resume).await?)
     }
 
     /// Starts a watch: checks ownership before anything streams, then sends
@@ -225,31 +176,34 @@ impl Conversations {
     pub async fn watch_conversation(
         &self,
         owner: &UserId,
-        id: ConversationId,
-        after_sequence: i64,
+        watch: WatchConversation,
     ) -> Result<WatchStream> {
+        let id = watch.conversation_id;
         let mut subscription = self.changes.subscribe(owner, id);
         self.store.get_conversation(owner, id).await?;
         let (sender, stream) = mpsc::channel(WATCH_BATCH.get() as usize);
         let store = self.store.clone();
         let owner = owner.clone();
-        let batch = WATCH_BATCH;
         tokio::spawn(async move {
             let _open = OpenWatch::start();
-            let mut last = after_sequence;
+            let mut read = ListMessages {
+                conversation_id: id,
+                size: WATCH_BATCH,
+                after_sequence: watch.after_sequence,
+                order: MessageOrder::OldestFirst,
+                cursor: None,
+            };
             loop {
-                let page = store
-                    .list_messages(&owner, id, batch, last, MessageOrder::OldestFirst, None)
-                    .await;
-                match page {
+                match store.list_messages(&owner, &read).await {
                     Ok(page) => {
+                        let more = page.next.is_some();
                         for message in page.items {
-                            last = message.sequence;
+                            read.cursor = Some(MessageCursor::after(read.order, &message));
                             if sender.send(Ok(message)).await.is_err() {
                                 return;
                             }
                         }
-                        if page.has_more {
+                        if more {
                             continue;
                         }
                     }
@@ -280,27 +234,21 @@ impl Conversations {
         owner: &UserId,
         fork: ForkConversation,
     ) -> Result<Conversation> {
-        Ok(self
-            .store
-            .fork_conversation(owner, fork.source, fork.up_to_sequence, fork.title.as_ref())
-            .await?)
+        match self.store.fork_conversation(owner, &fork).await? {
+            ForkOutcome::Forked(conversation) => Ok(conversation),
+            ForkOutcome::BeyondEnd { length } => Err(ServiceError::ForkBeyondEnd {
+                requested: fork.up_to_sequence.map_or(length, |s| s.get()),
+                length,
+            }),
+        }
     }
 
     pub async fn search_messages(
         &self,
         owner: &UserId,
         search: &SearchMessages,
-    ) -> Result<Page<SearchHit>> {
-        Ok(self
-            .store
-            .search_messages(
-                owner,
-                &search.query,
-                search.conversation_id,
-                search.size,
-                search.cursor,
-            )
-            .await?)
+    ) -> Result<Page<SearchHit, SearchCursor>> {
+        Ok(self.store.search_messages(owner, search).await?)
     }
 
     /// Erases everything stored for the caller.

@@ -27,7 +27,7 @@ use tokio_stream::StreamExt;
 use crate::domain::{ConversationId, UserId};
 
 /// The channel every replica LISTENs on.
-pub(super) const CHANNEL: &str = "convo_changes";
+const CHANNEL: &str = "convo_changes";
 
 /// The payload announcing that a conversation changed.
 pub(super) fn conversation_changed(id: ConversationId) -> String {
@@ -282,6 +282,24 @@ pub(super) async fn notify(
     diesel::sql_query("SELECT pg_notify($1, $2)")
         .bind::<Text, _>(CHANNEL)
         .bind::<Text, _>(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Announces several changes in one statement, like [`notify`].
+pub(super) async fn notify_all(
+    conn: &mut AsyncPgConnection,
+    payloads: &[String],
+) -> Result<(), super::StoreError> {
+    use diesel::sql_types::{Array, Text};
+    use diesel_async::RunQueryDsl;
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+        .bind::<Text, _>(CHANNEL)
+        .bind::<Array<Text>, _>(payloads)
         .execute(conn)
         .await?;
     Ok(())

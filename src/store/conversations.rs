@@ -1,5 +1,3 @@
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use diesel::{
     dsl::exists,
@@ -10,12 +8,13 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Page, Store, StoreError, changes,
+    Store, StoreError, changes,
     schema::{conversations, users},
+    values::{metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
-    Conversation, ConversationCursor, ConversationId, MessageId, Metadata, NewConversation,
-    PageSize, RequestId, Title, UserId,
+    Conversation, ConversationChanges, ConversationCursor, ConversationId, ForkConversation,
+    ListConversations, MessageId, NewConversation, Page, RequestId, Title, UserId,
 };
 
 #[diesel::declare_sql_function]
@@ -78,13 +77,6 @@ struct NewConversationRow<'a> {
     request_id: Option<&'a str>,
 }
 
-/// Which fields an update replaces; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ConversationChanges {
-    pub title: Option<Title>,
-    pub metadata: Option<Metadata>,
-}
-
 #[derive(AsChangeset)]
 #[diesel(table_name = conversations)]
 struct ConversationChangeset<'a> {
@@ -92,37 +84,14 @@ struct ConversationChangeset<'a> {
     metadata: Option<serde_json::Value>,
 }
 
-pub(super) fn metadata_to_json(metadata: &Metadata) -> serde_json::Value {
-    serde_json::Value::Object(
-        metadata
-            .pairs()
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
-    )
-}
-
-/// Metadata is written only as an object of strings (CHECKed as an object);
-/// anything else read back is kept as its JSON text rather than dropped.
-pub(super) fn metadata_from_json(value: serde_json::Value) -> Metadata {
-    let pairs = match value {
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => (k, s),
-                other => (k, other.to_string()),
-            })
-            .collect(),
-        _ => BTreeMap::new(),
-    };
-    Metadata::from_stored(pairs)
-}
-
-/// The current time at PostgreSQL's precision (microseconds), so what a call
-/// returns is exactly what a later read returns.
-pub(super) fn now_micros() -> DateTime<Utc> {
-    let now = Utc::now();
-    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+/// What a fork did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForkOutcome {
+    /// The new conversation, with its messages copied in.
+    Forked(Conversation),
+    /// The fork asked for more messages than the source's `length`; nothing
+    /// was written.
+    BeyondEnd { length: i64 },
 }
 
 /// Reads one of the owner's conversations.
@@ -157,15 +126,54 @@ pub(super) async fn exists_for(
     .await?)
 }
 
+/// Locks the owner's conversation for an append (`FOR UPDATE`: concurrent
+/// appenders to it take turns) and reads its message count and last change.
+pub(super) async fn lock_for_append(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    id: ConversationId,
+) -> Result<(i64, DateTime<Utc>), StoreError> {
+    conversations::table
+        .filter(conversations::user_id.eq(owner.as_str()))
+        .filter(conversations::id.eq(id.as_uuid()))
+        .select((conversations::message_count, conversations::update_time))
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?
+        .ok_or(StoreError::NotFound)
+}
+
+/// Records an append on the conversation row locked by [`lock_for_append`]:
+/// its new message count and the time of the change.
+pub(super) async fn record_append(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    id: ConversationId,
+    message_count: i64,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    diesel::update(conversations::table)
+        .filter(conversations::user_id.eq(owner.as_str()))
+        .filter(conversations::id.eq(id.as_uuid()))
+        .set((
+            conversations::message_count.eq(message_count),
+            conversations::update_time.eq(at),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 impl Store {
     /// Creates a conversation, or returns the one this owner first created with
-    /// `request_id`.
+    /// the same `request_id`.
     pub async fn create_conversation(
         &self,
         owner: &UserId,
         new: &NewConversation,
-        request_id: Option<&RequestId>,
     ) -> Result<Conversation, StoreError> {
+        let request_id = new.request_id.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
                 diesel::insert_into(users::table)
@@ -229,9 +237,9 @@ impl Store {
     pub async fn list_conversations(
         &self,
         owner: &UserId,
-        size: PageSize,
-        after: Option<ConversationCursor>,
-    ) -> Result<Page<Conversation>, StoreError> {
+        list: ListConversations,
+    ) -> Result<Page<Conversation, ConversationCursor>, StoreError> {
+        let ListConversations { size, cursor } = list;
         self.with_conn(async |conn| {
             let mut query = conversations::table
                 .filter(conversations::user_id.eq(owner.as_str()))
@@ -239,7 +247,7 @@ impl Store {
                 .order((conversations::update_time.desc(), conversations::id.desc()))
                 .limit(size.limit_with_lookahead())
                 .into_boxed();
-            if let Some(cursor) = after {
+            if let Some(cursor) = cursor {
                 // `update_time <= t` bounds the index scan; the OR breaks ties by id.
                 query = query
                     .filter(conversations::update_time.le(cursor.update_time))
@@ -249,8 +257,12 @@ impl Store {
                             .or(conversations::id.lt(*cursor.id.as_uuid())),
                     );
             }
-            let rows = query.load(conn).await?;
-            page_of(rows, size)
+            let rows: Vec<ConversationRow> = query.load(conn).await?;
+            let items = rows
+                .into_iter()
+                .map(Conversation::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Page::cut(items, size, ConversationCursor::after))
         })
         .await
     }
@@ -317,10 +329,10 @@ impl Store {
     pub async fn fork_conversation(
         &self,
         owner: &UserId,
-        source: ConversationId,
-        up_to: Option<i64>,
-        title: Option<&Title>,
-    ) -> Result<Conversation, StoreError> {
+        fork: &ForkConversation,
+    ) -> Result<ForkOutcome, StoreError> {
+        let source = fork.source;
+        let title = fork.title.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
                 // FOR KEY SHARE keeps the source from being deleted mid-copy
@@ -335,15 +347,13 @@ impl Store {
                     .optional()?
                     .ok_or(StoreError::NotFound)?;
                 let length = source_row.message_count;
-                let copied = match up_to {
+                let copied = match fork.up_to_sequence {
                     None => length,
-                    Some(n) if n <= length => n,
-                    Some(requested) => {
-                        return Err(StoreError::ForkBeyondEnd { requested, length });
-                    }
+                    Some(n) if n.get() <= length => n.get(),
+                    Some(_) => return Ok(ForkOutcome::BeyondEnd { length }),
                 };
                 let now = now_micros();
-                let fork = NewConversationRow {
+                let row = NewConversationRow {
                     user_id: owner.as_str(),
                     id: *ConversationId::generate().as_uuid(),
                     title: title.map_or(source_row.title.as_str(), Title::as_str),
@@ -356,7 +366,7 @@ impl Store {
                     request_id: None,
                 };
                 let created: ConversationRow = diesel::insert_into(conversations::table)
-                    .values(&fork)
+                    .values(&row)
                     .returning(ConversationRow::as_returning())
                     .get_result(conn)
                     .await?;
@@ -374,7 +384,7 @@ impl Store {
                         "conversation {source} counts {copied} messages up to the fork point but {inserted} were copied"
                     )));
                 }
-                created.try_into()
+                Ok(ForkOutcome::Forked(created.try_into()?))
             })
             .await
         })
@@ -390,17 +400,3 @@ const COPY_MESSAGES: &str = "\
     FROM messages m \
     JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
     WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
-
-/// Turns `size + 1` fetched rows into a page and whether more follow.
-pub(super) fn page_of<R, T>(mut rows: Vec<R>, size: PageSize) -> Result<Page<T>, StoreError>
-where
-    T: TryFrom<R, Error = StoreError>,
-{
-    let has_more = rows.len() > size.get() as usize;
-    rows.truncate(size.get() as usize);
-    let items = rows
-        .into_iter()
-        .map(T::try_from)
-        .collect::<Result<_, _>>()?;
-    Ok(Page { items, has_more })
-}

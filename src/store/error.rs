@@ -2,18 +2,14 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::pooled_connection::PoolError;
 
 /// Why a store operation failed. Variants are what callers act on; the text of
-/// database errors stays inside for the log.
+/// database errors stays inside for the log. A refusal that a write decides
+/// inside its transaction (a stale `expected_last_sequence`, a fork past the
+/// end) is not a failure: it comes back as the write's outcome.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// No row for this owner: missing and foreign rows look the same.
     #[error("not found")]
     NotFound,
-    /// `expected_last_sequence` did not match; nothing was written.
-    #[error("expected last sequence {expected}, the conversation is at {current}")]
-    SequenceMismatch { expected: i64, current: i64 },
-    /// A fork asked for more messages than the source holds; nothing was written.
-    #[error("cannot fork up to sequence {requested}: the conversation has {length} messages")]
-    ForkBeyondEnd { requested: i64, length: i64 },
     /// The database could not be reached or the pool had no connection in time.
     #[error("database unavailable: {0}")]
     Unavailable(String),

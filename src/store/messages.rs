@@ -4,13 +4,13 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Page, Store, StoreError, changes,
-    conversations::{self, metadata_from_json, metadata_to_json, now_micros, page_of},
-    schema::{append_requests, conversations as conversations_table, messages},
+    Store, StoreError, changes, conversations,
+    schema::{append_requests, messages},
+    values::{metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
-    Conversation, ConversationId, Message, MessageCursor, MessageId, NewMessage, PageSize,
-    RequestId, Role, UserId,
+    AppendMessages, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
+    Page, ResumeConversation, Resumed, Role, UserId,
 };
 
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -65,13 +65,9 @@ pub enum AppendOutcome {
     /// messages it wrote then, and nothing was written now. Whether the payload
     /// matches is the caller's to judge.
     Replayed(Vec<Message>),
-}
-
-/// The order of a message listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageOrder {
-    OldestFirst,
-    NewestFirst,
+    /// `expected_last_sequence` was set and the conversation is at `current`
+    /// instead; nothing was written.
+    Stale { current: i64 },
 }
 
 impl Store {
@@ -85,25 +81,15 @@ impl Store {
     pub async fn append_messages(
         &self,
         owner: &UserId,
-        conversation_id: ConversationId,
-        batch: &[NewMessage],
-        request_id: Option<&RequestId>,
-        expected_last_sequence: Option<i64>,
+        append: &AppendMessages,
     ) -> Result<AppendOutcome, StoreError> {
+        let conversation_id = append.conversation_id;
+        let batch = &append.messages;
+        let request_id = append.request_id.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
-                let (count, update_time): (i64, DateTime<Utc>) = conversations_table::table
-                    .filter(conversations_table::user_id.eq(owner.as_str()))
-                    .filter(conversations_table::id.eq(conversation_id.as_uuid()))
-                    .select((
-                        conversations_table::message_count,
-                        conversations_table::update_time,
-                    ))
-                    .for_update()
-                    .first(conn)
-                    .await
-                    .optional()?
-                    .ok_or(StoreError::NotFound)?;
+                let (count, update_time) =
+                    conversations::lock_for_append(conn, owner, conversation_id).await?;
 
                 // An idempotent replay is recognised before any precondition: the
                 // retry of a call that succeeded must see that success.
@@ -136,13 +122,10 @@ impl Store {
                     }
                 }
 
-                if let Some(expected) = expected_last_sequence
-                    && expected != count
+                if let Some(expected) = append.expected_last_sequence
+                    && expected.get() != count
                 {
-                    return Err(StoreError::SequenceMismatch {
-                        expected,
-                        current: count,
-                    });
+                    return Ok(AppendOutcome::Stale { current: count });
                 }
 
                 // Never earlier than the conversation's last change, so create_time
@@ -167,6 +150,13 @@ impl Store {
                     .returning(MessageRow::as_returning())
                     .get_results(conn)
                     .await?;
+                if written.len() != batch.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "an append of {} messages to {conversation_id} wrote {}",
+                        batch.len(),
+                        written.len()
+                    )));
+                }
                 let appended = written.len() as i64;
 
                 if let Some(request_id) = request_id {
@@ -183,14 +173,7 @@ impl Store {
                         .await?;
                 }
 
-                diesel::update(conversations_table::table)
-                    .filter(conversations_table::user_id.eq(owner.as_str()))
-                    .filter(conversations_table::id.eq(conversation_id.as_uuid()))
-                    .set((
-                        conversations_table::message_count.eq(count + appended),
-                        conversations_table::update_time.eq(now),
-                    ))
-                    .execute(conn)
+                conversations::record_append(conn, owner, conversation_id, count + appended, now)
                     .await?;
                 changes::notify(conn, &changes::conversation_changed(conversation_id)).await?;
 
@@ -212,17 +195,20 @@ impl Store {
     pub async fn list_messages(
         &self,
         owner: &UserId,
-        conversation_id: ConversationId,
-        size: PageSize,
-        after_sequence: i64,
-        order: MessageOrder,
-        cursor: Option<MessageCursor>,
-    ) -> Result<Page<Message>, StoreError> {
+        list: &ListMessages,
+    ) -> Result<Page<Message, MessageCursor>, StoreError> {
+        let ListMessages {
+            conversation_id,
+            size,
+            after_sequence,
+            order,
+            cursor,
+        } = *list;
         self.with_conn(async |conn| {
             let mut query = messages::table
                 .filter(messages::user_id.eq(owner.as_str()))
                 .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-                .filter(messages::sequence.gt(after_sequence))
+                .filter(messages::sequence.gt(after_sequence.get()))
                 .select(MessageRow::as_select())
                 .limit(size.limit_with_lookahead())
                 .into_boxed();
@@ -240,13 +226,19 @@ impl Store {
                     query.order(messages::sequence.desc())
                 }
             };
-            let rows = query.load(conn).await?;
+            let rows: Vec<MessageRow> = query.load(conn).await?;
             // An empty page may mean "no such conversation": ask only then, so the
             // common case stays one round trip.
             if rows.is_empty() && !conversations::exists_for(conn, owner, conversation_id).await? {
                 return Err(StoreError::NotFound);
             }
-            page_of(rows, size)
+            let items = rows
+                .into_iter()
+                .map(Message::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Page::cut(items, size, |last| {
+                MessageCursor::after(order, last)
+            }))
         })
         .await
     }
@@ -260,9 +252,12 @@ impl Store {
     pub async fn resume_conversation(
         &self,
         owner: &UserId,
-        conversation_id: ConversationId,
-        max_messages: PageSize,
-    ) -> Result<(Conversation, Page<Message>), StoreError> {
+        resume: ResumeConversation,
+    ) -> Result<Resumed, StoreError> {
+        let ResumeConversation {
+            conversation_id,
+            max_messages,
+        } = resume;
         self.with_conn(async |conn| {
             let conversation = conversations::find(conn, owner, conversation_id).await?;
             let count = conversation.message_count;
@@ -276,17 +271,15 @@ impl Store {
                 .select(MessageRow::as_select())
                 .load(conn)
                 .await?;
-            let items = rows
+            let messages = rows
                 .into_iter()
                 .map(Message::try_from)
                 .collect::<Result<_, _>>()?;
-            Ok((
+            Ok(Resumed {
                 conversation,
-                Page {
-                    items,
-                    has_more: first > 0,
-                },
-            ))
+                messages,
+                has_more: first > 0,
+            })
         })
         .await
     }

@@ -1,7 +1,17 @@
 //! Persistence: the connection pool, the schema, the migrations and every query.
 //!
-//! Every public function takes the owner's [`UserId`] and scopes its SQL by it;
-//! nothing here knows about gRPC or protobuf.
+//! Every public function takes the owner's [`UserId`](crate::domain::UserId)
+//! and scopes its SQL by it (the retention sweep, an operator's policy over
+//! all users, is the one exception); nothing here knows about gRPC or
+//! protobuf. Each table's queries live beside its row types
+//! (`conversations.rs`, `messages.rs`, `search.rs`, `users.rs`); conversions
+//! of column values shared by them are in `values.rs`.
+//!
+//! Rules that must hold under concurrency are decided inside the write's
+//! transaction, here: sequence allocation under the conversation's row lock,
+//! recognising an idempotent replay, `expected_last_sequence`, the fork's
+//! bound. A write reports such a refusal as its outcome ([`AppendOutcome`],
+//! [`ForkOutcome`]); the service decides what it means for the caller.
 
 mod changes;
 mod conversations;
@@ -13,22 +23,15 @@ mod retention;
 pub mod schema;
 mod search;
 mod users;
+mod values;
 
 pub use changes::{ChangeFeed, Subscription, Wake};
-pub use conversations::ConversationChanges;
+pub use conversations::ForkOutcome;
 pub use error::StoreError;
-pub use messages::{AppendOutcome, MessageOrder};
+pub use messages::AppendOutcome;
 pub use migrations::{
     create_database_if_missing, ensure_schema_current, revert_last_migration,
     run_pending_migrations,
 };
 pub use pool::{PoolSettings, Store};
 pub use search::SEARCH_SQL;
-
-/// One page of a keyset-paginated listing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    /// True when rows follow the last item.
-    pub has_more: bool,
-}

@@ -1,12 +1,13 @@
 use chrono::{DateTime, Utc};
 use diesel::{
     QueryableByName,
-    sql_types::{Array, BigInt, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{Store, StoreError, changes};
+use crate::domain::ConversationId;
 
 #[derive(QueryableByName)]
 struct Deleted {
@@ -48,17 +49,12 @@ impl Store {
                     .bind::<BigInt, _>(i64::from(batch))
                     .load(conn)
                     .await?;
-                let ids: Vec<Uuid> = deleted.into_iter().map(|d| d.id).collect();
-                if !ids.is_empty() {
-                    diesel::sql_query(
-                        "SELECT pg_notify($1, 'c:' || id) FROM unnest($2::uuid[]) AS id",
-                    )
-                    .bind::<Text, _>(changes::CHANNEL)
-                    .bind::<Array<SqlUuid>, _>(&ids)
-                    .execute(conn)
-                    .await?;
-                }
-                Ok(ids.len())
+                let payloads: Vec<String> = deleted
+                    .into_iter()
+                    .map(|d| changes::conversation_changed(ConversationId::from_uuid(d.id)))
+                    .collect();
+                changes::notify_all(conn, &payloads).await?;
+                Ok(payloads.len())
             })
             .await
         })

@@ -4,10 +4,8 @@ use diesel::{
 };
 use diesel_async::RunQueryDsl;
 
-use super::{Page, Store, StoreError, messages::MessageRow};
-use crate::domain::{
-    ConversationId, Message, PageSize, SearchCursor, SearchHit, SearchQuery, UserId,
-};
+use super::{Store, StoreError, messages::MessageRow};
+use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, UserId};
 
 /// Full-text search over one user's messages.
 ///
@@ -72,11 +70,14 @@ impl Store {
     pub async fn search_messages(
         &self,
         owner: &UserId,
-        query: &SearchQuery,
-        conversation: Option<ConversationId>,
-        size: PageSize,
-        after: Option<SearchCursor>,
-    ) -> Result<Page<SearchHit>, StoreError> {
+        search: &SearchMessages,
+    ) -> Result<Page<SearchHit, SearchCursor>, StoreError> {
+        let (query, conversation, size, after) = (
+            &search.query,
+            search.conversation_id,
+            search.size,
+            search.cursor,
+        );
         self.with_conn(async |conn| {
             let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL)
                 .bind::<Text, _>(owner.as_str())
@@ -88,7 +89,11 @@ impl Store {
                 .bind::<BigInt, _>(size.limit_with_lookahead())
                 .load(conn)
                 .await?;
-            super::conversations::page_of(rows, size)
+            let hits = rows
+                .into_iter()
+                .map(SearchHit::try_from)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Page::cut(hits, size, SearchCursor::after))
         })
         .await
     }

@@ -11,8 +11,9 @@ use std::{
 };
 
 use convo::{
+    config::Settings,
     grpc::proto::{self, AppendMessageRequest, Role},
-    startup::{self, Application, Settings},
+    startup::{self, Application},
 };
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};

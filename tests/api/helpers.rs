@@ -12,10 +12,11 @@ use std::{
 };
 
 use convo::{
+    config::Settings,
     domain::Limits,
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
     local_postgres::{LocalPostgres, LocalPostgresOptions},
-    startup::{Application, Settings, StartupError},
+    startup::{Application, StartupError},
     store::{self, ChangeFeed, PoolSettings},
 };
 use diesel::{QueryableByName, sql_types::BigInt};

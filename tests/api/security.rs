@@ -164,8 +164,9 @@ mod transport {
     use std::{net::SocketAddr, time::Duration};
 
     use convo::{
+        config::TlsSettings,
         grpc::proto::{self, conversation_service_client::ConversationServiceClient},
-        startup::{Application, TlsSettings},
+        startup::Application,
     };
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     use tokio::sync::oneshot;
@@ -370,7 +371,7 @@ mod jwt {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-    use convo::grpc::{JwtSettings, proto};
+    use convo::{config::JwtSettings, grpc::proto};
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     use serde_json::json;
     use tonic::{Code, Request};
@@ -402,7 +403,8 @@ mod jwt {
             audience: Some("convo".into()),
             user_claim: "sub".into(),
             leeway: Duration::from_secs(5),
-            ..Default::default()
+            public_key_pem: None,
+            jwks_json: None,
         }
     }
 
