@@ -3,5 +3,5 @@
 # prints the table. Extra arguments go to `convo-bench suite` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins --quiet
+cargo build --release --workspace --bins --quiet
 exec target/release/convo-bench suite "$@"

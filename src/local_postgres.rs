@@ -164,7 +164,9 @@ impl LocalPostgres {
         &self.data_dir
     }
 
-    /// The postmaster's process id, while it runs.
+    /// The postmaster's process id, while it runs. Test support: the test
+    /// process stops its cluster from an exit hook.
+    #[doc(hidden)]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -176,7 +178,9 @@ impl LocalPostgres {
     }
 
     /// Immediate shutdown, as in a crash: no checkpoint; the next start runs
-    /// crash recovery from the WAL.
+    /// crash recovery from the WAL. Test support: the fault harness crashes
+    /// the database with it.
+    #[doc(hidden)]
     pub async fn stop_immediately(self) {
         self.stop_with(Signal::SIGQUIT).await;
     }

@@ -168,7 +168,9 @@ impl Application {
         self.local_addr
     }
 
-    /// The live-change feed this server's watch streams use.
+    /// The live-change feed this server's watch streams use. Test support:
+    /// the API tests observe its watchers.
+    #[doc(hidden)]
     pub fn changes(&self) -> &ChangeFeed {
         &self.changes
     }

@@ -29,9 +29,3 @@ impl Limits {
     /// The longest request_id and user id, in bytes.
     pub const MAX_KEY_BYTES: usize = 128;
 }
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self::CONTRACT
-    }
-}

@@ -4,7 +4,7 @@ use super::{FieldViolation, Limits};
 
 /// Caller-defined labels on a conversation or message: string pairs within the
 /// configured limits. Kept sorted so equal maps compare and serialize equal.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Metadata(BTreeMap<String, String>);
 
 impl Metadata {

@@ -1,7 +1,7 @@
 use super::{FieldViolation, Limits};
 
 /// A conversation title: at most `max_title_chars` characters, possibly empty.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Title(String);
 
 impl Title {

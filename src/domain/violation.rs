@@ -43,12 +43,12 @@ impl From<FieldViolation> for BadRequest {
 
 /// Collects every violation of a request, so a client learns all that is wrong
 /// with it in one reply instead of one round trip per mistake.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Violations(Vec<FieldViolation>);
 
 impl Violations {
     pub fn new() -> Self {
-        Self(Vec::new())
+        Self::default()
     }
 
     /// Keeps the parsed value, or records why it could not be parsed.

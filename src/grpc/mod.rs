@@ -19,6 +19,8 @@ mod page_token;
 mod parse;
 mod server;
 
+/// Fuzzing support: the `fuzz/` target and a test drive request validation.
+#[doc(hidden)]
 pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
 pub use identity::{Authenticator, USER_ID_HEADER};

@@ -23,7 +23,7 @@ use crate::domain::{RequestId, UserId};
 /// The request metadata that carries the caller's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct ObserveLayer;
 
 impl<S> Layer<S> for ObserveLayer {

@@ -34,4 +34,6 @@ pub use migrations::{
     run_pending_migrations,
 };
 pub use pool::{PoolSettings, Store};
+/// Test support: the API tests EXPLAIN the search to see its index used.
+#[doc(hidden)]
 pub use search::SEARCH_SQL;

@@ -26,17 +26,6 @@ pub struct PoolSettings {
     pub lock_timeout: Duration,
 }
 
-impl Default for PoolSettings {
-    fn default() -> Self {
-        Self {
-            max_size: 16,
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(30),
-            lock_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// The repository: a pool of connections to convo's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -6,7 +6,7 @@ use convo::grpc::proto::{
 use prost_types::FieldMask;
 use tonic::Code;
 
-use crate::helpers::{TestApp, append, create, expect_code, expect_invalid, micros};
+use crate::helpers::{TestApp, append, assert_stored, create, expect_code, expect_invalid, micros};
 
 fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -47,14 +47,7 @@ async fn create_returns_an_empty_conversation_owned_by_the_caller() {
         "canonical lower-case text"
     );
 
-    let fetched = alice
-        .get_conversation(proto::GetConversationRequest {
-            conversation_id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(fetched, created);
+    assert_stored(&mut alice, &created).await;
 }
 
 #[tokio::test]
@@ -289,14 +282,7 @@ async fn update_replaces_only_the_fields_in_the_mask_and_bumps_update_time() {
     assert_eq!(both.title, "");
     assert!(both.metadata.is_empty());
 
-    let fetched = alice
-        .get_conversation(proto::GetConversationRequest {
-            conversation_id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(fetched, both);
+    assert_stored(&mut alice, &both).await;
 }
 
 #[tokio::test]
@@ -337,14 +323,7 @@ async fn update_requires_a_mask_of_known_paths_and_valid_values() {
             .await,
         "title",
     );
-    let unchanged = alice
-        .get_conversation(proto::GetConversationRequest {
-            conversation_id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(unchanged, created);
+    assert_stored(&mut alice, &created).await;
 }
 
 #[tokio::test]

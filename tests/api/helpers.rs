@@ -640,3 +640,71 @@ pub async fn all_messages(client: &mut Client, id: &str) -> Vec<proto::Message> 
         .into_inner()
         .messages
 }
+
+/// Reads a conversation back and asserts it equals `expected`: what a write
+/// returned is what a later read returns.
+pub async fn assert_stored(client: &mut Client, expected: &proto::Conversation) {
+    let fetched = client
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: expected.id.clone(),
+        })
+        .await
+        .expect("get the conversation")
+        .into_inner();
+    assert_eq!(&fetched, expected);
+}
+
+/// Opens a watch stream of the messages after `after_sequence`.
+pub async fn watch(
+    client: &mut Client,
+    id: &str,
+    after_sequence: i64,
+) -> tonic::Streaming<proto::Message> {
+    client
+        .watch_conversation(proto::WatchConversationRequest {
+            conversation_id: id.to_owned(),
+            after_sequence,
+        })
+        .await
+        .expect("start watching")
+        .into_inner()
+}
+
+/// The fixed message of every storage outage: no SQL, driver text or
+/// database name reaches a client.
+pub const STORAGE_UNAVAILABLE: &str = "storage is temporarily unavailable; retry with backoff";
+
+/// Runs `call` and asserts it fails UNAVAILABLE, with the fixed outage
+/// message, in less than `within`: an outage fails fast, not after a hang.
+pub async fn expect_unavailable_within<T: std::fmt::Debug>(
+    within: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Status {
+    let started = tokio::time::Instant::now();
+    let status = expect_code(call.await, Code::Unavailable);
+    assert!(
+        started.elapsed() < within,
+        "took {:?}, expected under {within:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.message(), STORAGE_UNAVAILABLE);
+    status
+}
+
+/// The value of the first Prometheus series whose line starts with `series`.
+pub fn metric(scraped: &str, series: &str) -> Option<f64> {
+    scraped
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Asserts that a scraped series is present with a value of at least `min`.
+#[track_caller]
+pub fn assert_metric_at_least(scraped: &str, series: &str, min: f64) {
+    assert!(
+        metric(scraped, series).unwrap_or(0.0) >= min,
+        "{series} below {min}: {scraped}"
+    );
+}

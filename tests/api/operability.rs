@@ -12,7 +12,9 @@ use tonic::{Request, codec::CompressionEncoding, transport::Channel};
 
 use crate::{
     fault_harness::Proxy,
-    helpers::{TestApp, UserHeader, append, append_many, create},
+    helpers::{
+        TestApp, UserHeader, append, append_many, assert_metric_at_least, create, metric, watch,
+    },
 };
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
@@ -29,15 +31,6 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     body
 }
 
-/// The value of the first series whose line starts with `prefix`.
-fn value(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -49,14 +42,7 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     let app = TestApp::spawn_with(|settings| settings.metrics_addr = Some(metrics_addr)).await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "measured").await;
-    let mut watch = alice
-        .watch_conversation(proto::WatchConversationRequest {
-            conversation_id: created.id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut alice, &created.id, 0).await;
     append(&mut alice, &created.id, "one").await;
     let _ = tokio::time::timeout(
         Duration::from_secs(10),
@@ -76,47 +62,30 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
 
     let first = scrape(metrics_addr).await;
     let created_ok = r#"convo_rpc_requests_total{rpc="CreateConversation",code="Ok"}"#;
-    assert!(value(&first, created_ok).unwrap_or(0.0) >= 1.0, "{first}");
-    assert!(
-        value(
-            &first,
-            r#"convo_rpc_requests_total{rpc="GetConversation",code="NotFound"}"#
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{first}"
+    assert_metric_at_least(&first, created_ok, 1.0);
+    assert_metric_at_least(
+        &first,
+        r#"convo_rpc_requests_total{rpc="GetConversation",code="NotFound"}"#,
+        1.0,
     );
-    assert!(
-        value(
-            &first,
-            r#"convo_rpc_requests_total{rpc="ListConversations",code="Unauthenticated"}"#
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{first}"
+    assert_metric_at_least(
+        &first,
+        r#"convo_rpc_requests_total{rpc="ListConversations",code="Unauthenticated"}"#,
+        1.0,
     );
     assert!(
         first.contains(r#"convo_rpc_duration_seconds_bucket{rpc="AppendMessage""#),
         "{first}"
     );
-    assert!(
-        value(&first, "convo_pool_connections ").unwrap_or(0.0) >= 1.0,
-        "{first}"
-    );
-    assert!(
-        value(&first, "convo_watch_streams ").unwrap_or(0.0) >= 1.0,
-        "{first}"
-    );
-    assert!(
-        value(&first, "convo_notifications_received_total ").unwrap_or(0.0) >= 1.0,
-        "{first}"
-    );
+    assert_metric_at_least(&first, "convo_pool_connections ", 1.0);
+    assert_metric_at_least(&first, "convo_watch_streams ", 1.0);
+    assert_metric_at_least(&first, "convo_notifications_received_total ", 1.0);
 
     // Counters move.
-    let before = value(&first, created_ok).unwrap();
+    let before = metric(&first, created_ok).unwrap();
     create(&mut alice, "another").await;
     let second = scrape(metrics_addr).await;
-    assert_eq!(value(&second, created_ok).unwrap(), before + 1.0);
+    assert_eq!(metric(&second, created_ok).unwrap(), before + 1.0);
     drop(watch);
 }
 

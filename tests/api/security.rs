@@ -8,7 +8,7 @@ use convo::grpc::proto;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use tonic::Code;
 
-use crate::helpers::{TestApp, append, create, expect_code};
+use crate::helpers::{TestApp, append, create, expect_code, watch};
 
 /// The statements README's "Security" section gives for the application role.
 fn grant_statements(role: &str, database: &str) -> String {
@@ -35,14 +35,7 @@ async fn the_server_runs_as_a_role_that_can_only_read_and_write_its_tables() {
     let mut alice = app.client("alice");
     let created = create(&mut alice, "least privilege").await;
     append(&mut alice, &created.id, "a needle").await;
-    let mut watch = alice
-        .watch_conversation(proto::WatchConversationRequest {
-            conversation_id: created.id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(&mut alice, &created.id, 0).await;
     assert_eq!(
         tokio_stream::StreamExt::next(&mut watch)
             .await

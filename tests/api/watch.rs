@@ -8,21 +8,10 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
 
 use crate::helpers::{
-    Client, TestApp, append, append_many, create, expect_code, expect_invalid, user_message,
+    TestApp, append, append_many, create, expect_code, expect_invalid, user_message, watch,
 };
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-async fn watch(client: &mut Client, id: &str, after_sequence: i64) -> Streaming<proto::Message> {
-    client
-        .watch_conversation(WatchConversationRequest {
-            conversation_id: id.to_owned(),
-            after_sequence,
-        })
-        .await
-        .expect("start watching")
-        .into_inner()
-}
 
 /// The next item of the stream, failing the test if none comes in time.
 async fn next(stream: &mut Streaming<proto::Message>) -> Result<proto::Message, Status> {
