@@ -86,3 +86,14 @@ pub struct SearchMessages {
     pub size: PageSize,
     pub cursor: Option<SearchCursor>,
 }
+
+/// A rewind: remove every message after a position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TruncateConversation {
+    pub conversation_id: ConversationId,
+    /// Keep messages up to this one; remove the rest.
+    pub after_sequence: Sequence,
+    /// When set, the cut happens only if the conversation's last sequence
+    /// equals this.
+    pub expected_last_sequence: Option<Sequence>,
+}

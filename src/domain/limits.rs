@@ -11,6 +11,18 @@ pub struct Limits {
     pub max_batch_messages: usize,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Parts of one message.
+    pub max_parts: usize,
+    /// Inline `data` of one blob, in bytes.
+    pub max_inline_data_bytes: usize,
+    /// A blob's `uri`, in characters.
+    pub max_uri_chars: usize,
+    /// A part's opaque provider `signature`, in bytes.
+    pub max_signature_bytes: usize,
+    /// A message's `name` and `model`, a tool's name, a blob's file name.
+    pub max_name_chars: usize,
+    /// A tool call's id, in bytes of visible ASCII.
+    pub max_tool_call_id_bytes: usize,
 }
 
 impl Limits {
@@ -24,6 +36,12 @@ impl Limits {
         max_batch_messages: 100,
         default_page_size: 50,
         max_page_size: 1000,
+        max_parts: 64,
+        max_inline_data_bytes: 256 * 1024,
+        max_uri_chars: 2048,
+        max_signature_bytes: 64 * 1024,
+        max_name_chars: 256,
+        max_tool_call_id_bytes: 256,
     };
 
     /// The longest request_id and user id, in bytes.

@@ -11,6 +11,7 @@ mod limits;
 mod message;
 mod metadata;
 mod paging;
+mod parts;
 #[cfg(test)]
 mod properties;
 mod role;
@@ -21,13 +22,17 @@ mod violation;
 
 pub use commands::{
     AppendMessages, ConversationChanges, ForkConversation, ListConversations, ListMessages,
-    NewConversation, ResumeConversation, SearchMessages, WatchConversation,
+    NewConversation, ResumeConversation, SearchMessages, TruncateConversation, WatchConversation,
 };
 pub use ids::{ConversationId, MessageId, RequestId, UserId};
 pub use limits::Limits;
-pub use message::{Conversation, Erased, Message, NewMessage, Resumed};
+pub use message::{Body, Conversation, Erased, Message, NewMessage, Resumed};
 pub use metadata::Metadata;
 pub use paging::{ConversationCursor, MessageCursor, MessageOrder, Page, PageSize, SearchCursor};
+pub use parts::{
+    Blob, BlobSource, Name, Part, PartKind, Parts, ToolCall, ToolCallId, ToolResult, Usage,
+    parse_projected_text, parse_signature,
+};
 pub use role::Role;
 pub use search::{SearchHit, SearchQuery};
 pub use sequence::Sequence;

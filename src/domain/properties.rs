@@ -109,7 +109,7 @@ proptest! {
     }
 
     #[test]
-    fn roles_are_the_four_known_numbers(n in any::<i32>()) {
-        prop_assert_eq!(Role::parse("role", n).is_ok(), (1..=4).contains(&n));
+    fn roles_are_the_five_known_numbers(n in any::<i32>()) {
+        prop_assert_eq!(Role::parse("role", n).is_ok(), (1..=5).contains(&n));
     }
 }

@@ -28,6 +28,16 @@ impl Sequence {
         self.0
     }
 
+    /// The position of a stored message.
+    pub fn of(message: &super::Message) -> Self {
+        Self(message.sequence)
+    }
+
+    /// The position just before this one (0 stays 0).
+    pub fn before(position: Self) -> Self {
+        Self((position.0 - 1).max(0))
+    }
+
     /// True for position 0.
     pub fn is_start(self) -> bool {
         self.0 == 0

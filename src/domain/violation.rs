@@ -66,6 +66,15 @@ impl Violations {
         self.0.push(violation);
     }
 
+    /// How many violations were recorded so far.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// `Ok(value)` when nothing was recorded; every recorded violation otherwise.
     /// `value` is only built when there is nothing to report, so it may unwrap
     /// the options that `check` returned.

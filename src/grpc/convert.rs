@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 
 use super::proto;
-use crate::domain::{Conversation, Erased, Message, Metadata, SearchHit};
+use crate::domain::{
+    Blob, BlobSource, Conversation, Erased, Message, Metadata, Part, PartKind, SearchHit, Usage,
+};
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -32,6 +34,59 @@ impl From<Conversation> for proto::Conversation {
             message_count: c.message_count,
             forked_from_conversation_id,
             forked_at_sequence,
+            usage: Some(c.usage.into()),
+        }
+    }
+}
+
+impl From<Usage> for proto::Usage {
+    fn from(u: Usage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+        }
+    }
+}
+
+impl From<Blob> for proto::Blob {
+    fn from(blob: Blob) -> Self {
+        let (uri, data) = match blob.source {
+            BlobSource::Uri(uri) => (uri, Vec::new()),
+            BlobSource::Data(data) => (String::new(), data),
+        };
+        Self {
+            mime_type: blob.mime_type,
+            uri,
+            data,
+            name: blob.name.into_string(),
+        }
+    }
+}
+
+impl From<Part> for proto::Part {
+    fn from(part: Part) -> Self {
+        use proto::part::Kind;
+        let kind = match part.kind {
+            PartKind::Text(text) => Kind::Text(text),
+            PartKind::ToolCall(call) => Kind::ToolCall(proto::ToolCall {
+                id: call.id.as_str().to_owned(),
+                name: call.name.into_string(),
+                arguments: call.arguments,
+            }),
+            PartKind::ToolResult(result) => Kind::ToolResult(proto::ToolResult {
+                tool_call_id: result.tool_call_id.as_str().to_owned(),
+                content: result.content,
+                is_error: result.is_error,
+                attachments: result.attachments.into_iter().map(Into::into).collect(),
+            }),
+            PartKind::Blob(blob) => Kind::Blob(blob.into()),
+            PartKind::Reasoning(text) => Kind::Reasoning(proto::Reasoning { text }),
+        };
+        Self {
+            kind: Some(kind),
+            signature: part.signature,
         }
     }
 }
@@ -46,6 +101,10 @@ impl From<Message> for proto::Message {
             content: m.content,
             metadata: metadata(m.metadata),
             create_time: Some(timestamp(m.create_time)),
+            parts: m.parts.into_iter().map(Into::into).collect(),
+            name: m.name.into_string(),
+            model: m.model.into_string(),
+            usage: m.usage.map(Into::into),
         }
     }
 }

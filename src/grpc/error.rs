@@ -4,10 +4,10 @@
 //! service ([`ServiceError`]). Both convert with `?`.
 
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic_types::{ErrorDetails, PreconditionViolation, StatusExt};
 
 use crate::{
-    domain::{BadRequest, FieldViolation},
+    domain::{BadRequest, FieldViolation, ToolCallId},
     service::ServiceError,
 };
 
@@ -41,6 +41,35 @@ impl From<ServiceError> for Status {
                     ),
                 )])
             }
+            ServiceError::TruncateBeyondEnd { requested, length } => {
+                invalid_argument(&[FieldViolation::new(
+                    "after_sequence",
+                    format!(
+                        "after_sequence is {requested} but the conversation has {length} \
+                         messages; nothing was removed"
+                    ),
+                )])
+            }
+            ServiceError::UnansweredToolResult(id) => tool_exchange_refused(
+                "TOOL_CALL_NOT_FOUND",
+                &id,
+                format!(
+                    "tool_result answers tool call {id}, but no earlier message of this \
+                     conversation (or of this batch) makes that call; nothing was written"
+                ),
+            ),
+            ServiceError::ToolCallIdTaken(id) => tool_exchange_refused(
+                "TOOL_CALL_ID_IN_USE",
+                &id,
+                format!(
+                    "tool call id {id} is already used in this conversation; tool call ids \
+                     are unique per conversation; nothing was written"
+                ),
+            ),
+            ServiceError::WatchTruncated { position } => Status::aborted(format!(
+                "the conversation was truncated below sequence {position}, which this stream \
+                 had reached; re-read the conversation and watch again from its end"
+            )),
             ServiceError::ShuttingDown => Status::unavailable(
                 "the server is shutting down; reconnect and resume from the last sequence received",
             ),
@@ -54,6 +83,17 @@ impl From<ServiceError> for Status {
             }
         }
     }
+}
+
+/// FAILED_PRECONDITION with a `google.rpc.PreconditionFailure` naming the
+/// tool call id, so a client can tell which exchange does not hold together.
+fn tool_exchange_refused(kind: &str, id: &ToolCallId, message: String) -> Status {
+    let details = ErrorDetails::with_precondition_failure(vec![PreconditionViolation::new(
+        kind,
+        id.as_str(),
+        message.clone(),
+    )]);
+    Status::with_error_details(Code::FailedPrecondition, message, details)
 }
 
 fn invalid_argument(violations: &[FieldViolation]) -> Status {

@@ -9,7 +9,7 @@ use super::{parse::Parser, proto};
 use crate::domain::{Limits, UserId};
 
 /// The request messages, in the order the first byte selects them.
-pub const REQUEST_KINDS: usize = 13;
+pub const REQUEST_KINDS: usize = 14;
 
 /// Decodes `bytes` as request kind `kind % REQUEST_KINDS` and validates it.
 /// Returns whether it decoded and validated.
@@ -66,7 +66,10 @@ pub fn validate_encoded_request(kind: u8, bytes: &[u8]) -> bool {
         11 => check!(proto::SearchMessagesRequest, |r| parser
             .search_messages(&owner, r)
             .is_ok()),
-        _ => check!(proto::DeleteUserDataRequest, |_r| true),
+        12 => check!(proto::DeleteUserDataRequest, |_r| true),
+        _ => check!(proto::TruncateConversationRequest, |r| parser
+            .truncate_conversation(&r)
+            .is_ok()),
     }
 }
 

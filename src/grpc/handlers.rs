@@ -200,6 +200,20 @@ impl ConversationService for ConversationApi {
         }))
     }
 
+    async fn truncate_conversation(
+        &self,
+        request: Request<proto::TruncateConversationRequest>,
+    ) -> Reply<proto::TruncateConversationResponse> {
+        let owner = caller(&request)?;
+        let truncate = self.parser.truncate_conversation(request.get_ref())?;
+        record_conversation(truncate.conversation_id);
+        let (conversation, removed) = self.service.truncate_conversation(&owner, truncate).await?;
+        Ok(Response::new(proto::TruncateConversationResponse {
+            conversation: Some(conversation.into()),
+            messages_deleted: removed,
+        }))
+    }
+
     async fn delete_user_data(
         &self,
         request: Request<proto::DeleteUserDataRequest>,

@@ -4,10 +4,12 @@
 
 use super::{page_token::PageTokenCodec, proto};
 use crate::domain::{
-    AppendMessages, BadRequest, Content, ConversationChanges, ConversationId, FieldViolation,
-    ForkConversation, Limits, ListConversations, ListMessages, MessageOrder, Metadata,
-    NewConversation, NewMessage, PageSize, RequestId, ResumeConversation, Role, SearchMessages,
-    SearchQuery, Sequence, Title, UserId, Violations, WatchConversation,
+    AppendMessages, BadRequest, Blob, Body, Content, ConversationChanges, ConversationId,
+    FieldViolation, ForkConversation, Limits, ListConversations, ListMessages, MessageOrder,
+    Metadata, Name, NewConversation, NewMessage, PageSize, Part, PartKind, Parts, RequestId,
+    ResumeConversation, Role, SearchMessages, SearchQuery, Sequence, Title, ToolCall, ToolCallId,
+    ToolResult, TruncateConversation, Usage, UserId, Violations, WatchConversation,
+    parse_projected_text, parse_signature,
 };
 
 /// What parsing needs besides the request: the limits in force and the key
@@ -129,7 +131,19 @@ impl Parser {
             "conversation_id",
             &request.conversation_id,
         ));
-        let message = self.new_message(&mut v, "", request.role, request.content, request.metadata);
+        let message = self.new_message(
+            &mut v,
+            "",
+            proto::NewMessage {
+                role: request.role,
+                content: request.content,
+                metadata: request.metadata,
+                parts: request.parts,
+                name: request.name,
+                model: request.model,
+                usage: request.usage,
+            },
+        );
         let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
         let expected = v.check(expected_last_sequence(request.expected_last_sequence));
         v.finish(|| {
@@ -163,16 +177,9 @@ impl Parser {
             .into_iter()
             .take(self.limits.max_batch_messages)
             .enumerate()
-            .map(|(i, m)| {
-                self.new_message(
-                    &mut v,
-                    &format!("messages[{i}]."),
-                    m.role,
-                    m.content,
-                    m.metadata,
-                )
-            })
+            .map(|(i, m)| self.new_message(&mut v, &format!("messages[{i}]."), m))
             .collect();
+        distinct_tool_call_ids(&mut v, &messages);
         let request_id = v.check(RequestId::parse_optional("request_id", &request.request_id));
         let expected = v.check(expected_last_sequence(request.expected_last_sequence));
         v.finish(|| {
@@ -185,30 +192,173 @@ impl Parser {
         })
     }
 
+    /// One message of an append; `prefix` is how its fields are named
+    /// (`messages[2].`, or nothing for AppendMessage).
     fn new_message(
         &self,
         v: &mut Violations,
         prefix: &str,
-        role: i32,
-        content: String,
-        metadata: std::collections::HashMap<String, String>,
+        message: proto::NewMessage,
     ) -> Option<NewMessage> {
-        let role = v.check(Role::parse(&format!("{prefix}role"), role));
-        let content = v.check(Content::parse(
-            &format!("{prefix}content"),
-            content,
-            &self.limits,
-        ));
+        let limits = &self.limits;
+        let role = v.check(Role::parse(&format!("{prefix}role"), message.role));
+        let body = match (message.content.is_empty(), message.parts.is_empty()) {
+            (false, false) => {
+                v.push(FieldViolation::new(
+                    format!("{prefix}parts"),
+                    "set content or parts, not both",
+                ));
+                None
+            }
+            (_, true) => v
+                .check(Content::parse(
+                    &format!("{prefix}content"),
+                    message.content,
+                    limits,
+                ))
+                .map(Body::Content),
+            (true, false) => {
+                let field = format!("{prefix}parts");
+                let count = message.parts.len();
+                if count > limits.max_parts {
+                    // Reported with the real count; only the parts within the
+                    // limit are read further.
+                    v.push(FieldViolation::new(
+                        &field,
+                        format!(
+                            "a message has at most {} parts; this one has {count}",
+                            limits.max_parts
+                        ),
+                    ));
+                }
+                let parts: Vec<Option<Part>> = message
+                    .parts
+                    .into_iter()
+                    .take(limits.max_parts)
+                    .enumerate()
+                    .map(|(i, part)| self.part(v, &format!("{field}[{i}]"), part))
+                    .collect();
+                let parts = parts.into_iter().collect::<Option<Vec<_>>>();
+                match parts {
+                    Some(parts) if count <= limits.max_parts => {
+                        Parts::parse(v, &field, role, parts, limits).map(Body::Parts)
+                    }
+                    _ => None,
+                }
+            }
+        };
         let metadata = v.check(Metadata::parse(
             &format!("{prefix}metadata"),
-            metadata,
-            &self.limits,
+            message.metadata,
+            limits,
         ));
+        let name = v.check(Name::parse(&format!("{prefix}name"), message.name, limits));
+        let model = v.check(Name::parse(
+            &format!("{prefix}model"),
+            message.model,
+            limits,
+        ));
+        let usage = match message.usage {
+            None => Some(None),
+            Some(u) => Usage::parse(
+                v,
+                &format!("{prefix}usage"),
+                u.input_tokens,
+                u.output_tokens,
+                u.cached_input_tokens,
+                u.reasoning_tokens,
+            )
+            .map(Some),
+        };
         Some(NewMessage {
             role: role?,
-            content: content?,
+            body: body?,
             metadata: metadata?,
+            name: name?,
+            model: model?,
+            usage: usage?,
         })
+    }
+
+    /// One part; `field` names it (`messages[2].parts[1]`).
+    fn part(&self, v: &mut Violations, field: &str, part: proto::Part) -> Option<Part> {
+        use proto::part::Kind;
+        let limits = &self.limits;
+        let signature = v.check(parse_signature(
+            &format!("{field}.signature"),
+            part.signature,
+            limits,
+        ));
+        let kind = match part.kind {
+            None => {
+                v.push(FieldViolation::new(
+                    field,
+                    "a part holds one of text, tool_call, tool_result, blob or reasoning",
+                ));
+                None
+            }
+            Some(Kind::Text(text)) => v
+                .check(parse_projected_text(&format!("{field}.text"), text))
+                .map(PartKind::Text),
+            Some(Kind::ToolCall(call)) => {
+                let at = format!("{field}.tool_call");
+                let id = v.check(ToolCallId::parse(&format!("{at}.id"), call.id, limits));
+                let name = v.check(Name::parse_required(
+                    &format!("{at}.name"),
+                    call.name,
+                    limits,
+                ));
+                Some(PartKind::ToolCall(ToolCall {
+                    id: id?,
+                    name: name?,
+                    arguments: call.arguments,
+                }))
+            }
+            Some(Kind::ToolResult(result)) => {
+                let at = format!("{field}.tool_result");
+                let tool_call_id = v.check(ToolCallId::parse(
+                    &format!("{at}.tool_call_id"),
+                    result.tool_call_id,
+                    limits,
+                ));
+                let content = v.check(parse_projected_text(
+                    &format!("{at}.content"),
+                    result.content,
+                ));
+                let attachments: Vec<Option<Blob>> = result
+                    .attachments
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, blob)| self.blob(v, &format!("{at}.attachments[{i}]"), blob))
+                    .collect();
+                Some(PartKind::ToolResult(ToolResult {
+                    tool_call_id: tool_call_id?,
+                    content: content?,
+                    is_error: result.is_error,
+                    attachments: attachments.into_iter().collect::<Option<_>>()?,
+                }))
+            }
+            Some(Kind::Blob(blob)) => self
+                .blob(v, &format!("{field}.blob"), blob)
+                .map(PartKind::Blob),
+            Some(Kind::Reasoning(reasoning)) => Some(PartKind::Reasoning(reasoning.text)),
+        };
+        Some(Part {
+            kind: kind?,
+            signature: signature?,
+        })
+    }
+
+    fn blob(&self, v: &mut Violations, field: &str, blob: proto::Blob) -> Option<Blob> {
+        Blob::parse(
+            v,
+            field,
+            blob.mime_type,
+            blob.uri,
+            blob.data,
+            blob.name,
+            &self.limits,
+        )
     }
 
     pub fn list_messages(
@@ -336,6 +486,30 @@ impl Parser {
         })
     }
 
+    pub fn truncate_conversation(
+        &self,
+        request: &proto::TruncateConversationRequest,
+    ) -> Parsed<TruncateConversation> {
+        let mut v = Violations::new();
+        let id = v.check(ConversationId::parse(
+            "conversation_id",
+            &request.conversation_id,
+        ));
+        let after = v.check(Sequence::parse(
+            "after_sequence",
+            request.after_sequence,
+            "removes every message",
+        ));
+        let expected = v.check(expected_last_sequence(request.expected_last_sequence));
+        v.finish(|| {
+            Some(TruncateConversation {
+                conversation_id: id?,
+                after_sequence: after?,
+                expected_last_sequence: expected?,
+            })
+        })
+    }
+
     pub fn search_messages(
         &self,
         owner: &UserId,
@@ -377,6 +551,30 @@ impl Parser {
                 cursor: cursor?,
             })
         })
+    }
+}
+
+/// Tool call ids are unique per conversation, so a batch may not repeat one
+/// across its messages either (within one message, [`Parts::parse`] checks).
+fn distinct_tool_call_ids(v: &mut Violations, messages: &[Option<NewMessage>]) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, message) in messages.iter().enumerate() {
+        let Some(parts) = message.as_ref().and_then(NewMessage::parts) else {
+            continue;
+        };
+        for (j, part) in parts.as_slice().iter().enumerate() {
+            if let PartKind::ToolCall(call) = &part.kind
+                && !seen.insert(call.id.as_str().to_owned())
+            {
+                v.push(FieldViolation::new(
+                    format!("messages[{i}].parts[{j}].tool_call.id"),
+                    format!(
+                        "tool call id {} appears earlier in this batch; ids are unique per conversation",
+                        call.id
+                    ),
+                ));
+            }
+        }
     }
 }
 
@@ -436,13 +634,13 @@ mod tests {
 
         #[test]
         fn batches_report_each_bad_message_by_its_index(
-            messages in proptest::collection::vec((0i32..6, "\\PC{0,8}"), 0..120),
+            messages in proptest::collection::vec((0i32..7, "\\PC{0,8}"), 0..120),
         ) {
             let request = proto::AppendMessagesRequest {
                 conversation_id: ConversationId::generate().to_string(),
                 messages: messages
                     .iter()
-                    .map(|(role, content)| proto::NewMessage { role: *role, content: content.clone(), metadata: Default::default() })
+                    .map(|(role, content)| proto::NewMessage { role: *role, content: content.clone(), ..Default::default() })
                     .collect(),
                 request_id: String::new(),
                 expected_last_sequence: None,
@@ -457,7 +655,7 @@ mod tests {
                     for v in violations {
                         prop_assert!(v.field == "messages" || v.field.starts_with("messages["), "{}", v.field);
                     }
-                    let bad = messages.iter().take(100).position(|(role, content)| !(1..=4).contains(role) || content.is_empty() || content.contains('\0'));
+                    let bad = messages.iter().take(100).position(|(role, content)| !(1..=5).contains(role) || content.is_empty() || content.contains('\0'));
                     if let Some(i) = bad {
                         let prefix = format!("messages[{i}].");
                         prop_assert!(violations.iter().any(|v| v.field.starts_with(&prefix)));

@@ -1,4 +1,4 @@
-use crate::store::StoreError;
+use crate::{domain::ToolCallId, store::StoreError};
 
 /// Why an operation was refused or failed, in the service's terms. The gRPC
 /// edge maps each variant to a status in one place (`grpc/error.rs`).
@@ -16,6 +16,21 @@ pub enum ServiceError {
     /// A fork asked for messages beyond the end of its source; nothing was written.
     #[error("cannot fork up to sequence {requested}: the conversation has {length} messages")]
     ForkBeyondEnd { requested: i64, length: i64 },
+    /// A truncation asked to keep more messages than the conversation holds;
+    /// nothing was removed.
+    #[error("cannot truncate after sequence {requested}: the conversation has {length} messages")]
+    TruncateBeyondEnd { requested: i64, length: i64 },
+    /// A tool result answers no call made earlier in the conversation or the
+    /// batch; nothing was written.
+    #[error("no earlier tool call has id {0}")]
+    UnansweredToolResult(ToolCallId),
+    /// A tool call reuses an id already used in the conversation; nothing was
+    /// written.
+    #[error("tool call id {0} is already used in this conversation")]
+    ToolCallIdTaken(ToolCallId),
+    /// The conversation was truncated below a watch stream's position.
+    #[error("the conversation was truncated below sequence {position}")]
+    WatchTruncated { position: i64 },
     /// The server is shutting down; the client should reconnect elsewhere.
     #[error("the server is shutting down")]
     ShuttingDown,

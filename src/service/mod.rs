@@ -25,10 +25,11 @@ use crate::{
     domain::{
         AppendMessages, Conversation, ConversationChanges, ConversationCursor, ConversationId,
         Erased, ForkConversation, ListConversations, ListMessages, Message, MessageCursor,
-        MessageOrder, NewConversation, Page, PageSize, ResumeConversation, Resumed, SearchCursor,
-        SearchHit, SearchMessages, UserId, WatchConversation,
+        MessageId, MessageOrder, NewConversation, Page, PageSize, ResumeConversation, Resumed,
+        SearchCursor, SearchHit, SearchMessages, Sequence, TruncateConversation, UserId,
+        WatchConversation,
     },
-    store::{AppendOutcome, ChangeFeed, ForkOutcome, Store, StoreError, Wake},
+    store::{AppendOutcome, ChangeFeed, ForkOutcome, Store, StoreError, TruncateOutcome, Wake},
 };
 
 /// What a watch stream yields: messages in sequence order, then possibly one
@@ -53,6 +54,61 @@ impl Drop for OpenWatch {
 
 /// How many messages a watcher reads per query, and buffers for its client.
 const WATCH_BATCH: PageSize = PageSize::fixed(256);
+
+/// Where a watch stream stands: the last sequence it delivered (or was asked
+/// to start after) and, once known, the id of the message there.
+///
+/// Every read starts one message early, at that position, so the stream sees
+/// whether the message it stands on is still the same one: a truncation
+/// below it removes it (or a later append puts another message with a new id
+/// in its place), and the stream then ends with ABORTED instead of going on
+/// from a history the client no longer shares.
+struct Position {
+    sequence: Sequence,
+    anchor: Option<MessageId>,
+}
+
+impl Position {
+    fn new(after: Sequence) -> Self {
+        Self {
+            sequence: after,
+            anchor: None,
+        }
+    }
+
+    fn read_after(&self) -> Sequence {
+        Sequence::before(self.sequence)
+    }
+
+    /// The messages of a read that are new to the stream, or why it must end.
+    fn check(&mut self, mut read: Vec<Message>) -> std::result::Result<Vec<Message>, ServiceError> {
+        if self.sequence.is_start() {
+            return Ok(read);
+        }
+        let truncated = || ServiceError::WatchTruncated {
+            position: self.sequence.get(),
+        };
+        match read.first() {
+            Some(first) if first.sequence == self.sequence.get() => {
+                if self.anchor.is_some_and(|anchor| anchor != first.id) {
+                    return Err(truncated());
+                }
+                self.anchor = Some(first.id);
+                read.remove(0);
+                Ok(read)
+            }
+            // The message the stream stands on is gone.
+            _ if self.anchor.is_some() => Err(truncated()),
+            // Asked to start beyond the end: nothing there yet.
+            _ => Ok(read),
+        }
+    }
+
+    fn delivered(&mut self, message: &Message) {
+        self.sequence = Sequence::of(message);
+        self.anchor = Some(message.id);
+    }
+}
 
 /// convo's operations, each on behalf of an owner.
 #[derive(Debug, Clone)]
@@ -131,6 +187,8 @@ impl Conversations {
                 expected: append.expected_last_sequence.map_or(current, |s| s.get()),
                 current,
             }),
+            AppendOutcome::UnansweredToolResult(id) => Err(ServiceError::UnansweredToolResult(id)),
+            AppendOutcome::ToolCallIdTaken(id) => Err(ServiceError::ToolCallIdTaken(id)),
         }
     }
 
@@ -186,33 +244,40 @@ impl Conversations {
         let owner = owner.clone();
         tokio::spawn(async move {
             let _open = OpenWatch::start();
-            let mut read = ListMessages {
-                conversation_id: id,
-                size: WATCH_BATCH,
-                after_sequence: watch.after_sequence,
-                order: MessageOrder::OldestFirst,
-                cursor: None,
-            };
+            let mut position = Position::new(watch.after_sequence);
             loop {
-                match store.list_messages(&owner, &read).await {
-                    Ok(page) => {
-                        let more = page.next.is_some();
-                        for message in page.items {
-                            read.cursor = Some(MessageCursor::after(read.order, &message));
-                            if sender.send(Ok(message)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if more {
-                            continue;
-                        }
-                    }
+                let read = ListMessages {
+                    conversation_id: id,
+                    size: WATCH_BATCH,
+                    after_sequence: position.read_after(),
+                    order: MessageOrder::OldestFirst,
+                    cursor: None,
+                };
+                let page = match store.list_messages(&owner, &read).await {
+                    Ok(page) => page,
                     Err(error) => {
                         // NOT_FOUND once the conversation is deleted; an outage
                         // ends the stream as UNAVAILABLE, to be resumed.
                         let _ = sender.send(Err(error.into())).await;
                         return;
                     }
+                };
+                let more = page.next.is_some();
+                let fresh = match position.check(page.items) {
+                    Ok(fresh) => fresh,
+                    Err(truncated) => {
+                        let _ = sender.send(Err(truncated)).await;
+                        return;
+                    }
+                };
+                for message in fresh {
+                    position.delivered(&message);
+                    if sender.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                if more {
+                    continue;
                 }
                 tokio::select! {
                     wake = subscription.next() => {
@@ -249,6 +314,29 @@ impl Conversations {
         search: &SearchMessages,
     ) -> Result<Page<SearchHit, SearchCursor>> {
         Ok(self.store.search_messages(owner, search).await?)
+    }
+
+    /// Removes every message after a position: a rewind. Returns the
+    /// conversation after the cut and how many messages went.
+    pub async fn truncate_conversation(
+        &self,
+        owner: &UserId,
+        truncate: TruncateConversation,
+    ) -> Result<(Conversation, i64)> {
+        match self.store.truncate_conversation(owner, &truncate).await? {
+            TruncateOutcome::Truncated {
+                conversation,
+                removed,
+            } => Ok((conversation, removed)),
+            TruncateOutcome::Stale { current } => Err(ServiceError::SequenceMismatch {
+                expected: truncate.expected_last_sequence.map_or(current, |s| s.get()),
+                current,
+            }),
+            TruncateOutcome::BeyondEnd { length } => Err(ServiceError::TruncateBeyondEnd {
+                requested: truncate.after_sequence.get(),
+                length,
+            }),
+        }
     }
 
     /// Erases everything stored for the caller.

@@ -10,11 +10,11 @@ use uuid::Uuid;
 use super::{
     Store, StoreError, changes,
     schema::{conversations, users},
-    values::{metadata_from_json, metadata_to_json, now_micros},
+    values::{TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationCursor, ConversationId, ForkConversation,
-    ListConversations, MessageId, NewConversation, Page, RequestId, Title, UserId,
+    ListConversations, MessageId, NewConversation, Page, RequestId, Title, Usage, UserId,
 };
 
 #[diesel::declare_sql_function]
@@ -36,6 +36,10 @@ pub(super) struct ConversationRow {
     message_count: i64,
     forked_from_conversation_id: Option<Uuid>,
     forked_at_sequence: Option<i64>,
+    usage_input_tokens: i64,
+    usage_output_tokens: i64,
+    usage_cached_input_tokens: i64,
+    usage_reasoning_tokens: i64,
 }
 
 impl TryFrom<ConversationRow> for Conversation {
@@ -57,6 +61,12 @@ impl TryFrom<ConversationRow> for Conversation {
             update_time: row.update_time,
             message_count: row.message_count,
             forked_from,
+            usage: Usage {
+                input_tokens: row.usage_input_tokens,
+                output_tokens: row.usage_output_tokens,
+                cached_input_tokens: row.usage_cached_input_tokens,
+                reasoning_tokens: row.usage_reasoning_tokens,
+            },
         })
     }
 }
@@ -75,6 +85,10 @@ struct NewConversationRow<'a> {
     forked_from_conversation_id: Option<Uuid>,
     forked_at_sequence: Option<i64>,
     request_id: Option<&'a str>,
+    usage_input_tokens: i64,
+    usage_output_tokens: i64,
+    usage_cached_input_tokens: i64,
+    usage_reasoning_tokens: i64,
 }
 
 #[derive(AsChangeset)]
@@ -144,25 +158,37 @@ pub(super) async fn lock_for_append(
         .ok_or(StoreError::NotFound)
 }
 
-/// Records an append on the conversation row locked by [`lock_for_append`]:
-/// its new message count and the time of the change.
-pub(super) async fn record_append(
+/// Records a change of the conversation's messages on its row (locked by
+/// [`lock_for_append`], or new): the new message count, the usage of the
+/// messages added and removed, and the time of the change.
+pub(super) async fn record_messages(
     conn: &mut AsyncPgConnection,
     owner: &UserId,
     id: ConversationId,
     message_count: i64,
+    (added, removed): (&Usage, &Usage),
     at: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<Conversation, StoreError> {
+    let change = |add: i64, remove: i64| add - remove;
     diesel::update(conversations::table)
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .set((
             conversations::message_count.eq(message_count),
             conversations::update_time.eq(at),
+            conversations::usage_input_tokens.eq(conversations::usage_input_tokens
+                + change(added.input_tokens, removed.input_tokens)),
+            conversations::usage_output_tokens.eq(conversations::usage_output_tokens
+                + change(added.output_tokens, removed.output_tokens)),
+            conversations::usage_cached_input_tokens.eq(conversations::usage_cached_input_tokens
+                + change(added.cached_input_tokens, removed.cached_input_tokens)),
+            conversations::usage_reasoning_tokens.eq(conversations::usage_reasoning_tokens
+                + change(added.reasoning_tokens, removed.reasoning_tokens)),
         ))
-        .execute(conn)
-        .await?;
-    Ok(())
+        .returning(ConversationRow::as_returning())
+        .get_result(conn)
+        .await?
+        .try_into()
 }
 
 impl Store {
@@ -193,6 +219,10 @@ impl Store {
                     forked_from_conversation_id: None,
                     forked_at_sequence: None,
                     request_id: request_id.map(RequestId::as_str),
+                    usage_input_tokens: 0,
+                    usage_output_tokens: 0,
+                    usage_cached_input_tokens: 0,
+                    usage_reasoning_tokens: 0,
                 };
                 let created = diesel::insert_into(conversations::table)
                     .values(&row)
@@ -364,6 +394,10 @@ impl Store {
                     forked_from_conversation_id: Some(source_row.id),
                     forked_at_sequence: Some(copied),
                     request_id: None,
+                    usage_input_tokens: 0,
+                    usage_output_tokens: 0,
+                    usage_cached_input_tokens: 0,
+                    usage_reasoning_tokens: 0,
                 };
                 let created: ConversationRow = diesel::insert_into(conversations::table)
                     .values(&row)
@@ -371,20 +405,39 @@ impl Store {
                     .get_result(conn)
                     .await?;
                 let ids: Vec<Uuid> = (0..copied).map(|_| *MessageId::generate().as_uuid()).collect();
-                let inserted = diesel::sql_query(COPY_MESSAGES)
+                let inserted: Tally = diesel::sql_query(format!("{COPY_MESSAGES}{TALLY_OF_ROWS}"))
                     .bind::<Text, _>(owner.as_str())
                     .bind::<diesel::sql_types::Uuid, _>(created.id)
                     .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
                     .bind::<diesel::sql_types::Uuid, _>(source_row.id)
                     .bind::<BigInt, _>(copied)
-                    .execute(conn)
+                    .get_result(conn)
                     .await?;
-                if inserted as i64 != copied {
+                if inserted.count != copied {
                     return Err(StoreError::Corrupt(format!(
-                        "conversation {source} counts {copied} messages up to the fork point but {inserted} were copied"
+                        "conversation {source} counts {copied} messages up to the fork point but {} were copied",
+                        inserted.count
                     )));
                 }
-                Ok(ForkOutcome::Forked(created.try_into()?))
+                diesel::sql_query(COPY_TOOL_CALLS)
+                    .bind::<Text, _>(owner.as_str())
+                    .bind::<diesel::sql_types::Uuid, _>(created.id)
+                    .bind::<diesel::sql_types::Uuid, _>(source_row.id)
+                    .bind::<BigInt, _>(copied)
+                    .execute(conn)
+                    .await?;
+                let id = ConversationId::from_uuid(created.id);
+                let none = Usage::default();
+                let forked = record_messages(
+                    conn,
+                    owner,
+                    id,
+                    copied,
+                    (&inserted.usage(), &none),
+                    now,
+                )
+                .await?;
+                Ok(ForkOutcome::Forked(forked))
             })
             .await
         })
@@ -394,9 +447,24 @@ impl Store {
 
 /// Copies the source's first `$5` messages into `$2`, giving message `n` the
 /// n-th id of `$3`. Sequences are gapless from 1, so ordinality matches them.
+/// Summed by [`TALLY_OF_ROWS`].
 const COPY_MESSAGES: &str = "\
-    INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, create_time) \
-    SELECT m.user_id, $2, m.sequence, ids.id, m.role, m.content, m.metadata, m.create_time \
-    FROM messages m \
-    JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
-    WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
+    WITH rows AS ( \
+        INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, \
+                              create_time, parts, name, model, input_tokens, output_tokens, \
+                              cached_input_tokens, reasoning_tokens, answers_from) \
+        SELECT m.user_id, $2, m.sequence, ids.id, m.role, m.content, m.metadata, \
+               m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens, \
+               m.cached_input_tokens, m.reasoning_tokens, m.answers_from \
+        FROM messages m \
+        JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
+        WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5 \
+        RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens \
+    ) ";
+
+/// Copies the tool calls of the source's first `$4` messages into `$2`, so
+/// results appended to the fork can answer them.
+const COPY_TOOL_CALLS: &str = "\
+    INSERT INTO tool_calls (user_id, conversation_id, tool_call_id, sequence) \
+    SELECT user_id, $2, tool_call_id, sequence FROM tool_calls \
+    WHERE user_id = $1 AND conversation_id = $3 AND sequence <= $4";

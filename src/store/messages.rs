@@ -1,16 +1,22 @@
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
-use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel::{
+    prelude::*,
+    sql_types::{BigInt, Text},
+};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, changes, conversations,
-    schema::{append_requests, messages},
-    values::{metadata_from_json, metadata_to_json, now_micros},
+    Store, StoreError, changes, conversations, parts,
+    schema::{append_requests, messages, tool_calls},
+    values::{TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
-    AppendMessages, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
-    Page, ResumeConversation, Resumed, Role, UserId,
+    AppendMessages, Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId,
+    MessageOrder, Name, NewMessage, Page, Parts, ResumeConversation, Resumed, Role, ToolCallId,
+    TruncateConversation, Usage, UserId,
 };
 
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -23,14 +29,43 @@ pub(super) struct MessageRow {
     content: String,
     metadata: serde_json::Value,
     create_time: DateTime<Utc>,
+    parts: Option<Vec<u8>>,
+    name: String,
+    model: String,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    reasoning_tokens: Option<i64>,
+    answers_from: Option<i64>,
 }
 
 impl TryFrom<MessageRow> for Message {
     type Error = StoreError;
 
     fn try_from(row: MessageRow) -> Result<Self, StoreError> {
+        let corrupt = |why: String| StoreError::Corrupt(format!("message {}: {why}", row.id));
         let role = Role::parse("role", i32::from(row.role))
-            .map_err(|_| StoreError::Corrupt(format!("message {}: role {}", row.id, row.role)))?;
+            .map_err(|_| corrupt(format!("role {}", row.role)))?;
+        let parts = match &row.parts {
+            Some(bytes) => parts::decode(bytes).map_err(corrupt)?,
+            None => Vec::new(),
+        };
+        let usage = match (
+            row.input_tokens,
+            row.output_tokens,
+            row.cached_input_tokens,
+            row.reasoning_tokens,
+        ) {
+            (Some(input_tokens), Some(output_tokens), Some(cached), Some(reasoning)) => {
+                Some(Usage {
+                    input_tokens,
+                    output_tokens,
+                    cached_input_tokens: cached,
+                    reasoning_tokens: reasoning,
+                })
+            }
+            _ => None,
+        };
         Ok(Message {
             id: MessageId::from_uuid(row.id),
             conversation_id: ConversationId::from_uuid(row.conversation_id),
@@ -39,8 +74,16 @@ impl TryFrom<MessageRow> for Message {
             content: row.content,
             metadata: metadata_from_json(row.metadata),
             create_time: row.create_time,
+            parts,
+            name: Name::from_stored(row.name),
+            model: Name::from_stored(row.model),
+            usage,
         })
     }
+}
+
+fn messages_of(rows: Vec<MessageRow>) -> Result<Vec<Message>, StoreError> {
+    rows.into_iter().map(Message::try_from).collect()
 }
 
 #[derive(Insertable)]
@@ -54,6 +97,14 @@ struct NewMessageRow<'a> {
     content: &'a str,
     metadata: serde_json::Value,
     create_time: DateTime<Utc>,
+    parts: Option<Vec<u8>>,
+    name: &'a str,
+    model: &'a str,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    reasoning_tokens: Option<i64>,
+    answers_from: Option<i64>,
 }
 
 /// What an append did.
@@ -68,6 +119,98 @@ pub enum AppendOutcome {
     /// `expected_last_sequence` was set and the conversation is at `current`
     /// instead; nothing was written.
     Stale { current: i64 },
+    /// A tool result answers no call made earlier in the conversation or the
+    /// batch; nothing was written.
+    UnansweredToolResult(ToolCallId),
+    /// A tool call reuses an id already taken in the conversation; nothing
+    /// was written.
+    ToolCallIdTaken(ToolCallId),
+}
+
+/// What a truncation did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TruncateOutcome {
+    /// The conversation after the cut, and how many messages went.
+    Truncated {
+        conversation: Conversation,
+        removed: i64,
+    },
+    /// `expected_last_sequence` was set and the conversation is at `current`
+    /// instead; nothing was removed.
+    Stale { current: i64 },
+    /// The cut lies beyond the conversation's `length`; nothing was removed.
+    BeyondEnd { length: i64 },
+}
+
+/// How a batch's tool exchanges hold together, checked under the
+/// conversation's lock: every result answers an earlier call, no call reuses
+/// a taken id. `answers_from[i]` is, for message `i`, the lowest sequence
+/// holding a call it answers.
+struct ToolExchanges {
+    answers_from: Vec<Option<i64>>,
+    /// The batch's new calls and the sequences of their messages.
+    calls: Vec<(ToolCallId, i64)>,
+}
+
+async fn check_tool_exchanges(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    conversation_id: ConversationId,
+    batch: &[NewMessage],
+    first_sequence: i64,
+) -> Result<Result<ToolExchanges, AppendOutcome>, StoreError> {
+    let mut calls: Vec<(ToolCallId, i64)> = Vec::new();
+    let mut asked: Vec<&str> = Vec::new();
+    for (message, sequence) in batch.iter().zip(first_sequence..) {
+        if let Some(parts) = message.parts() {
+            for call in parts.tool_calls() {
+                calls.push((call.id.clone(), sequence));
+                asked.push(call.id.as_str());
+            }
+            asked.extend(parts.answered_calls().map(ToolCallId::as_str));
+        }
+    }
+    if asked.is_empty() {
+        return Ok(Ok(ToolExchanges {
+            answers_from: vec![None; batch.len()],
+            calls,
+        }));
+    }
+    // One lookup on the primary key of tool_calls, whatever the
+    // conversation's length.
+    let known: HashMap<String, i64> = tool_calls::table
+        .filter(tool_calls::user_id.eq(owner.as_str()))
+        .filter(tool_calls::conversation_id.eq(conversation_id.as_uuid()))
+        .filter(tool_calls::tool_call_id.eq_any(&asked))
+        .select((tool_calls::tool_call_id, tool_calls::sequence))
+        .load::<(String, i64)>(conn)
+        .await?
+        .into_iter()
+        .collect();
+    if let Some((taken, _)) = calls.iter().find(|(id, _)| known.contains_key(id.as_str())) {
+        return Ok(Err(AppendOutcome::ToolCallIdTaken(taken.clone())));
+    }
+    let mut answers_from = Vec::with_capacity(batch.len());
+    for (message, sequence) in batch.iter().zip(first_sequence..) {
+        let mut lowest: Option<i64> = None;
+        for answered in message.parts().into_iter().flat_map(Parts::answered_calls) {
+            let made_in = known.get(answered.as_str()).copied().or_else(|| {
+                calls
+                    .iter()
+                    .find(|(id, at)| id == answered && *at < sequence)
+                    .map(|(_, at)| *at)
+            });
+            match made_in {
+                Some(at) => lowest = Some(lowest.map_or(at, |l| l.min(at))),
+                None => return Ok(Err(AppendOutcome::UnansweredToolResult(answered.clone()))),
+            }
+        }
+        answers_from.push(lowest);
+    }
+    Ok(Ok(ToolExchanges {
+        answers_from,
+        calls,
+    }))
 }
 
 impl Store {
@@ -114,11 +257,7 @@ impl Store {
                             .select(MessageRow::as_select())
                             .load(conn)
                             .await?;
-                        let stored = rows
-                            .into_iter()
-                            .map(Message::try_from)
-                            .collect::<Result<_, _>>()?;
-                        return Ok(AppendOutcome::Replayed(stored));
+                        return Ok(AppendOutcome::Replayed(messages_of(rows)?));
                     }
                 }
 
@@ -128,21 +267,43 @@ impl Store {
                     return Ok(AppendOutcome::Stale { current: count });
                 }
 
+                let exchanges =
+                    match check_tool_exchanges(conn, owner, conversation_id, batch, count + 1)
+                        .await?
+                    {
+                        Ok(exchanges) => exchanges,
+                        Err(refused) => return Ok(refused),
+                    };
+
                 // Never earlier than the conversation's last change, so create_time
                 // does not decrease along sequence even if replica clocks disagree.
                 let now = now_micros().max(update_time);
+                let texts: Vec<_> = batch.iter().map(NewMessage::text).collect();
                 let rows: Vec<NewMessageRow<'_>> = batch
                     .iter()
+                    .zip(&texts)
+                    .zip(&exchanges.answers_from)
                     .zip(count + 1..)
-                    .map(|(message, sequence)| NewMessageRow {
-                        user_id: owner.as_str(),
-                        conversation_id: *conversation_id.as_uuid(),
-                        sequence,
-                        id: *MessageId::generate().as_uuid(),
-                        role: message.role.number() as i16,
-                        content: message.content.as_str(),
-                        metadata: metadata_to_json(&message.metadata),
-                        create_time: now,
+                    .map(|(((message, text), answers_from), sequence)| {
+                        let usage = message.usage;
+                        NewMessageRow {
+                            user_id: owner.as_str(),
+                            conversation_id: *conversation_id.as_uuid(),
+                            sequence,
+                            id: *MessageId::generate().as_uuid(),
+                            role: message.role.number() as i16,
+                            content: text,
+                            metadata: metadata_to_json(&message.metadata),
+                            create_time: now,
+                            parts: message.parts().map(parts::encode),
+                            name: message.name.as_str(),
+                            model: message.model.as_str(),
+                            input_tokens: usage.map(|u| u.input_tokens),
+                            output_tokens: usage.map(|u| u.output_tokens),
+                            cached_input_tokens: usage.map(|u| u.cached_input_tokens),
+                            reasoning_tokens: usage.map(|u| u.reasoning_tokens),
+                            answers_from: *answers_from,
+                        }
                     })
                     .collect();
                 let written: Vec<MessageRow> = diesel::insert_into(messages::table)
@@ -158,6 +319,24 @@ impl Store {
                     )));
                 }
                 let appended = written.len() as i64;
+                if !exchanges.calls.is_empty() {
+                    let rows: Vec<_> = exchanges
+                        .calls
+                        .iter()
+                        .map(|(id, sequence)| {
+                            (
+                                tool_calls::user_id.eq(owner.as_str()),
+                                tool_calls::conversation_id.eq(conversation_id.as_uuid()),
+                                tool_calls::tool_call_id.eq(id.as_str()),
+                                tool_calls::sequence.eq(*sequence),
+                            )
+                        })
+                        .collect();
+                    diesel::insert_into(tool_calls::table)
+                        .values(&rows)
+                        .execute(conn)
+                        .await?;
+                }
 
                 if let Some(request_id) = request_id {
                     diesel::insert_into(append_requests::table)
@@ -173,14 +352,22 @@ impl Store {
                         .await?;
                 }
 
-                conversations::record_append(conn, owner, conversation_id, count + appended, now)
-                    .await?;
+                let usage = batch
+                    .iter()
+                    .filter_map(|m| m.usage)
+                    .fold(Usage::default(), |sum, u| sum.plus(&u));
+                conversations::record_messages(
+                    conn,
+                    owner,
+                    conversation_id,
+                    count + appended,
+                    (&usage, &Usage::default()),
+                    now,
+                )
+                .await?;
                 changes::notify(conn, &changes::conversation_changed(conversation_id)).await?;
 
-                let mut stored = written
-                    .into_iter()
-                    .map(Message::try_from)
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut stored = messages_of(written)?;
                 stored.sort_by_key(|m| m.sequence);
                 Ok(AppendOutcome::Appended(stored))
             })
@@ -232,10 +419,7 @@ impl Store {
             if rows.is_empty() && !conversations::exists_for(conn, owner, conversation_id).await? {
                 return Err(StoreError::NotFound);
             }
-            let items = rows
-                .into_iter()
-                .map(Message::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
+            let items = messages_of(rows)?;
             Ok(Page::cut(items, size, |last| {
                 MessageCursor::after(order, last)
             }))
@@ -246,9 +430,13 @@ impl Store {
     /// The conversation and its last `max_messages` messages in ascending order,
     /// and whether older ones exist.
     ///
-    /// Sequences are gapless and messages are never removed one by one, so the
+    /// Sequences are gapless and messages are removed only from the end, so the
     /// last N are exactly `sequence > message_count - N`: a primary-key range,
     /// whatever the conversation's length, and consistent with the count read.
+    /// When that window begins with tool results whose calls lie before it,
+    /// it starts instead at the earliest message holding those calls (each
+    /// tool message records it in `answers_from`), so a tool exchange is
+    /// never split; that costs one more range read, only then.
     pub async fn resume_conversation(
         &self,
         owner: &UserId,
@@ -261,26 +449,119 @@ impl Store {
         self.with_conn(async |conn| {
             let conversation = conversations::find(conn, owner, conversation_id).await?;
             let count = conversation.message_count;
-            let first = (count - i64::from(max_messages.get())).max(0);
-            let rows: Vec<MessageRow> = messages::table
-                .filter(messages::user_id.eq(owner.as_str()))
-                .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-                .filter(messages::sequence.gt(first))
-                .filter(messages::sequence.le(count))
-                .order(messages::sequence.asc())
-                .select(MessageRow::as_select())
-                .load(conn)
-                .await?;
-            let messages = rows
-                .into_iter()
-                .map(Message::try_from)
-                .collect::<Result<_, _>>()?;
+            let start = (count - i64::from(max_messages.get())).max(0) + 1;
+            let mut rows = message_range(conn, owner, conversation_id, start, count).await?;
+            let widened = rows
+                .iter()
+                .take_while(|row| row.role == Role::Tool.number() as i16)
+                .filter_map(|row| row.answers_from)
+                .min()
+                .filter(|&from| from < start);
+            let first = match widened {
+                Some(from) => {
+                    let mut earlier =
+                        message_range(conn, owner, conversation_id, from, start - 1).await?;
+                    earlier.append(&mut rows);
+                    rows = earlier;
+                    from
+                }
+                None => start,
+            };
             Ok(Resumed {
                 conversation,
-                messages,
-                has_more: first > 0,
+                messages: messages_of(rows)?,
+                has_more: first > 1,
             })
         })
         .await
     }
+
+    /// Removes every message after `after_sequence`, in one transaction under
+    /// the conversation's lock: the cut messages, their tool calls (by
+    /// cascade) and the request_ids that wrote them go; the conversation's
+    /// count and usage follow, and its watchers are woken.
+    pub async fn truncate_conversation(
+        &self,
+        owner: &UserId,
+        truncate: &TruncateConversation,
+    ) -> Result<TruncateOutcome, StoreError> {
+        let conversation_id = truncate.conversation_id;
+        let after = truncate.after_sequence.get();
+        self.with_conn(async |conn| {
+            conn.transaction(async |conn| {
+                let (count, update_time) =
+                    conversations::lock_for_append(conn, owner, conversation_id).await?;
+                if let Some(expected) = truncate.expected_last_sequence
+                    && expected.get() != count
+                {
+                    return Ok(TruncateOutcome::Stale { current: count });
+                }
+                if after > count {
+                    return Ok(TruncateOutcome::BeyondEnd { length: count });
+                }
+                let removed: Tally = diesel::sql_query(format!("{REMOVE_AFTER}{TALLY_OF_ROWS}"))
+                    .bind::<Text, _>(owner.as_str())
+                    .bind::<diesel::sql_types::Uuid, _>(conversation_id.as_uuid())
+                    .bind::<BigInt, _>(after)
+                    .get_result(conn)
+                    .await?;
+                diesel::sql_query(FORGET_REQUESTS_AFTER)
+                    .bind::<Text, _>(owner.as_str())
+                    .bind::<diesel::sql_types::Uuid, _>(conversation_id.as_uuid())
+                    .bind::<BigInt, _>(after)
+                    .execute(conn)
+                    .await?;
+                let usage = removed.usage();
+                let now = now_micros().max(update_time);
+                let conversation = conversations::record_messages(
+                    conn,
+                    owner,
+                    conversation_id,
+                    after,
+                    (&Usage::default(), &usage),
+                    now,
+                )
+                .await?;
+                changes::notify(conn, &changes::conversation_changed(conversation_id)).await?;
+                Ok(TruncateOutcome::Truncated {
+                    conversation,
+                    removed: removed.count,
+                })
+            })
+            .await
+        })
+        .await
+    }
 }
+
+/// The owner's messages `from..=to` of a conversation, in order.
+async fn message_range(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    conversation_id: ConversationId,
+    from: i64,
+    to: i64,
+) -> Result<Vec<MessageRow>, StoreError> {
+    Ok(messages::table
+        .filter(messages::user_id.eq(owner.as_str()))
+        .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
+        .filter(messages::sequence.between(from, to))
+        .order(messages::sequence.asc())
+        .select(MessageRow::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// Forgets the request_ids that wrote any message after `$3`: a retry of
+/// such a call appends anew instead of returning removed messages.
+const FORGET_REQUESTS_AFTER: &str = "\
+    DELETE FROM append_requests \
+    WHERE user_id = $1 AND conversation_id = $2 AND first_sequence + message_count - 1 > $3";
+
+/// Deletes the messages after `$3`; summed by [`TALLY_OF_ROWS`].
+const REMOVE_AFTER: &str = "\
+    WITH rows AS ( \
+        DELETE FROM messages \
+        WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3 \
+        RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens \
+    ) ";

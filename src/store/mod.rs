@@ -18,6 +18,7 @@ mod conversations;
 mod error;
 mod messages;
 mod migrations;
+mod parts;
 mod pool;
 mod retention;
 pub mod schema;
@@ -28,7 +29,7 @@ mod values;
 pub use changes::{ChangeFeed, Subscription, Wake};
 pub use conversations::ForkOutcome;
 pub use error::StoreError;
-pub use messages::AppendOutcome;
+pub use messages::{AppendOutcome, TruncateOutcome};
 pub use migrations::{
     create_database_if_missing, ensure_schema_current, revert_last_migration,
     run_pending_migrations,

@@ -29,6 +29,10 @@ diesel::table! {
         forked_from_conversation_id -> Nullable<Uuid>,
         forked_at_sequence -> Nullable<Int8>,
         request_id -> Nullable<Text>,
+        usage_input_tokens -> Int8,
+        usage_output_tokens -> Int8,
+        usage_cached_input_tokens -> Int8,
+        usage_reasoning_tokens -> Int8,
     }
 }
 
@@ -46,6 +50,23 @@ diesel::table! {
         metadata -> Jsonb,
         create_time -> Timestamptz,
         search_document -> Tsvector,
+        parts -> Nullable<Bytea>,
+        name -> Text,
+        model -> Text,
+        input_tokens -> Nullable<Int8>,
+        output_tokens -> Nullable<Int8>,
+        cached_input_tokens -> Nullable<Int8>,
+        reasoning_tokens -> Nullable<Int8>,
+        answers_from -> Nullable<Int8>,
+    }
+}
+
+diesel::table! {
+    tool_calls (user_id, conversation_id, tool_call_id) {
+        user_id -> Text,
+        conversation_id -> Uuid,
+        tool_call_id -> Text,
+        sequence -> Int8,
     }
 }
 
@@ -58,4 +79,10 @@ diesel::table! {
 
 diesel::joinable!(conversations -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(append_requests, conversations, messages, users,);
+diesel::allow_tables_to_appear_in_same_query!(
+    append_requests,
+    conversations,
+    messages,
+    tool_calls,
+    users,
+);

@@ -554,7 +554,7 @@ pub fn user_message(content: &str) -> proto::NewMessage {
     proto::NewMessage {
         role: proto::Role::User as i32,
         content: content.to_owned(),
-        metadata: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -121,6 +121,13 @@ async fn call(client: &mut Client, rpc: &str, conversation_id: &str) -> Result<S
             .delete_user_data(proto::DeleteUserDataRequest {})
             .await
             .map(|response| format!("{:?}", response.into_inner())),
+        "TruncateConversation" => client
+            .truncate_conversation(proto::TruncateConversationRequest {
+                conversation_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(|response| format!("{:?}", response.into_inner())),
         other => panic!("the identity tests do not know the RPC {other}: add it to `call`"),
     }
 }
@@ -152,6 +159,7 @@ async fn the_descriptor_lists_every_rpc_of_the_contract() {
         "ForkConversation",
         "SearchMessages",
         "DeleteUserData",
+        "TruncateConversation",
     ] {
         assert!(
             names.iter().any(|n| n == rpc),

@@ -61,16 +61,19 @@ async fn append_assigns_gapless_sequences_and_bumps_the_conversation() {
                     role: Role::Assistant as i32,
                     content: "hi".into(),
                     metadata: HashMap::new(),
+                    ..Default::default()
                 },
                 proto::NewMessage {
                     role: Role::Tool as i32,
                     content: "{\"ok\":true}".into(),
                     metadata: HashMap::new(),
+                    ..Default::default()
                 },
                 proto::NewMessage {
                     role: Role::System as i32,
                     content: "be brief".into(),
                     metadata: HashMap::new(),
+                    ..Default::default()
                 },
             ],
             ..Default::default()
@@ -365,7 +368,7 @@ async fn append_validates_role_and_content() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "validation").await;
-    for role in [Role::Unspecified as i32, 5, -1] {
+    for role in [Role::Unspecified as i32, 6, -1] {
         expect_invalid(
             alice
                 .append_message(AppendMessageRequest {

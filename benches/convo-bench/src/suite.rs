@@ -152,6 +152,8 @@ async fn measure(
     run(Workload::List, 0, args.list_depth).await?;
     run(Workload::Turn, 0, 0).await?;
     run(Workload::Watch, 0, 0).await?;
+    run(Workload::ToolAppend, 0, 0).await?;
+    run(Workload::ToolResume, 1000, 0).await?;
 
     eprintln!("running pgbench with the same SQL");
     let pgbench_append_tps = pgbench_append(database_url, &load).await?;

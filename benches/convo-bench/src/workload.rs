@@ -40,6 +40,11 @@ pub enum Workload {
     Turn,
     /// Delay from sending an append to receiving it on a watch stream.
     Watch,
+    /// Each worker appends 3-part assistant messages (reasoning with a
+    /// signature, text, a tool call) to its own conversation.
+    ToolAppend,
+    /// ResumeConversation(50) of a conversation of --messages 3-part messages.
+    ToolResume,
 }
 
 /// How hard and how long to drive.
@@ -146,6 +151,14 @@ impl Setup {
                 setup.page_token = page_token_at(&mut target.client(0, &user)?, depth).await?;
                 setup.label = format!("list depth={depth}");
             }
+            Workload::ToolResume => {
+                let mut client = target.client(0, &user)?;
+                let conversation = create(&mut client).await?;
+                seed_tool_messages(&mut client, &conversation, messages).await?;
+                setup.conversation = Some(conversation);
+                setup.label = format!("tool-resume L={messages}");
+            }
+            Workload::ToolAppend => setup.label = "tool-append".into(),
             Workload::Append | Workload::Turn | Workload::Watch => {}
         }
         Ok(setup)
@@ -162,6 +175,66 @@ impl Setup {
     pub fn conversation(&self) -> Option<&str> {
         self.conversation.as_deref()
     }
+}
+
+/// An assistant turn as an agent framework stores it: reasoning with the
+/// provider's signature, a sentence, and a tool call whose id is `call_id`.
+fn tool_message(call_id: String) -> proto::NewMessage {
+    use proto::part::Kind;
+    proto::NewMessage {
+        role: Role::Assistant as i32,
+        parts: vec![
+            proto::Part {
+                kind: Some(Kind::Reasoning(proto::Reasoning {
+                    text: "The user wants the weather; look it up first.".into(),
+                })),
+                signature: (0..64).collect(),
+            },
+            proto::Part {
+                kind: Some(Kind::Text("Let me check the forecast.".into())),
+                signature: Vec::new(),
+            },
+            proto::Part {
+                kind: Some(Kind::ToolCall(proto::ToolCall {
+                    id: call_id,
+                    name: "get_weather".into(),
+                    arguments: r#"{"city": "Lisbon", "unit": "celsius"}"#.into(),
+                })),
+                signature: Vec::new(),
+            },
+        ],
+        model: "bench-model-1".into(),
+        usage: Some(proto::Usage {
+            input_tokens: 1200,
+            output_tokens: 80,
+            cached_input_tokens: 1000,
+            reasoning_tokens: 40,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Appends `messages` 3-part messages through the API, 100 per call.
+async fn seed_tool_messages(
+    client: &mut Client,
+    conversation: &str,
+    messages: i64,
+) -> Result<(), BoxError> {
+    let mut next = 0;
+    while next < messages {
+        let batch = (next..(next + 100).min(messages))
+            .map(|n| tool_message(format!("call_seed_{n}")))
+            .collect();
+        client
+            .append_messages(proto::AppendMessagesRequest {
+                conversation_id: conversation.to_owned(),
+                messages: batch,
+                ..Default::default()
+            })
+            .await?;
+        next += 100;
+    }
+    Ok(())
 }
 
 async fn create(client: &mut Client) -> Result<String, BoxError> {
@@ -245,7 +318,18 @@ impl Worker {
                     .append_message(self.append(Role::User, None, None))
                     .await?;
             }
-            Workload::Resume => {
+            Workload::ToolAppend => {
+                self.turn += 1;
+                let message = tool_message(format!("call_{}", self.turn));
+                self.client
+                    .append_messages(proto::AppendMessagesRequest {
+                        conversation_id: self.conversation.clone(),
+                        messages: vec![message],
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Workload::Resume | Workload::ToolResume => {
                 self.client
                     .resume_conversation(ResumeConversationRequest {
                         conversation_id: self.conversation.clone(),
@@ -321,9 +405,9 @@ impl Worker {
             conversation_id: self.conversation.clone(),
             role: role as i32,
             content: CONTENT.to_owned(),
-            metadata: Default::default(),
             request_id: request_id.unwrap_or_default(),
             expected_last_sequence: expected,
+            ..Default::default()
         }
     }
 }
