@@ -69,7 +69,9 @@ CREATE TABLE tool_calls (
     CONSTRAINT tool_calls_pkey PRIMARY KEY (user_id, conversation_id, tool_call_id),
     CONSTRAINT tool_calls_message_fkey FOREIGN KEY (user_id, conversation_id, sequence)
         REFERENCES messages (user_id, conversation_id, sequence) ON DELETE CASCADE,
-    CONSTRAINT tool_calls_id_format CHECK (tool_call_id ~ '^[!-~]{1,256}$')
+    -- 1-256 visible ASCII (PostgreSQL regexes repeat at most 255 times).
+    CONSTRAINT tool_calls_id_format
+        CHECK (tool_call_id ~ '^[!-~]+$' AND octet_length(tool_call_id) <= 256)
 );
 
 -- The foreign key's referencing side, so a truncation's cascade finds the

@@ -13,6 +13,7 @@ mod identity;
 mod messages;
 mod operability;
 mod operations;
+mod parts;
 mod search;
 mod security;
 mod watch;
