@@ -1,13 +1,17 @@
-"""A small AI orchestrator on top of convo, as a stateless replica would run it.
+"""A small tool-using AI orchestrator on top of convo, as a stateless replica
+would run it.
 
-Each turn: resume the conversation (one call), ask a stand-in model for a
-reply, then append the user's message and the reply. Both appends carry a
-request_id (so a retry after a lost reply cannot duplicate them) and
-expected_last_sequence (so two replicas working on one conversation cannot
-interleave). When another writer got there first the append fails with
-ABORTED: re-read and try the turn again.
+Each turn: resume the conversation (one call), ask a stand-in model what to
+do, and store what it did as typed parts: the model's reasoning (with the
+opaque signature a provider would insist on getting back), its tool calls,
+the tool results that answer them by id, and the final answer with its token
+usage. Every append carries a request_id (a retry after a lost reply cannot
+duplicate it) and expected_last_sequence (two replicas working on one
+conversation cannot interleave); when another writer got there first, the
+append fails with ABORTED and the turn starts again from a fresh read.
 """
 
+import json
 import os
 import sys
 import uuid
@@ -22,11 +26,45 @@ USER = os.environ.get("CONVO_USER", "python-example")
 METADATA = (("x-user-id", USER),)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.DEADLINE_EXCEEDED}
+MODEL = "stand-in-model-1"
+FORECASTS = {"lisbon": "21°C and sunny", "porto": "18°C and cloudy"}
 
 
-def stand_in_model(history, prompt):
-    """Pretends to be a model: answers from the prompt and the history length."""
-    return f"(turn {len(history) // 2 + 1}) You said {prompt!r}; I have read {len(history)} messages."
+def get_weather(city):
+    """The one tool: a forecast from a table."""
+    return FORECASTS.get(city.lower(), "no forecast")
+
+
+def stand_in_model(history, turn):
+    """Pretends to be a model. Reads the conversation as a model API would:
+    if the last user message asks about weather and no tool results answer
+    it yet, it calls get_weather once per city it knows; once the results
+    are in, it answers from them. Returns (parts, usage)."""
+    results = {}
+    question = ""
+    for message in history:
+        if message.role == pb.ROLE_USER:
+            question, results = message.content, {}
+        for part in message.parts:
+            if part.WhichOneof("kind") == "tool_result":
+                results[part.tool_result.tool_call_id] = part.tool_result.content
+    usage = pb.Usage(input_tokens=40 * len(history) + 20, output_tokens=30,
+                     cached_input_tokens=40 * (len(history) - 1) if history else 0,
+                     reasoning_tokens=10)
+    cities = [c for c in FORECASTS if c in question.lower()]
+    if "weather" in question.lower() and cities and not results:
+        thinking = pb.Part(reasoning=pb.Reasoning(text="The user asks for forecasts; look them up."),
+                           signature=bytes([0, 1, 2, 250, 255]) + turn.encode())
+        calls = [pb.Part(tool_call=pb.ToolCall(
+            id=f"call_{turn}_{city}", name="get_weather",
+            arguments=json.dumps({"city": city.title()}))) for city in cities]
+        return [thinking] + calls, usage
+    if results:
+        answer = "; ".join(f"{call_id.rsplit('_', 1)[-1].title()}: {text}"
+                           for call_id, text in results.items())
+    else:
+        answer = f"You said {question!r}."
+    return [pb.Part(text=answer)], usage
 
 
 def call(method, request, attempts=5):
@@ -41,25 +79,40 @@ def call(method, request, attempts=5):
 
 
 def take_turn(stub, conversation_id, turn_id, prompt, meanwhile=None):
-    """One orchestrator turn; returns the two messages stored. `meanwhile`
-    runs once between reading and writing, standing in for another replica."""
+    """One orchestrator turn, tool calls included; returns how many messages
+    it stored. `meanwhile` runs once between the first read and the first
+    write, standing in for another replica."""
     while True:
         resumed = call(stub.ResumeConversation, pb.ResumeConversationRequest(
             conversation_id=conversation_id, max_messages=50))
         if meanwhile:
             meanwhile()
             meanwhile = None
-        history = list(resumed.messages)
         last = resumed.conversation.message_count
-        reply = stand_in_model(history, prompt)
+        pending = [pb.NewMessage(role=pb.ROLE_USER, content=prompt)]
+        history = list(resumed.messages) + [pb.Message(role=pb.ROLE_USER, content=prompt)]
         try:
-            asked = call(stub.AppendMessage, pb.AppendMessageRequest(
-                conversation_id=conversation_id, role=pb.ROLE_USER, content=prompt,
-                request_id=f"{turn_id}-user", expected_last_sequence=last))
-            answered = call(stub.AppendMessage, pb.AppendMessageRequest(
-                conversation_id=conversation_id, role=pb.ROLE_ASSISTANT, content=reply,
-                request_id=f"{turn_id}-assistant", expected_last_sequence=asked.sequence))
-            return asked, answered
+            step = 0
+            while True:
+                parts, usage = stand_in_model(history, turn_id)
+                reply = pb.NewMessage(role=pb.ROLE_ASSISTANT, parts=parts, model=MODEL, usage=usage)
+                pending.append(reply)
+                calls = [p.tool_call for p in parts if p.WhichOneof("kind") == "tool_call"]
+                # The tool results answer the calls by id, one message each.
+                pending += [pb.NewMessage(role=pb.ROLE_TOOL, name=c.name, parts=[
+                    pb.Part(tool_result=pb.ToolResult(
+                        tool_call_id=c.id, content=get_weather(json.loads(c.arguments)["city"])))])
+                    for c in calls]
+                # Store this step: the user message (first step only), the
+                # model's message and its tool results, as one atomic batch.
+                stored = call(stub.AppendMessages, pb.AppendMessagesRequest(
+                    conversation_id=conversation_id, messages=pending,
+                    request_id=f"{turn_id}-step{step}", expected_last_sequence=last))
+                history += list(stored.messages)[1 if step == 0 else 0:]
+                last = stored.messages[-1].sequence
+                pending, step = [], step + 1
+                if not calls:
+                    return last - resumed.conversation.message_count
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.ABORTED:
                 raise
@@ -69,45 +122,82 @@ def take_turn(stub, conversation_id, turn_id, prompt, meanwhile=None):
             turn_id = f"{turn_id}-retry"
 
 
+def describe(message):
+    """One line per message, parts spelled out."""
+    kinds = []
+    for part in message.parts:
+        kind = part.WhichOneof("kind")
+        if kind == "tool_call":
+            kinds.append(f"tool_call {part.tool_call.id} {part.tool_call.name}({part.tool_call.arguments})")
+        elif kind == "tool_result":
+            kinds.append(f"tool_result {part.tool_result.tool_call_id}: {part.tool_result.content}")
+        elif kind == "reasoning":
+            kinds.append(f"reasoning ({len(part.signature)}-byte signature)")
+        else:
+            kinds.append(f"{kind}: {getattr(part, kind)}")
+    return "; ".join(kinds) or message.content
+
+
 def main():
     with grpc.insecure_channel(ADDR) as channel:
         stub = rpc.ConversationServiceStub(channel)
         run = uuid.uuid4().hex[:8]
         conversation = call(stub.CreateConversation, pb.CreateConversationRequest(
-            title="Python orchestrator example", metadata={"client": "python"},
+            title="Python tool-using orchestrator", metadata={"client": "python"},
             request_id=f"example-{run}"))
         print(f"conversation {conversation.id} for {USER} at {ADDR}")
 
-        take_turn(stub, conversation.id, f"{run}-t1", "Where should I travel in May?")
+        # Turn 1: the model calls a tool for each city; the results come
+        # back; the model answers from them.
+        stored = take_turn(stub, conversation.id, f"{run}-t1",
+                           "What is the weather in Lisbon and Porto?")
+        assert stored == 5, f"turn 1 stored {stored} messages"
 
-        # Another replica appends between our read and our write: the
-        # turn's first attempt is ABORTED, and the retry sees its message.
+        # Turn 2: another replica appends between our read and our write:
+        # the first attempt is ABORTED, and the retry sees its message.
         def another_replica_appends():
             call(stub.AppendMessage, pb.AppendMessageRequest(
                 conversation_id=conversation.id, role=pb.ROLE_SYSTEM,
                 content="(another replica added a note)", request_id=f"{run}-intruder"))
 
-        take_turn(stub, conversation.id, f"{run}-t2", "And what should I eat there?",
-                  meanwhile=another_replica_appends)
+        take_turn(stub, conversation.id, f"{run}-t2", "Thanks!", meanwhile=another_replica_appends)
 
         # A retried append with the same request_id returns the original.
         final = call(stub.ResumeConversation, pb.ResumeConversationRequest(
             conversation_id=conversation.id))
         first = final.messages[0]
-        again = call(stub.AppendMessage, pb.AppendMessageRequest(
-            conversation_id=conversation.id, role=first.role, content=first.content,
-            request_id=f"{run}-t1-user", expected_last_sequence=0))
-        assert again.id == first.id and again.sequence == 1, "a retry must not duplicate"
+        again = call(stub.AppendMessages, pb.AppendMessagesRequest(
+            conversation_id=conversation.id, request_id=f"{run}-t1-step0",
+            expected_last_sequence=0, messages=[
+                pb.NewMessage(role=first.role, content=first.content),
+                pb.NewMessage(role=final.messages[1].role, parts=final.messages[1].parts,
+                              model=final.messages[1].model, usage=final.messages[1].usage),
+                *[pb.NewMessage(role=m.role, name=m.name, parts=m.parts) for m in final.messages[2:4]]]))
+        assert again.messages[0].id == first.id, "a retry must not duplicate"
+
+        # Resume with a window that would start at the second tool result:
+        # it widens back to the assistant message that made the calls.
+        narrow = call(stub.ResumeConversation, pb.ResumeConversationRequest(
+            conversation_id=conversation.id, max_messages=5))
+        assert narrow.messages[0].role == pb.ROLE_ASSISTANT, "the exchange is kept whole"
+        assert narrow.messages[0].sequence == 2 and narrow.has_more
 
         print("transcript:")
         for message in final.messages:
-            print(f"  {message.sequence:>2} {pb.Role.Name(message.role):<15} {message.content}")
+            print(f"  {message.sequence:>2} {pb.Role.Name(message.role):<15} {describe(message)}")
+        print(f"usage: {final.conversation.usage.input_tokens} in, "
+              f"{final.conversation.usage.output_tokens} out")
         roles = [m.role for m in final.messages]
-        expected = [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT]
-        if roles != expected or final.conversation.message_count != 5:
+        expected = [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL, pb.ROLE_TOOL, pb.ROLE_ASSISTANT,
+                    pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT]
+        if roles != expected or final.conversation.message_count != 8:
             print(f"unexpected transcript: {roles}", file=sys.stderr)
             return 1
-        print("ok: 2 turns, 1 ABORTED retried, 1 idempotent replay")
+        if final.messages[1].parts[0].signature[:5] != bytes([0, 1, 2, 250, 255]):
+            print("the reasoning signature changed", file=sys.stderr)
+            return 1
+        print("ok: 1 tool exchange of 2 calls, 1 ABORTED retried, 1 idempotent replay, "
+              "resume kept the exchange whole")
         return 0
 
 
