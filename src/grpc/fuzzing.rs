@@ -90,6 +90,21 @@ mod tests {
         }
     }
 
+    /// The seeds of the structured-message and truncation requests are
+    /// well formed (other seeds hold deliberate mistakes).
+    #[test]
+    fn the_parts_and_truncate_seeds_validate() {
+        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/requests");
+        for seed in [
+            "06-AppendMessagesRequest-parts",
+            "13-TruncateConversationRequest",
+        ] {
+            let bytes = std::fs::read(format!("{corpus}/{seed}")).expect("read the seed");
+            let (kind, message) = bytes.split_first().expect("a seed is not empty");
+            assert!(validate_encoded_request(*kind, message), "{seed}");
+        }
+    }
+
     #[test]
     fn well_formed_requests_validate() {
         let id = crate::domain::ConversationId::generate().to_string();
