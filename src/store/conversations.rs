@@ -158,6 +158,38 @@ pub(super) async fn lock_for_append(
         .ok_or(StoreError::NotFound)
 }
 
+/// Records an append on the conversation row locked by [`lock_for_append`]:
+/// its new message count, the time of the change and, when the new messages
+/// carry any, their usage. Without usage the statement is the one appends
+/// always ran, with nothing to return.
+pub(super) async fn record_append(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    id: ConversationId,
+    message_count: i64,
+    added: Option<&Usage>,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    match added {
+        Some(added) => {
+            record_messages(conn, owner, id, message_count, (added, &Usage::default()), at)
+                .await?;
+        }
+        None => {
+            diesel::update(conversations::table)
+                .filter(conversations::user_id.eq(owner.as_str()))
+                .filter(conversations::id.eq(id.as_uuid()))
+                .set((
+                    conversations::message_count.eq(message_count),
+                    conversations::update_time.eq(at),
+                ))
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Records a change of the conversation's messages on its row (locked by
 /// [`lock_for_append`], or new): the new message count, the usage of the
 /// messages added and removed, and the time of the change.

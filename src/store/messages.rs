@@ -82,6 +82,10 @@ impl TryFrom<MessageRow> for Message {
     }
 }
 
+fn non_empty(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
 fn messages_of(rows: Vec<MessageRow>) -> Result<Vec<Message>, StoreError> {
     rows.into_iter().map(Message::try_from).collect()
 }
@@ -98,8 +102,10 @@ struct NewMessageRow<'a> {
     metadata: serde_json::Value,
     create_time: DateTime<Utc>,
     parts: Option<Vec<u8>>,
-    name: &'a str,
-    model: &'a str,
+    /// `None` inserts the column's default (''), so a message without a name
+    /// or model binds nothing more than before they existed.
+    name: Option<&'a str>,
+    model: Option<&'a str>,
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
     cached_input_tokens: Option<i64>,
@@ -278,26 +284,46 @@ impl Store {
                 // Never earlier than the conversation's last change, so create_time
                 // does not decrease along sequence even if replica clocks disagree.
                 let now = now_micros().max(update_time);
-                let texts: Vec<_> = batch.iter().map(NewMessage::text).collect();
+                // What the batch becomes, built here: the insert needs nothing
+                // back from the database (no RETURNING of what was just sent).
+                let stored: Vec<Message> = batch
+                    .iter()
+                    .zip(count + 1..)
+                    .map(|(message, sequence)| Message {
+                        id: MessageId::generate(),
+                        conversation_id,
+                        sequence,
+                        role: message.role,
+                        content: message.text().into_owned(),
+                        metadata: message.metadata.clone(),
+                        create_time: now,
+                        parts: message
+                            .parts()
+                            .map(|parts| parts.as_slice().to_vec())
+                            .unwrap_or_default(),
+                        name: message.name.clone(),
+                        model: message.model.clone(),
+                        usage: message.usage,
+                    })
+                    .collect();
                 let rows: Vec<NewMessageRow<'_>> = batch
                     .iter()
-                    .zip(&texts)
+                    .zip(&stored)
                     .zip(&exchanges.answers_from)
-                    .zip(count + 1..)
-                    .map(|(((message, text), answers_from), sequence)| {
+                    .map(|((message, row), answers_from)| {
                         let usage = message.usage;
                         NewMessageRow {
                             user_id: owner.as_str(),
                             conversation_id: *conversation_id.as_uuid(),
-                            sequence,
-                            id: *MessageId::generate().as_uuid(),
+                            sequence: row.sequence,
+                            id: *row.id.as_uuid(),
                             role: message.role.number() as i16,
-                            content: text,
+                            content: &row.content,
                             metadata: metadata_to_json(&message.metadata),
                             create_time: now,
                             parts: message.parts().map(parts::encode),
-                            name: message.name.as_str(),
-                            model: message.model.as_str(),
+                            name: non_empty(message.name.as_str()),
+                            model: non_empty(message.model.as_str()),
                             input_tokens: usage.map(|u| u.input_tokens),
                             output_tokens: usage.map(|u| u.output_tokens),
                             cached_input_tokens: usage.map(|u| u.cached_input_tokens),
@@ -306,19 +332,17 @@ impl Store {
                         }
                     })
                     .collect();
-                let written: Vec<MessageRow> = diesel::insert_into(messages::table)
+                let written = diesel::insert_into(messages::table)
                     .values(&rows)
-                    .returning(MessageRow::as_returning())
-                    .get_results(conn)
+                    .execute(conn)
                     .await?;
-                if written.len() != batch.len() {
+                if written != batch.len() {
                     return Err(StoreError::Corrupt(format!(
-                        "an append of {} messages to {conversation_id} wrote {}",
+                        "an append of {} messages to {conversation_id} wrote {written}",
                         batch.len(),
-                        written.len()
                     )));
                 }
-                let appended = written.len() as i64;
+                let appended = written as i64;
                 if !exchanges.calls.is_empty() {
                     let rows: Vec<_> = exchanges
                         .calls
@@ -355,20 +379,18 @@ impl Store {
                 let usage = batch
                     .iter()
                     .filter_map(|m| m.usage)
-                    .fold(Usage::default(), |sum, u| sum.plus(&u));
-                conversations::record_messages(
+                    .reduce(|sum, u| sum.plus(&u));
+                conversations::record_append(
                     conn,
                     owner,
                     conversation_id,
                     count + appended,
-                    (&usage, &Usage::default()),
+                    usage.as_ref(),
                     now,
                 )
                 .await?;
                 changes::notify(conn, &changes::conversation_changed(conversation_id)).await?;
 
-                let mut stored = messages_of(written)?;
-                stored.sort_by_key(|m| m.sequence);
                 Ok(AppendOutcome::Appended(stored))
             })
             .await
