@@ -172,8 +172,15 @@ pub(super) async fn record_append(
 ) -> Result<(), StoreError> {
     match added {
         Some(added) => {
-            record_messages(conn, owner, id, message_count, (added, &Usage::default()), at)
-                .await?;
+            record_messages(
+                conn,
+                owner,
+                id,
+                message_count,
+                (added, &Usage::default()),
+                at,
+            )
+            .await?;
         }
         None => {
             diesel::update(conversations::table)
