@@ -122,10 +122,15 @@ pub struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
 
-    /// Data directory of the private PostgreSQL used when no --database-url is given.
-    #[arg(long, env = "CONVO_DATA_DIR", default_value = "convo-data")]
-    pub data_dir: PathBuf,
+    /// Data directory of the private PostgreSQL used when no --database-url is
+    /// given [default: convo-data; as root, when the `postgres` user cannot reach
+    /// it, /var/lib/convo/convo-data-<hash> with a link at ./convo-data].
+    #[arg(long, env = "CONVO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
+
+/// Where the private PostgreSQL keeps its data unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "convo-data";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

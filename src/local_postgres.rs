@@ -2,10 +2,17 @@
 //! embedded default of `convo serve` when no `DATABASE_URL` is given, and the
 //! database of the test suite.
 //!
-//! It uses the machine's PostgreSQL server binaries (`initdb`, `postgres`),
-//! keeps its data in one directory and listens on a loopback port only.
-//! PostgreSQL refuses to run as root, so under root the cluster runs as the
-//! unprivileged `postgres` system user.
+//! It uses the machine's PostgreSQL server binaries (`initdb`, `postgres`) and
+//! keeps its data in one directory. PostgreSQL refuses to run as root, so
+//! under root the cluster runs as the unprivileged `postgres` system user.
+//!
+//! [`Access::Private`] (what `convo serve` uses) opens no TCP port: the only
+//! way in is a Unix socket inside the data directory (or a private directory
+//! of its own), which is mode 0700, so no other local account can connect.
+//! The postmaster is told to stop when convo dies, and one left behind by a
+//! hard kill is stopped at the next start. [`Access::Loopback`] listens on a
+//! 127.0.0.1 port, for the tests and the benchmark suite, whose clusters are
+//! throwaway.
 
 use std::{
     fs,
@@ -63,9 +70,38 @@ pub struct LocalPostgresOptions {
     pub data_dir: PathBuf,
     /// Durable writes. Off only for throwaway clusters such as the tests'.
     pub fsync: bool,
-    /// The loopback port; `None` picks a free one at each start.
-    pub port: Option<u16>,
+    /// Who can reach it.
+    pub access: Access,
+    /// Under root, when the `postgres` user cannot reach `data_dir` (a
+    /// checkout in a private home directory), keep the data under
+    /// `/var/lib/convo` instead and leave a link at `data_dir`.
+    pub relocate_if_unreachable: bool,
 }
+
+/// Who can reach the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A Unix socket in a 0700 directory and no TCP port; the postmaster
+    /// stops when this process dies.
+    Private,
+    /// A 127.0.0.1 port (`None` picks a free one at each start), open to every
+    /// local account: for throwaway clusters only.
+    Loopback { port: Option<u16> },
+}
+
+/// Where clients connect.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    Socket { dir: PathBuf, port: u16 },
+    Tcp { port: u16 },
+}
+
+/// The port number in a private socket's name (`.s.PGSQL.5432`): the socket
+/// lives in a directory of its own, so it never collides.
+const SOCKET_PORT: u16 = 5432;
+
+/// The longest Unix socket path the kernel accepts, less a margin.
+const MAX_SOCKET_PATH: usize = 100;
 
 /// A running private cluster. Stop it with [`LocalPostgres::stop`]; dropping it
 /// asks PostgreSQL for a fast shutdown without waiting.
@@ -73,7 +109,9 @@ pub struct LocalPostgresOptions {
 pub struct LocalPostgres {
     child: Option<Child>,
     data_dir: PathBuf,
-    port: u16,
+    endpoint: Endpoint,
+    /// A socket directory made outside the data directory, removed at stop.
+    own_socket_dir: Option<PathBuf>,
 }
 
 /// The unprivileged account the cluster runs as when convo runs as root.
@@ -89,7 +127,19 @@ impl LocalPostgres {
     pub async fn start(options: &LocalPostgresOptions) -> Result<Self, LocalPostgresError> {
         let bin_dir = find_binaries().ok_or(LocalPostgresError::BinariesNotFound)?;
         let run_as = run_as()?;
-        let data_dir = absolute(&options.data_dir)?;
+        let mut data_dir = absolute(&options.data_dir)?;
+        if data_dir.exists() {
+            // A link left by an earlier relocation leads to the real directory.
+            data_dir = fs::canonicalize(&data_dir)
+                .map_err(io(format!("resolving {}", data_dir.display())))?;
+        }
+        if let Some(user) = run_as
+            && options.relocate_if_unreachable
+            && !data_dir.exists()
+            && !searchable_by(data_dir.parent().unwrap_or(Path::new("/")), user)?
+        {
+            data_dir = relocate(&data_dir)?;
+        }
         fs::create_dir_all(&data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
         if let Some(user) = run_as {
             chown(&data_dir, Some(user.uid), Some(user.gid)).map_err(|e| {
@@ -103,10 +153,38 @@ impl LocalPostgres {
         if !data_dir.join("PG_VERSION").exists() {
             initdb(&bin_dir, &data_dir, run_as)?;
         }
+        stop_stale_postmaster(&data_dir).await;
 
-        let port = match options.port {
-            Some(port) => port,
-            None => free_port()?,
+        let (endpoint, own_socket_dir) = match options.access {
+            Access::Loopback { port } => {
+                let port = match port {
+                    Some(port) => port,
+                    None => free_port()?,
+                };
+                (Endpoint::Tcp { port }, None)
+            }
+            Access::Private => {
+                let socket = data_dir.join(format!(".s.PGSQL.{SOCKET_PORT}"));
+                if socket.as_os_str().len() <= MAX_SOCKET_PATH {
+                    let dir = data_dir.clone();
+                    (
+                        Endpoint::Socket {
+                            dir,
+                            port: SOCKET_PORT,
+                        },
+                        None,
+                    )
+                } else {
+                    // The data directory's path is too long for a socket
+                    // name: a private directory of its own in /tmp.
+                    let dir = private_socket_dir(run_as)?;
+                    let endpoint = Endpoint::Socket {
+                        dir: dir.clone(),
+                        port: SOCKET_PORT,
+                    };
+                    (endpoint, Some(dir))
+                }
+            }
         };
         let log_path = data_dir.join("convo-postgres.log");
         let log = fs::OpenOptions::new()
@@ -116,14 +194,26 @@ impl LocalPostgres {
             .map_err(io(format!("opening {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io("duplicating the log handle"))?;
         let mut command = Command::new(bin_dir.join("postgres"));
+        command.arg("-D").arg(&data_dir);
+        match &endpoint {
+            Endpoint::Tcp { port } => {
+                command
+                    .args(["-p", &port.to_string()])
+                    .args(["-c", "listen_addresses=127.0.0.1"])
+                    // No Unix socket: its path limit (107 bytes) would tie the
+                    // data directory to a short path.
+                    .args(["-c", "unix_socket_directories="]);
+            }
+            Endpoint::Socket { dir, port } => {
+                command
+                    .args(["-p", &port.to_string()])
+                    .args(["-c", "listen_addresses="])
+                    .arg("-c")
+                    .arg(format!("unix_socket_directories={}", dir.display()))
+                    .args(["-c", "unix_socket_permissions=0700"]);
+            }
+        }
         command
-            .arg("-D")
-            .arg(&data_dir)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            // No Unix socket: its path limit (107 bytes) would tie the data
-            // directory to a short path.
-            .args(["-c", "unix_socket_directories="])
             .args([
                 "-c",
                 if options.fsync {
@@ -142,6 +232,9 @@ impl LocalPostgres {
         if let Some(user) = run_as {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
+        if options.access == Access::Private {
+            die_with_this_process(&mut command);
+        }
         let child = command.spawn().map_err(io(format!(
             "starting {}",
             bin_dir.join("postgres").display()
@@ -149,7 +242,8 @@ impl LocalPostgres {
         let mut cluster = Self {
             child: Some(child),
             data_dir,
-            port,
+            endpoint,
+            own_socket_dir,
         };
         cluster.wait_until_ready(&log_path).await?;
         Ok(cluster)
@@ -157,7 +251,31 @@ impl LocalPostgres {
 
     /// A URL for `database` on this cluster, as the `postgres` superuser.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        self.url_as("postgres", database)
+    }
+
+    /// A URL for `database` on this cluster, as `role`.
+    pub fn url_as(&self, role: &str, database: &str) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp { port } => format!("postgres://{role}@127.0.0.1:{port}/{database}"),
+            Endpoint::Socket { dir, port } => {
+                // The socket's directory is the URL's host, percent-encoded.
+                let host = percent_encoding::utf8_percent_encode(
+                    &dir.to_string_lossy(),
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string();
+                format!("postgres://{role}@{host}:{port}/{database}")
+            }
+        }
+    }
+
+    /// Where clients connect, for the log: a socket directory or a port.
+    pub fn endpoint(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp { port } => format!("127.0.0.1:{port}"),
+            Endpoint::Socket { dir, .. } => format!("a Unix socket in {}", dir.display()),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -186,6 +304,13 @@ impl LocalPostgres {
     }
 
     async fn stop_with(mut self, signal: Signal) {
+        self.stop_child(signal).await;
+        if let Some(dir) = self.own_socket_dir.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+
+    async fn stop_child(&mut self, signal: Signal) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -278,6 +403,138 @@ fn run_as() -> Result<Option<RunAs>, LocalPostgresError> {
 
 fn absolute(path: &Path) -> Result<PathBuf, LocalPostgresError> {
     std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))
+}
+
+/// True when `user` can reach and enter `dir`.
+fn searchable_by(dir: &Path, user: RunAs) -> Result<bool, LocalPostgresError> {
+    Ok(Command::new("test")
+        .arg("-x")
+        .arg(dir)
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .status()
+        .map_err(io("checking the data directory's permissions"))?
+        .success())
+}
+
+/// Where the data goes when the `postgres` user cannot reach the requested
+/// directory: `/var/lib/convo/<name>-<hash of the requested path>`, with a
+/// link at the requested path so that the next start finds it there.
+fn relocate(requested: &Path) -> Result<PathBuf, LocalPostgresError> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    requested.hash(&mut hasher);
+    let name = requested
+        .file_name()
+        .map_or_else(|| "data".into(), |n| n.to_string_lossy().into_owned());
+    let relocated = Path::new(RELOCATED_BASE).join(format!("{name}-{:016x}", hasher.finish()));
+    fs::create_dir_all(&relocated).map_err(io(format!("creating {}", relocated.display())))?;
+    let linked = std::os::unix::fs::symlink(&relocated, requested).is_ok();
+    tracing::info!(
+        requested = %requested.display(),
+        data_dir = %relocated.display(),
+        linked,
+        "the postgres user cannot reach the requested data directory (a parent directory is \
+         private): keeping the private PostgreSQL's data here instead"
+    );
+    Ok(relocated)
+}
+
+/// Where relocated data directories go.
+const RELOCATED_BASE: &str = "/var/lib/convo";
+
+/// A 0700 directory in /tmp for the socket of a cluster whose data directory
+/// has too long a path, owned by the user the cluster runs as.
+fn private_socket_dir(run_as: Option<RunAs>) -> Result<PathBuf, LocalPostgresError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "convo-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io(format!("creating {}", dir.display())))?;
+    if let Some(user) = run_as {
+        chown(&dir, Some(user.uid), Some(user.gid))
+            .map_err(|e| io(format!("handing {} to the postgres user", dir.display()))(e.into()))?;
+    }
+    Ok(dir)
+}
+
+/// Asks the kernel to stop PostgreSQL (fast shutdown) when this process dies,
+/// however it dies: a postmaster must not outlive the convo that owns it.
+/// (The signal follows the thread that started it; `convo serve` starts the
+/// cluster from its main thread.)
+fn die_with_this_process(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only prctl and getppid, which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            use nix::libc;
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGINT as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // convo may have died before the request took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other(
+                    "convo exited while starting PostgreSQL",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Stops a postmaster that an earlier convo left running on this data
+/// directory (it was killed too hard to stop it), so this start can proceed.
+/// Only a `postgres` process whose `-D` is this very directory is touched.
+async fn stop_stale_postmaster(data_dir: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(pid_file) = fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = pid_file
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let ours = args.first().is_some_and(|a| a.ends_with(b"postgres"))
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"-D" && Path::new(std::ffi::OsStr::from_bytes(w[1])) == data_dir);
+    if !ours {
+        return;
+    }
+    tracing::warn!(
+        pid,
+        data_dir = %data_dir.display(),
+        "a PostgreSQL left behind by an earlier convo still serves this data directory; stopping it"
+    );
+    let pid = Pid::from_raw(pid);
+    let _ = kill(pid, Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kill(pid, None).is_ok() {
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGQUIT);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Every directory above the data directory must be searchable by the

@@ -30,14 +30,8 @@ async fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let database = Database::resolve(&args.database).await?;
     let served = async {
-        if args.skip_migrations {
-            store::ensure_schema_current(&database.url)
-                .await
-                .map_err(|e| StartupError::Migrations(e.to_string()))?;
-        } else {
-            startup::prepare_database(&database.url).await?;
-        }
-        let app = Application::build(args.settings(database.url.clone())?).await?;
+        database.prepare(!args.skip_migrations).await?;
+        let app = Application::build(args.settings(database.app_url.clone())?).await?;
         app.run_until(startup::shutdown_signal()).await
     }
     .await;
@@ -55,7 +49,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
             tracing::info!(%version, "reverted migration");
             Ok(())
         } else {
-            startup::prepare_database(&database.url).await
+            database.prepare(true).await
         }
     }
     .await;

@@ -8,9 +8,9 @@ use std::{future::Future, net::SocketAddr};
 use tokio::net::TcpListener;
 
 use crate::{
-    config::{ConfigError, DatabaseArgs, Settings},
+    config::{ConfigError, DEFAULT_DATA_DIR, DatabaseArgs, Settings},
     grpc::{self, ConversationApi, PageTokenCodec, ServeError, ServerOptions},
-    local_postgres::{LocalPostgres, LocalPostgresError, LocalPostgresOptions},
+    local_postgres::{Access, LocalPostgres, LocalPostgresError, LocalPostgresOptions},
     service::Conversations,
     store::{self, ChangeFeed, Store, StoreError},
 };
@@ -46,9 +46,17 @@ pub enum StartupError {
 /// started one (stop it after the server has stopped).
 #[derive(Debug)]
 pub struct Database {
+    /// For migrations: the database's owner (the superuser of a private
+    /// cluster, or whoever DATABASE_URL names).
     pub url: String,
+    /// For the server's connections: on a private cluster, a role that may
+    /// only read and write convo's tables; otherwise the same as `url`.
+    pub app_url: String,
     pub local: Option<LocalPostgres>,
 }
+
+/// The role the server's connections use on its private cluster.
+const APP_ROLE: &str = "convo_app";
 
 impl Database {
     /// Uses `--database-url` when given, else starts the private cluster in
@@ -66,25 +74,52 @@ impl Database {
             tracing::info!(database = %redact(&parsed), "using the database at DATABASE_URL");
             return Ok(Self {
                 url: url.clone(),
+                app_url: url.clone(),
                 local: None,
             });
         }
         let local = LocalPostgres::start(&LocalPostgresOptions {
-            data_dir: args.data_dir.clone(),
+            data_dir: args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             fsync: true,
-            port: None,
+            access: Access::Private,
+            // Only the default moves; a directory the operator named is used
+            // as named (or refused with the reason).
+            relocate_if_unreachable: args.data_dir.is_none(),
         })
         .await?;
-        let url = local.url("convo");
         tracing::info!(
             data_dir = %local.data_dir().display(),
-            database = %url,
-            "no DATABASE_URL given: using a private PostgreSQL"
+            reachable_through = %local.endpoint(),
+            "no DATABASE_URL given: using a private PostgreSQL that only this machine's root \
+             and postgres accounts (or convo's own account) can reach"
         );
         Ok(Self {
-            url,
+            url: local.url("convo"),
+            app_url: local.url_as(APP_ROLE, "convo"),
             local: Some(local),
         })
+    }
+
+    /// Makes the database ready to serve: creates and migrates it (unless
+    /// `migrate` is false, when it only checks that no migration is pending),
+    /// and on a private cluster gives the server's role its grants.
+    pub async fn prepare(&self, migrate: bool) -> Result<(), StartupError> {
+        if migrate {
+            prepare_database(&self.url).await?;
+        } else {
+            store::ensure_schema_current(&self.url)
+                .await
+                .map_err(|e| StartupError::Migrations(e.to_string()))?;
+        }
+        if self.local.is_some() {
+            store::grant_app_role(&self.url, APP_ROLE)
+                .await
+                .map_err(|e| StartupError::Migrations(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Stops the private cluster, if convo started one.

@@ -25,6 +25,33 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
     .await?
 }
 
+/// Gives `role` (created if missing, with LOGIN and nothing else) what the
+/// server needs and no more: connect to the database and read and write
+/// convo's tables. Run after migrations, so tables they added are covered.
+pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxError> {
+    let url = url::Url::parse(database_url)?;
+    let database = percent_decode(url.path().trim_start_matches('/'))?;
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let (role_q, database_q) = (quote(role), quote(&database));
+    let role_literal = role.replace('\'', "''");
+    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut conn,
+        &format!(
+            "DO $$ BEGIN \
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role_literal}') THEN \
+                     CREATE ROLE {role_q} LOGIN; \
+                 END IF; \
+             END $$; \
+             GRANT CONNECT ON DATABASE {database_q} TO {role_q}; \
+             GRANT USAGE ON SCHEMA public TO {role_q}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role_q}"
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Reverts the most recently applied migration and returns its version.
 pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxError> {
     let url = database_url.to_owned();

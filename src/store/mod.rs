@@ -31,7 +31,7 @@ pub use conversations::ForkOutcome;
 pub use error::StoreError;
 pub use messages::{AppendOutcome, TruncateOutcome};
 pub use migrations::{
-    create_database_if_missing, ensure_schema_current, revert_last_migration,
+    create_database_if_missing, ensure_schema_current, grant_app_role, revert_last_migration,
     run_pending_migrations,
 };
 pub use pool::{PoolSettings, Store};

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use convo::local_postgres::{LocalPostgres, LocalPostgresOptions};
+use convo::local_postgres::{Access, LocalPostgres, LocalPostgresOptions};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -201,7 +201,8 @@ impl DedicatedCluster {
         let options = LocalPostgresOptions {
             data_dir: base.join(format!("convo-fault-{}", uuid::Uuid::now_v7().simple())),
             fsync: false,
-            port: Some(port),
+            access: Access::Loopback { port: Some(port) },
+            relocate_if_unreachable: false,
         };
         let running = LocalPostgres::start(&options)
             .await
@@ -213,7 +214,10 @@ impl DedicatedCluster {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.options.port.expect("a fixed port")))
+        let Access::Loopback { port: Some(port) } = self.options.access else {
+            unreachable!("a dedicated cluster listens on a fixed loopback port")
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     pub fn url(&self, database: &str) -> String {

@@ -15,7 +15,7 @@ use convo::{
     config::Settings,
     domain::Limits,
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
-    local_postgres::{LocalPostgres, LocalPostgresOptions},
+    local_postgres::{Access, LocalPostgres, LocalPostgresOptions},
     startup::{Application, StartupError},
     store::{self, ChangeFeed, PoolSettings},
 };
@@ -79,7 +79,8 @@ async fn start_cluster() -> TestCluster {
                 let local = LocalPostgres::start(&LocalPostgresOptions {
                     data_dir: data_dir.clone(),
                     fsync: false,
-                    port: None,
+                    access: Access::Loopback { port: None },
+                    relocate_if_unreachable: false,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));

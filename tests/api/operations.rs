@@ -111,7 +111,7 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
     );
 }
 
-fn convo_binary() -> tokio::process::Command {
+pub(crate) fn convo_binary() -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"));
     command
         .env_remove("DATABASE_URL")

@@ -9,7 +9,7 @@ use std::{
 };
 
 use clap::Args;
-use convo::local_postgres::{self, LocalPostgres, LocalPostgresOptions};
+use convo::local_postgres::{self, Access, LocalPostgres, LocalPostgresOptions};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 
@@ -93,7 +93,8 @@ pub async fn run(args: SuiteArgs) -> Result<(), BoxError> {
     let postgres = LocalPostgres::start(&LocalPostgresOptions {
         data_dir: data_dir.clone(),
         fsync: args.fsync,
-        port: None,
+        access: Access::Loopback { port: None },
+        relocate_if_unreachable: false,
     })
     .await?;
     let database_url = postgres.url("convo");

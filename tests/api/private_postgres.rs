@@ -1,0 +1,301 @@
+//! The private PostgreSQL of `convo serve` (no DATABASE_URL): reachable only
+//! by convo's own account (and root and postgres), gone when convo dies,
+//! recovered after a hard kill, and usable as root from a checkout under a
+//! private home directory. Tests that need root (to act as another OS user)
+//! say so and skip otherwise.
+
+use std::{
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use convo::{
+    grpc::proto,
+    local_postgres::{self, Access, LocalPostgres, LocalPostgresOptions},
+};
+use nix::unistd::{Uid, User};
+use tokio::time::sleep;
+
+use crate::operations::convo_binary;
+
+fn scratch_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::now_v7().simple()))
+}
+
+/// The `nobody` account, when this test runs as root and can act as it.
+fn another_account() -> Option<User> {
+    if !Uid::effective().is_root() {
+        eprintln!("skipped: needs root, to try the connection as another OS user");
+        return None;
+    }
+    User::from_name("nobody").ok().flatten()
+}
+
+/// What `psql` says when `user` tries to connect to the cluster at `url`.
+fn connect_as(user: &User, url: &str) -> std::process::Output {
+    // psql is beside the server binaries, or on PATH (Debian's wrapper).
+    let bin = local_postgres::find_binaries().expect("PostgreSQL's binaries");
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display());
+    std::process::Command::new("psql")
+        .args([url, "-c", "SELECT 1"])
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .env_clear()
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql")
+}
+
+#[tokio::test]
+async fn another_local_account_cannot_connect_to_the_private_cluster() {
+    let Some(nobody) = another_account() else {
+        return;
+    };
+    let data_dir = scratch_dir("convo-private");
+    let cluster = LocalPostgres::start(&LocalPostgresOptions {
+        data_dir: data_dir.clone(),
+        fsync: false,
+        access: Access::Private,
+        relocate_if_unreachable: false,
+    })
+    .await
+    .expect("start a private cluster");
+    let url = cluster.url("postgres");
+    assert!(
+        !url.contains("127.0.0.1"),
+        "a private cluster has no TCP address: {url}"
+    );
+    // convo itself (root here) connects; the other account is refused at the
+    // socket, whatever role it names.
+    let mut conn =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url)
+            .await
+            .expect("convo connects through its socket");
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut conn, "SELECT 1")
+        .await
+        .unwrap();
+    drop(conn);
+    let refused = connect_as(&nobody, &url);
+    assert!(!refused.status.success(), "nobody connected to {url}");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("Permission denied"), "{why}");
+    cluster.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Starts `convo serve` in `cwd` (with `--data-dir` unless `None`) on a free
+/// port and waits until it serves; returns the process and its port.
+async fn serve(cwd: &Path, data_dir: Option<&Path>) -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = convo_binary();
+    command
+        .current_dir(cwd)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    if let Some(dir) = data_dir {
+        command.arg("--data-dir").arg(dir);
+    }
+    let mut server = command
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start convo serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let endpoint =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        if endpoint.connect().await.is_ok() {
+            break;
+        }
+        if let Ok(Some(status)) = server.try_wait() {
+            let mut log = String::new();
+            if let Some(mut stderr) = server.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = stderr.read_to_string(&mut log).await;
+            }
+            panic!("convo serve exited with {status}: {log}");
+        }
+        assert!(Instant::now() < deadline, "convo serve did not start");
+        sleep(Duration::from_millis(100)).await;
+    }
+    (server, port)
+}
+
+async fn create_conversation(port: u16) -> proto::Conversation {
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = proto::conversation_service_client::ConversationServiceClient::new(channel);
+    let mut request = tonic::Request::new(proto::CreateConversationRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-user-id", "alice".parse().unwrap());
+    client
+        .create_conversation(request)
+        .await
+        .expect("create a conversation")
+        .into_inner()
+}
+
+fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_next_start() {
+    let data_dir = scratch_dir("convo-orphan");
+    let cwd = std::env::temp_dir();
+    let (mut server, port) = serve(&cwd, Some(&data_dir)).await;
+    create_conversation(port).await;
+    let postmaster = postmaster_pid(&data_dir).expect("the cluster runs");
+    assert!(alive(postmaster));
+
+    // A hard kill leaves convo no chance to stop PostgreSQL itself.
+    server.start_kill().unwrap();
+    server.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(postmaster) {
+        assert!(
+            Instant::now() < deadline,
+            "the postmaster outlived the convo that started it"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+
+    // A postmaster left running on the directory (here started by hand, as a
+    // convo without the kernel's help would leave it) is stopped at the
+    // next start, which then serves the same data.
+    let bin = local_postgres::find_binaries().expect("PostgreSQL's binaries");
+    let mut leftover = std::process::Command::new(bin.join("postgres"));
+    leftover
+        .arg("-D")
+        .arg(std::fs::canonicalize(&data_dir).unwrap())
+        .args(["-c", "listen_addresses=", "-c"])
+        .arg(format!("unix_socket_directories={}", data_dir.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if Uid::effective().is_root() {
+        let postgres = User::from_name("postgres").unwrap().unwrap();
+        leftover
+            .uid(postgres.uid.as_raw())
+            .gid(postgres.gid.as_raw());
+    }
+    let mut leftover = leftover.spawn().expect("start a leftover postmaster");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while postmaster_pid(&data_dir) != Some(leftover.id() as i32) {
+        assert!(Instant::now() < deadline, "the leftover did not start");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let (mut server, port) = serve(&cwd, Some(&data_dir)).await;
+    assert!(
+        leftover.try_wait().unwrap().is_some(),
+        "the leftover postmaster was stopped"
+    );
+    create_conversation(port).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    server.wait().await.unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_works_as_root_from_a_private_home_directory() {
+    if !Uid::effective().is_root() {
+        eprintln!("skipped: the private-home case exists only for root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // A home directory of mode 0700, and a checkout inside it.
+    let home = scratch_dir("convo-home");
+    let checkout = home.join("convo");
+    std::fs::create_dir_all(&checkout).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // No flag: the README's command.
+    let (mut server, port) = serve(&checkout, None).await;
+    let created = create_conversation(port).await;
+    assert_eq!(created.user_id, "alice");
+    let link = checkout.join("convo-data");
+    let data_dir = std::fs::read_link(&link).expect("./convo-data links to the data");
+    assert!(
+        data_dir.starts_with("/var/lib/convo"),
+        "{}",
+        data_dir.display()
+    );
+    assert!(data_dir.join("PG_VERSION").exists());
+
+    // The server's own connections use a role that is not a superuser.
+    let admin = format!(
+        "postgres://postgres@{}/convo",
+        percent_encoding::utf8_percent_encode(
+            &data_dir.to_string_lossy(),
+            percent_encoding::NON_ALPHANUMERIC
+        )
+    );
+    let mut conn =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&admin)
+            .await
+            .expect("root reaches the socket");
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        usename: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        superuser: bool,
+    }
+    let sessions: Vec<Row> = diesel_async::RunQueryDsl::load(
+        diesel::sql_query(
+            "SELECT a.usename::text AS usename, r.rolsuper AS superuser \
+             FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid \
+             WHERE a.datname = 'convo' AND a.pid <> pg_backend_pid()",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert!(!sessions.is_empty());
+    for session in &sessions {
+        assert_eq!(session.usename, "convo_app");
+        assert!(!session.superuser);
+    }
+    drop(conn);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    server.wait().await.unwrap();
+    // A second start finds the data through the link.
+    let (mut server, port) = serve(&checkout, None).await;
+    create_conversation(port).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    server.wait().await.unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_dir_all(&home);
+}
