@@ -2,7 +2,7 @@ use chrono::{DateTime, Utc};
 use diesel::{
     dsl::exists,
     prelude::*,
-    sql_types::{Array, BigInt, Text, Timestamptz},
+    sql_types::{BigInt, Text, Timestamptz},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -140,8 +140,11 @@ pub(super) async fn exists_for(
     .await?)
 }
 
-/// Locks the owner's conversation for an append (`FOR UPDATE`: concurrent
-/// appenders to it take turns) and reads its message count and last change.
+/// Locks the owner's conversation for an append (concurrent appenders to it
+/// take turns) and reads its message count and last change. `FOR NO KEY
+/// UPDATE` is the weakest lock that serializes appenders: it does not wait
+/// for a fork's `FOR KEY SHARE` on the same row, so a long fork does not hold
+/// appends back.
 pub(super) async fn lock_for_append(
     conn: &mut AsyncPgConnection,
     owner: &UserId,
@@ -151,7 +154,7 @@ pub(super) async fn lock_for_append(
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .select((conversations::message_count, conversations::update_time))
-        .for_update()
+        .for_no_key_update()
         .first(conn)
         .await
         .optional()?
@@ -392,9 +395,11 @@ impl Store {
 
     /// Copies messages 1..=`up_to` (all when `None`) of a conversation into a
     /// new conversation of the same owner, in one transaction and one
-    /// `INSERT … SELECT`. The new ids come from the service (an array joined
-    /// by ordinality) so the copy has no volatile function and stays on one
-    /// shard under Citus.
+    /// `INSERT … SELECT`. The new ids are derived in SQL from one id the
+    /// service generates, so the copy has no volatile function (it stays on
+    /// one shard under Citus) and no per-message array is built. The source is
+    /// held with `FOR KEY SHARE` (it cannot be deleted mid-copy), which
+    /// appends to it (`FOR NO KEY UPDATE`) do not wait for.
     pub async fn fork_conversation(
         &self,
         owner: &UserId,
@@ -443,13 +448,16 @@ impl Store {
                     .returning(ConversationRow::as_returning())
                     .get_result(conn)
                     .await?;
-                let ids: Vec<Uuid> = (0..copied).map(|_| *MessageId::generate().as_uuid()).collect();
+                // One fresh UUIDv7 for the whole copy; message n's id is it
+                // with n mixed into its random low bits (see COPY_MESSAGES).
+                let base = MessageId::generate().as_uuid().as_u64_pair();
                 let inserted: Tally = diesel::sql_query(format!("{COPY_MESSAGES}{TALLY_OF_ROWS}"))
                     .bind::<Text, _>(owner.as_str())
                     .bind::<diesel::sql_types::Uuid, _>(created.id)
-                    .bind::<Array<diesel::sql_types::Uuid>, _>(&ids)
+                    .bind::<BigInt, _>(base.0 as i64)
                     .bind::<diesel::sql_types::Uuid, _>(source_row.id)
                     .bind::<BigInt, _>(copied)
+                    .bind::<BigInt, _>(base.1 as i64)
                     .get_result(conn)
                     .await?;
                 if inserted.count != copied {
@@ -484,19 +492,24 @@ impl Store {
     }
 }
 
-/// Copies the source's first `$5` messages into `$2`, giving message `n` the
-/// n-th id of `$3`. Sequences are gapless from 1, so ordinality matches them.
+/// Copies the source's first `$5` messages into `$2`. Each copy's id is the
+/// UUIDv7 whose high half is `$3` and low half `$6 XOR sequence`: the time
+/// and version of one fresh id, the variant bits untouched (sequences stay
+/// far below 2^62), distinct per message, and no volatile function, so the
+/// statement stays on one shard under Citus, with no per-message array sent.
 /// Summed by [`TALLY_OF_ROWS`].
 const COPY_MESSAGES: &str = "\
     WITH rows AS ( \
         INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, \
                               create_time, parts, name, model, input_tokens, output_tokens, \
                               cached_input_tokens, reasoning_tokens, answers_from) \
-        SELECT m.user_id, $2, m.sequence, ids.id, m.role, m.content, m.metadata, \
+        SELECT m.user_id, $2, m.sequence, \
+               (lpad(to_hex($3::bigint), 16, '0') \
+                || lpad(to_hex($6::bigint # m.sequence), 16, '0'))::uuid, \
+               m.role, m.content, m.metadata, \
                m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens, \
                m.cached_input_tokens, m.reasoning_tokens, m.answers_from \
         FROM messages m \
-        JOIN unnest($3::uuid[]) WITH ORDINALITY AS ids (id, ordinal) ON ids.ordinal = m.sequence \
         WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5 \
         RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens \
     ) ";

@@ -251,3 +251,57 @@ async fn a_long_conversation_is_forked_in_one_statement() {
     );
     assert_eq!(app.db.count(&distinct_ids).await, 2400);
 }
+
+#[tokio::test]
+async fn a_fork_in_progress_does_not_hold_back_appends_to_its_source() {
+    use diesel_async::SimpleAsyncConnection;
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let source = create(&mut alice, "busy").await;
+    append(&mut alice, &source.id, "first").await;
+    // Another session holds the lock a fork takes on its source, as a long
+    // copy would.
+    let mut fork = app.db.connect().await;
+    fork.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR KEY SHARE",
+        source.id
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let appended = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        append(&mut alice, &source.id, "during the fork"),
+    )
+    .await
+    .expect("the append waited for the fork");
+    assert_eq!(appended.sequence, 2);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    fork.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_long_fork_gives_every_copy_a_distinct_uuidv7() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let source = create(&mut alice, "long").await;
+    crate::helpers::append_many(&mut alice, &source.id, 1000).await;
+    let fork = alice
+        .fork_conversation(ForkConversationRequest {
+            conversation_id: source.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let copies = all_messages(&mut alice, &fork.id).await;
+    assert_eq!(copies.len(), 1000);
+    let ids: std::collections::HashSet<_> = copies.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(ids.len(), 1000, "distinct ids");
+    for copy in &copies {
+        let id = uuid::Uuid::parse_str(&copy.id).unwrap();
+        assert_eq!(id.get_version_num(), 7, "{id}");
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+        assert_eq!(copy.id, id.hyphenated().to_string(), "canonical text");
+    }
+}
