@@ -236,11 +236,11 @@ pub struct ServeArgs {
 
     /// Delete conversations idle (not updated) for longer than this, e.g. 90d.
     /// Off unless given.
-    #[arg(long, env = "CONVO_RETENTION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONVO_RETENTION", value_parser = retention_period)]
     pub retention: Option<Duration>,
 
     /// Pause between retention sweeps.
-    #[arg(long, env = "CONVO_RETENTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONVO_RETENTION_INTERVAL", default_value = "1m", value_parser = positive_interval)]
     pub retention_interval: Duration,
 
     /// Conversations deleted per retention transaction.
@@ -248,7 +248,7 @@ pub struct ServeArgs {
     pub retention_batch: u32,
 
     /// How often gRPC health re-checks the database.
-    #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = positive_interval)]
     pub health_interval: Duration,
 
     /// Secret that seals page tokens. Replicas behind one load balancer must share it.
@@ -370,6 +370,29 @@ pub struct MigrateArgs {
     /// Revert the most recently applied migration instead of applying.
     #[arg(long)]
     pub revert: bool,
+}
+
+/// An interval between periodic checks: at least 10 ms (0 would spin, and
+/// tokio refuses a zero period) and at most a day.
+fn positive_interval(value: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if interval < Duration::from_millis(10) || interval > Duration::from_secs(86_400) {
+        return Err(format!("{value} is not an interval between 10ms and 1day"));
+    }
+    Ok(interval)
+}
+
+/// How long a conversation may stay idle: at least a minute, at most 100
+/// years (a longer one could not be subtracted from today's date, and would
+/// silently keep everything).
+fn retention_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period < Duration::from_secs(60) || period > Duration::from_secs(100 * 365 * 86_400) {
+        return Err(format!(
+            "{value} is not a retention period between 1m and 100years"
+        ));
+    }
+    Ok(period)
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, String> {

@@ -131,12 +131,52 @@ impl Database {
     }
 }
 
+/// A database URL as it may be logged: a password, in the userinfo or as a
+/// `password` parameter, is replaced by `***`.
 fn redact(url: &url::Url) -> String {
     let mut shown = url.clone();
     if shown.password().is_some() {
         let _ = shown.set_password(Some("***"));
     }
+    if shown.query_pairs().any(|(key, _)| key == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
+    }
     shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db:5432/convo",
+                "postgres://app:***@db:5432/convo",
+            ),
+            (
+                "postgres://app@db/convo?sslmode=require&password=s3cret",
+                "postgres://app@db/convo?sslmode=require&password=***",
+            ),
+            ("postgres://db/convo", "postgres://db/convo"),
+        ] {
+            let redacted = redact(&url::Url::parse(url).unwrap());
+            assert_eq!(redacted, shown);
+            assert!(!redacted.contains("s3cret"));
+        }
+    }
 }
 
 /// Creates the database if it is missing and applies pending migrations.

@@ -18,8 +18,7 @@ use std::{
 };
 
 use diesel_async::{
-    AsyncConnection, AsyncPgConnection, SimpleAsyncConnection,
-    pooled_connection::PoolableConnection,
+    AsyncPgConnection, SimpleAsyncConnection, pooled_connection::PoolableConnection,
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_stream::StreamExt;
@@ -213,20 +212,16 @@ impl Drop for Subscription {
 /// Names the listener's session so operators (and tests) can find it in
 /// `pg_stat_activity`.
 fn listener_url(database_url: &str) -> String {
-    match url::Url::parse(database_url) {
-        Ok(mut url) => {
-            url.query_pairs_mut()
-                .append_pair("application_name", "convo-listener");
-            url.to_string()
-        }
-        Err(_) => database_url.to_owned(),
-    }
+    super::pool::session_url(database_url, Some("convo-listener"))
 }
+
+/// How long the listener may take to connect before it tries again.
+const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn listen(url: String, shared: Arc<Shared>) {
     let mut delay = Duration::from_millis(50);
     loop {
-        match AsyncPgConnection::establish(&url).await {
+        match super::pool::connect(&url, LISTENER_CONNECT_TIMEOUT).await {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);
@@ -263,7 +258,13 @@ async fn receive(conn: &mut AsyncPgConnection, shared: &Shared) {
             // Quiet for a while: make sure the session is still there (a dead
             // peer may not close the socket).
             Err(_) => {
-                if conn.is_broken() || conn.batch_execute("SELECT 1").await.is_err() {
+                // A peer that vanished without closing the socket would leave
+                // the probe waiting for ever: bound it.
+                if conn.is_broken() {
+                    return;
+                }
+                let probe = tokio::time::timeout(LISTENER_CHECK, conn.batch_execute("SELECT 1"));
+                if !matches!(probe.await, Ok(Ok(()))) {
                     return;
                 }
             }

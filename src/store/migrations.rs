@@ -11,6 +11,9 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The advisory lock key migrations hold (any fixed number unique to convo).
+const MIGRATION_LOCK: i64 = 0x636f6e766f_01;
+
 /// Applies every pending migration and returns the versions applied.
 ///
 /// Diesel's migration harness is synchronous, so it runs on a blocking thread
@@ -19,6 +22,12 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
     let url = database_url.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+        // Replicas started together migrate one at a time: the others wait
+        // here, then find nothing pending. Released with the session.
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut conn,
+            &format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"),
+        )?;
         let applied = conn.run_pending_migrations(MIGRATIONS)?;
         Ok(applied.iter().map(ToString::to_string).collect())
     })

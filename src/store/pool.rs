@@ -26,6 +26,50 @@ pub struct PoolSettings {
     pub lock_timeout: Duration,
 }
 
+/// How long opening one connection may take (TCP, TLS, authentication,
+/// session setup) before the attempt is abandoned. Without a bound, an
+/// attempt to a server that accepts and never answers would hold its pool
+/// slot for ever.
+pub(super) fn connect_timeout(settings: &PoolSettings) -> Duration {
+    settings.acquire_timeout.max(Duration::from_secs(1))
+}
+
+/// Opens one connection within `timeout`.
+pub(super) async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, ConnectionError> {
+    match tokio::time::timeout(timeout, AsyncPgConnection::establish(url)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(ConnectionError::BadConnection(format!(
+            "no connection within {timeout:?}"
+        ))),
+    }
+}
+
+/// `database_url` with TCP keepalive probes after 30 s of silence (a peer
+/// that vanished is noticed in about a minute, not PostgreSQL's default of two
+/// hours) and, when given, an `application_name`, unless the URL sets them.
+pub(super) fn session_url(database_url: &str, application_name: Option<&str>) -> String {
+    let Ok(mut url) = url::Url::parse(database_url) else {
+        return database_url.to_owned();
+    };
+    let present: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
+    let has = |key: &str| present.iter().any(|k| k == key);
+    {
+        let mut query = url.query_pairs_mut();
+        if !has("keepalives_idle") {
+            query.append_pair("keepalives_idle", "30");
+        }
+        if let Some(name) = application_name
+            && !has("application_name")
+        {
+            query.append_pair("application_name", name);
+        }
+    }
+    url.to_string()
+}
+
 /// The repository: a pool of connections to convo's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -45,6 +89,7 @@ impl Store {
     /// opens the first connection.
     pub fn new(database_url: &str, settings: PoolSettings) -> Self {
         let statement_timeout_ms = settings.statement_timeout.as_millis();
+        let connect_timeout = connect_timeout(&settings);
         let lock_timeout_ms = settings.lock_timeout.as_millis();
         let mut config = ManagerConfig::default();
         // Hand out no connection that is known to be closed, without the extra
@@ -63,7 +108,7 @@ impl Store {
         config.custom_setup = Box::new(move |url| {
             let url = url.to_owned();
             Box::pin(async move {
-                let mut conn = AsyncPgConnection::establish(&url).await?;
+                let mut conn = connect(&url, connect_timeout).await?;
                 conn.batch_execute(&format!(
                     "SET statement_timeout = {statement_timeout_ms}; \
                      SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'"
@@ -77,7 +122,8 @@ impl Store {
                 Ok(conn)
             })
         });
-        let manager = AsyncDieselConnectionManager::new_with_config(database_url, config);
+        let manager =
+            AsyncDieselConnectionManager::new_with_config(session_url(database_url, None), config);
         let pool = bb8::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(None)
@@ -123,5 +169,28 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_get_keepalives_and_a_name_without_losing_the_host() {
+        assert_eq!(
+            session_url("postgres://app@db:5432/convo", Some("convo-listener")),
+            "postgres://app@db:5432/convo?keepalives_idle=30&application_name=convo-listener"
+        );
+        // A Unix socket directory as the host stays percent-encoded.
+        assert_eq!(
+            session_url("postgres://convo_app@%2Fvar%2Flib%2Fconvo:5432/convo", None),
+            "postgres://convo_app@%2Fvar%2Flib%2Fconvo:5432/convo?keepalives_idle=30"
+        );
+        // What the operator set wins.
+        assert_eq!(
+            session_url("postgres://db/convo?keepalives_idle=5", None),
+            "postgres://db/convo?keepalives_idle=5"
+        );
     }
 }

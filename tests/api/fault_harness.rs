@@ -24,6 +24,8 @@ use tokio::{
 struct ProxyState {
     /// Refuse new connections (and the links were closed when this was set).
     refusing: bool,
+    /// Accept new connections and never answer them: a server that hangs.
+    stalling: bool,
     /// Added before each chunk PostgreSQL sends back.
     delay: Duration,
     /// Lose the reply to the next COMMIT: forward the COMMIT, then close the
@@ -51,8 +53,21 @@ impl Proxy {
         let accept_state = state.clone();
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                if accept_state.lock().unwrap().refusing {
+                let (refusing, stalling) = {
+                    let state = accept_state.lock().unwrap();
+                    (state.refusing, state.stalling)
+                };
+                if refusing {
                     drop(inbound);
+                    continue;
+                }
+                if stalling {
+                    // Held open, never read, never answered.
+                    let hang = tokio::spawn(async move {
+                        let _held = inbound;
+                        std::future::pending::<()>().await;
+                    });
+                    accept_state.lock().unwrap().links.push(hang);
                     continue;
                 }
                 let link = tokio::spawn(link(inbound, upstream, accept_state.clone()));
@@ -80,9 +95,20 @@ impl Proxy {
         state.links.drain(..).for_each(|l| l.abort());
     }
 
-    /// Accepts connections again.
+    /// Accepts connections again (and answers them).
     pub fn restore(&self) {
-        self.state.lock().unwrap().refusing = false;
+        let mut state = self.state.lock().unwrap();
+        state.refusing = false;
+        state.stalling = false;
+    }
+
+    /// Closes every connection, then accepts new ones but never answers
+    /// them: the database hangs. Connections accepted meanwhile stay hung
+    /// after [`Proxy::restore`].
+    pub fn stall(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.stalling = true;
+        state.links.drain(..).for_each(|l| l.abort());
     }
 
     /// Closes every open connection but keeps accepting new ones.

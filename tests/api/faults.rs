@@ -821,3 +821,38 @@ async fn the_drain_timeout_bounds_how_long_shutdown_waits() {
     // Its transaction never committed.
     assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_attempt_that_hangs_does_not_hold_its_pool_slot() {
+    // Two connections at most, each call waits 500 ms for one.
+    let world = FaultyWorld::start(|s| s.pool.max_size = 2).await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "hung").await;
+    let get = proto::GetConversationRequest {
+        conversation_id: created.id.clone(),
+    };
+    // The database accepts connections and never answers: every attempt the
+    // pool makes now hangs.
+    world.proxy.stall();
+    for _ in 0..3 {
+        expect_code(alice.get_conversation(get.clone()).await, Code::Unavailable);
+    }
+    // Back to normal. The hung attempts must give their slots up (each is
+    // abandoned after its connect timeout) so that new connections are made.
+    world.proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match alice.get_conversation(get.clone()).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the pool never recovered: its slots stayed with hung connection attempts"
+                );
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    world.stop().await.unwrap();
+}

@@ -292,3 +292,61 @@ async fn serve_runs_on_its_private_postgres_and_stops_cleanly_on_sigterm() {
     );
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+#[tokio::test]
+async fn intervals_and_retention_are_checked_at_start_up() {
+    for (flag, value, expected) in [
+        ("--health-interval", "0s", "--health-interval"),
+        ("--retention-interval", "0s", "--retention-interval"),
+        ("--retention", "10000000years", "--retention"),
+        ("--retention", "1s", "--retention"),
+    ] {
+        let output = convo_binary()
+            .args([
+                "serve",
+                flag,
+                value,
+                "--database-url",
+                "postgres://127.0.0.1:1/x",
+            ])
+            .output()
+            .await
+            .expect("run convo");
+        assert!(!output.status.success(), "{flag} {value} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_together_migrate_one_at_a_time() {
+    let app = TestApp::spawn().await;
+    let name = format!("{}_together", app.db.name);
+    let url = app.db.url.replace(&app.db.name, &name);
+    app.db.admin(&format!("CREATE DATABASE {name}")).await;
+    let migrations: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { convo::store::run_pending_migrations(&url).await })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for migration in migrations {
+        let versions = migration
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a replica's migration failed: {e}"));
+        applied.extend(versions);
+    }
+    let distinct: std::collections::HashSet<_> = applied.iter().collect();
+    assert!(!applied.is_empty());
+    assert_eq!(
+        distinct.len(),
+        applied.len(),
+        "each migration applied once: {applied:?}"
+    );
+    app.db
+        .admin(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await;
+}
