@@ -155,30 +155,6 @@ fn redact(url: &url::Url) -> String {
     shown.to_string()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_the_log() {
-        for (url, shown) in [
-            (
-                "postgres://app:s3cret@db:5432/convo",
-                "postgres://app:***@db:5432/convo",
-            ),
-            (
-                "postgres://app@db/convo?sslmode=require&password=s3cret",
-                "postgres://app@db/convo?sslmode=require&password=***",
-            ),
-            ("postgres://db/convo", "postgres://db/convo"),
-        ] {
-            let redacted = redact(&url::Url::parse(url).unwrap());
-            assert_eq!(redacted, shown);
-            assert!(!redacted.contains("s3cret"));
-        }
-    }
-}
-
 /// Creates the database if it is missing and applies pending migrations.
 pub async fn prepare_database(database_url: &str) -> Result<(), StartupError> {
     if store::create_database_if_missing(database_url)
@@ -310,5 +286,29 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = interrupt => tracing::info!("SIGINT received: shutting down"),
         _ = terminate => tracing::info!("SIGTERM received: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db:5432/convo",
+                "postgres://app:***@db:5432/convo",
+            ),
+            (
+                "postgres://app@db/convo?sslmode=require&password=s3cret",
+                "postgres://app@db/convo?sslmode=require&password=***",
+            ),
+            ("postgres://db/convo", "postgres://db/convo"),
+        ] {
+            let redacted = redact(&url::Url::parse(url).unwrap());
+            assert_eq!(redacted, shown);
+            assert!(!redacted.contains("s3cret"));
+        }
     }
 }

@@ -12,7 +12,7 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The advisory lock key migrations hold (any fixed number unique to convo).
-const MIGRATION_LOCK: i64 = 0x636f6e766f_01;
+const MIGRATION_LOCK: i64 = 0x636f_6e76_6f01;
 
 /// Applies every pending migration and returns the versions applied.
 ///
