@@ -5,7 +5,7 @@
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
     errors::ErrorKind,
-    jwk::{AlgorithmParameters, JwkSet},
+    jwk::{AlgorithmParameters, JwkSet, PublicKeyUse},
 };
 
 use crate::{config::JwtSettings, domain::UserId};
@@ -18,8 +18,8 @@ enum Keys {
 /// Verifies bearer tokens; built once at start-up.
 pub struct JwtVerifier {
     keys: Keys,
-    issuer: Option<String>,
-    audience: Option<String>,
+    issuer: String,
+    audience: String,
     user_claim: String,
     leeway: u64,
 }
@@ -65,10 +65,19 @@ impl JwtVerifier {
                     .into(),
             ),
         };
+        // Without both, a token the same identity provider minted for any
+        // other service (another audience) would be accepted here.
+        let (Some(issuer), Some(audience)) = (&settings.issuer, &settings.audience) else {
+            return Err(
+                "--auth jwt needs --jwt-issuer and --jwt-audience: without them, tokens issued \
+                 for other services would be accepted"
+                    .into(),
+            );
+        };
         Ok(Self {
             keys,
-            issuer: settings.issuer.clone(),
-            audience: settings.audience.clone(),
+            issuer: issuer.clone(),
+            audience: audience.clone(),
             user_claim: settings.user_claim.clone(),
             leeway: settings.leeway.as_secs(),
         })
@@ -90,10 +99,30 @@ impl JwtVerifier {
                         return Err("the token names no key (kid) and the JWKS has several".into());
                     }
                 };
+                if jwk
+                    .common
+                    .public_key_use
+                    .as_ref()
+                    .is_some_and(|key_use| *key_use != PublicKeyUse::Signature)
+                {
+                    return Err("the JWKS key is not for signatures (its use is not sig)".into());
+                }
                 let algorithms = match &jwk.algorithm {
                     AlgorithmParameters::RSA(_) => RSA.to_vec(),
                     AlgorithmParameters::EllipticCurve(_) => EC.to_vec(),
                     _ => return Err("the JWKS key is of a kind convo does not accept".into()),
+                };
+                // A key that names its algorithm verifies that one only.
+                let algorithms = match jwk.common.key_algorithm {
+                    Some(named) => {
+                        let named = Algorithm::try_from(named)
+                            .map_err(|_| "the JWKS key names an algorithm convo does not accept")?;
+                        if !algorithms.contains(&named) {
+                            return Err("the JWKS key's alg does not fit its key type".into());
+                        }
+                        vec![named]
+                    }
+                    None => algorithms,
                 };
                 let key = DecodingKey::from_jwk(jwk)
                     .map_err(|_| "the JWKS key is not usable".to_owned())?;
@@ -110,15 +139,9 @@ impl JwtVerifier {
         validation.algorithms = algorithms;
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &self.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
-            None => validation.iss = None,
-        }
-        match &self.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
-        }
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
         let claims = decode::<serde_json::Map<String, serde_json::Value>>(token, &key, &validation)
             .map_err(|error| describe(error.kind()))?
             .claims;

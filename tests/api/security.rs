@@ -574,4 +574,77 @@ mod jwt {
         let unknown_kid = encode(&unknown, &good_claims("bob"), &signing).unwrap();
         refused(call(&with_jwks, Some(&unknown_kid), None).await, "no key");
     }
+
+    #[tokio::test]
+    async fn jwks_keys_are_used_only_for_what_they_say() {
+        let key = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+        let signing = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("key-1".into());
+        let token = encode(&header, &good_claims("bob"), &signing).unwrap();
+        let raw = key.public_key_raw();
+        let jwk = |extra: serde_json::Value| {
+            let mut jwk = json!({
+                "kty": "EC", "crv": "P-256", "kid": "key-1",
+                "x": URL_SAFE_NO_PAD.encode(&raw[1..33]), "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+            });
+            jwk.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            json!({ "keys": [jwk] }).to_string().into_bytes()
+        };
+        for (extra, accepted) in [
+            (json!({}), true),
+            (json!({"use": "sig", "alg": "ES256"}), true),
+            (json!({"use": "enc"}), false),
+            (json!({"alg": "ES384"}), false),
+        ] {
+            let app = TestApp::spawn_with(|s| {
+                s.jwt = Some(JwtSettings {
+                    secret: None,
+                    jwks_json: Some(jwk(extra.clone())),
+                    ..settings()
+                });
+            })
+            .await;
+            let result = call(&app, Some(&token), None).await;
+            assert_eq!(result.is_ok(), accepted, "{extra}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn jwt_mode_needs_an_issuer_and_an_audience() {
+        for (issuer, audience) in [
+            (None, Some("convo".to_owned())),
+            (Some("https://auth.example".to_owned()), None),
+            (None, None),
+        ] {
+            let refused = convo::grpc::JwtVerifier::new(&JwtSettings {
+                issuer,
+                audience,
+                ..settings()
+            })
+            .expect_err("started without an expected issuer and audience");
+            assert!(
+                refused.contains("--jwt-issuer and --jwt-audience"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_without_an_audience_or_issuer_is_refused() {
+        let app = TestApp::spawn_with(|s| s.jwt = Some(settings())).await;
+        for claim in ["aud", "iss"] {
+            let mut claims = good_claims("bob");
+            claims.as_object_mut().unwrap().remove(claim);
+            let token = encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap();
+            assert!(call(&app, Some(&token), None).await.is_err(), "no {claim}");
+        }
+    }
 }
