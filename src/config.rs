@@ -21,7 +21,9 @@ pub struct Settings {
     pub pool: PoolSettings,
     pub health_interval: Duration,
     pub limits: Limits,
-    pub page_token_secret: Vec<u8>,
+    /// Seals page tokens; `None` uses the keys every replica shares through
+    /// the database.
+    pub page_token_secret: Option<Vec<u8>>,
     /// After the shutdown signal, how long in-flight calls may take.
     pub drain_timeout: Duration,
     /// Most convo.v1 calls in progress at once.
@@ -251,14 +253,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = positive_interval)]
     pub health_interval: Duration,
 
-    /// Secret that seals page tokens. Replicas behind one load balancer must share it.
-    #[arg(
-        long,
-        env = "CONVO_PAGE_TOKEN_SECRET",
-        default_value = "convo-default-page-token-secret",
-        hide_default_value = true
-    )]
-    pub page_token_secret: String,
+    /// Secret that seals page tokens (replicas behind one load balancer must
+    /// share it). Without it, convo uses keys generated in the database at
+    /// migration, which every replica shares with no configuration.
+    #[arg(long, env = "CONVO_PAGE_TOKEN_SECRET")]
+    pub page_token_secret: Option<String>,
 
     /// Longest message content, in bytes (at most the contract's 1 MiB).
     #[arg(long, env = "CONVO_MAX_CONTENT_BYTES", default_value_t = Limits::CONTRACT.max_content_bytes as u64,
@@ -286,7 +285,7 @@ impl ServeArgs {
             pool: self.pool(),
             health_interval: self.health_interval,
             limits: self.limits(),
-            page_token_secret: self.page_token_secret.clone().into_bytes(),
+            page_token_secret: self.page_token_secret.clone().map(String::into_bytes),
             drain_timeout: self.drain_timeout,
             max_in_flight: self.max_in_flight as usize,
             max_request_bytes: self.max_request_bytes as usize,

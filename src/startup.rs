@@ -179,6 +179,7 @@ pub struct Application {
     local_addr: SocketAddr,
     store: Store,
     changes: ChangeFeed,
+    tokens: PageTokenCodec,
     settings: Settings,
 }
 
@@ -204,8 +205,24 @@ impl Application {
         };
         let listener = TcpListener::bind(settings.listen).await.map_err(listen)?;
         let local_addr = listener.local_addr().map_err(listen)?;
+        let tokens = match &settings.page_token_secret {
+            Some(secret) => PageTokenCodec::new(secret),
+            None => {
+                let keys = store
+                    .page_token_keys()
+                    .await
+                    .map_err(StartupError::Database)?;
+                let (current, previous) = keys.split_first().ok_or_else(|| {
+                    StartupError::Migrations(
+                        "the database holds no page token key (page_token_keys is empty)".into(),
+                    )
+                })?;
+                PageTokenCodec::rotating(current, previous)
+            }
+        };
         let changes = ChangeFeed::start(&settings.database_url);
         Ok(Self {
+            tokens,
             authenticator,
             listener,
             local_addr,
@@ -238,7 +255,7 @@ impl Application {
         let api = ConversationApi::new(
             Conversations::new(self.store.clone(), changes.clone()),
             settings.limits,
-            PageTokenCodec::new(&settings.page_token_secret),
+            self.tokens,
         );
         let options = ServerOptions {
             authenticator: self.authenticator,

@@ -30,7 +30,8 @@ const MAC_LEN: usize = 16;
 /// detectable: such a token is an `INVALID_ARGUMENT`, never a different page.
 #[derive(Clone)]
 pub struct PageTokenCodec {
-    key: [u8; 32],
+    /// The first key seals; every key opens (older ones, during a rotation).
+    keys: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for PageTokenCodec {
@@ -43,9 +44,18 @@ impl PageTokenCodec {
     /// Every replica behind one load balancer must use the same secret, or a
     /// token issued by one is refused by another.
     pub fn new(secret: &[u8]) -> Self {
-        Self {
-            key: Sha256::digest(secret).into(),
-        }
+        Self::rotating(secret, &[])
+    }
+
+    /// Seals with `current`, and also opens tokens sealed with any of
+    /// `previous`, so that replicas can move to a new key without refusing
+    /// the tokens clients hold.
+    pub fn rotating(current: &[u8], previous: &[Vec<u8>]) -> Self {
+        let keys = std::iter::once(current)
+            .chain(previous.iter().map(Vec::as_slice))
+            .map(|secret| Sha256::digest(secret).into())
+            .collect();
+        Self { keys }
     }
 
     pub fn encode_conversations(&self, user: &UserId, cursor: &ConversationCursor) -> String {
@@ -64,7 +74,9 @@ impl PageTokenCodec {
         let payload = self.open(field, user, KIND_CONVERSATIONS, token)?;
         let (micros, id) = payload.split_at_checked(8).ok_or_else(|| invalid(field))?;
         let micros = i64::from_be_bytes(micros.try_into().map_err(|_| invalid(field))?);
-        let update_time = DateTime::from_timestamp_micros(micros).ok_or_else(|| invalid(field))?;
+        let update_time = DateTime::from_timestamp_micros(micros)
+            .filter(|time| (1970..=9999).contains(&chrono::Datelike::year(time)))
+            .ok_or_else(|| invalid(field))?;
         let id = Uuid::from_slice(id).map_err(|_| invalid(field))?;
         Ok(ConversationCursor {
             update_time,
@@ -104,6 +116,9 @@ impl PageTokenCodec {
             },
             sequence: i64::from_be_bytes(payload[17..25].try_into().map_err(|_| invalid(field))?),
         };
+        if cursor.sequence < 1 {
+            return Err(invalid(field));
+        }
         if cursor.conversation_id != conversation_id || cursor.order != order {
             return Err(FieldViolation::new(
                 field,
@@ -154,6 +169,10 @@ impl PageTokenCodec {
         ));
         let id = Uuid::from_slice(&rest[4..20]).map_err(|_| invalid(field))?;
         let sequence = i64::from_be_bytes(rest[20..28].try_into().map_err(|_| invalid(field))?);
+        // Only what a page can end on: a rank in [0, 1), a real sequence.
+        if !(0.0..1.0).contains(&rank) || sequence < 1 {
+            return Err(invalid(field));
+        }
         Ok(SearchCursor {
             rank,
             conversation_id: ConversationId::from_uuid(id),
@@ -184,9 +203,9 @@ impl PageTokenCodec {
         })
     }
 
-    fn mac(&self, user: &UserId, body: &[u8]) -> [u8; MAC_LEN] {
+    fn mac(key: &[u8; 32], user: &UserId, body: &[u8]) -> [u8; MAC_LEN] {
         // new_from_slice accepts keys of any length for HMAC; 32 bytes always fits.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(&(user.as_str().len() as u32).to_be_bytes());
         mac.update(user.as_str().as_bytes());
@@ -202,7 +221,7 @@ impl PageTokenCodec {
         body.push(TOKEN_VERSION);
         body.push(kind);
         body.extend_from_slice(payload);
-        let mac = self.mac(user, &body);
+        let mac = Self::mac(&self.keys[0], user, &body);
         body.extend_from_slice(&mac);
         URL_SAFE_NO_PAD.encode(body)
     }
@@ -219,13 +238,16 @@ impl PageTokenCodec {
             return Err(invalid(field));
         }
         let (body, mac) = bytes.split_at(bytes.len() - MAC_LEN);
-        let expected = self.mac(user, body);
-        // Constant-time comparison: a token must not be forgeable byte by byte.
-        let differs = expected
-            .iter()
-            .zip(mac)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if differs != 0 || body[0] != TOKEN_VERSION || body[1] != kind {
+        let sealed_by_a_key = self.keys.iter().any(|key| {
+            let expected = Self::mac(key, user, body);
+            // Constant-time comparison: a token must not be forgeable byte by byte.
+            expected
+                .iter()
+                .zip(mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        });
+        if !sealed_by_a_key || body[0] != TOKEN_VERSION || body[1] != kind {
             return Err(invalid(field));
         }
         Ok(body[2..].to_vec())
@@ -426,6 +448,84 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_opens_tokens_of_the_previous_key_and_seals_with_the_new() {
+        let alice = user("alice");
+        let cursor = MessageCursor {
+            conversation_id: ConversationId::generate(),
+            order: MessageOrder::OldestFirst,
+            sequence: 3,
+        };
+        let old = PageTokenCodec::new(b"old key");
+        let rotated = PageTokenCodec::rotating(b"new key", &[b"old key".to_vec()]);
+        let issued_before = old.encode_messages(&alice, &cursor);
+        let opened = rotated.decode_messages(
+            "page_token",
+            &alice,
+            &issued_before,
+            cursor.conversation_id,
+            cursor.order,
+        );
+        assert_eq!(opened.unwrap(), cursor);
+        let issued_after = rotated.encode_messages(&alice, &cursor);
+        assert_eq!(
+            issued_after,
+            PageTokenCodec::new(b"new key").encode_messages(&alice, &cursor)
+        );
+        assert!(
+            old.decode_messages(
+                "page_token",
+                &alice,
+                &issued_after,
+                cursor.conversation_id,
+                cursor.order
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_sealed_cursor_must_still_make_sense() {
+        let codec = PageTokenCodec::new(b"secret");
+        let alice = user("alice");
+        let conversation = ConversationId::generate();
+        for rank in [f32::NAN, f32::INFINITY, -0.5, 1.0] {
+            let cursor = SearchCursor {
+                rank,
+                conversation_id: conversation,
+                sequence: 1,
+            };
+            let token = codec.encode_search(&alice, &cursor, "q", None);
+            assert!(
+                codec
+                    .decode_search("page_token", &alice, &token, "q", None)
+                    .is_err(),
+                "{rank}"
+            );
+        }
+        let cursor = MessageCursor {
+            conversation_id: conversation,
+            order: MessageOrder::OldestFirst,
+            sequence: 0,
+        };
+        let token = codec.encode_messages(&alice, &cursor);
+        assert!(
+            codec
+                .decode_messages("page_token", &alice, &token, conversation, cursor.order)
+                .is_err()
+        );
+        let far = ConversationCursor {
+            update_time: DateTime::from_timestamp_micros(i64::MAX / 2).unwrap(),
+            id: conversation,
+        };
+        let token = codec.encode_conversations(&alice, &far);
+        assert!(
+            codec
+                .decode_conversations("page_token", &alice, &token)
+                .is_err()
+        );
+    }
+
+    #[test]
     fn garbage_is_rejected_without_panicking() {
         let codec = PageTokenCodec::new(b"secret");
         for junk in ["", "!", "AAAA", "not base64 at all", &"A".repeat(10_000)] {
@@ -457,11 +557,12 @@ mod tests {
 
         #[test]
         fn tokens_round_trip_for_their_user_and_no_other(
-            micros in -1_000_000_000_000_000i64..4_000_000_000_000_000,
+            // Cursors a page can end on: 1970..9999, sequence 1 or more.
+            micros in 0i64..253_402_300_799_999_999,
             bytes in any::<[u8; 16]>(),
             owner in "[!-~]{1,128}",
             other in "[!-~]{1,128}",
-            sequence in any::<i64>(),
+            sequence in 1i64..=i64::MAX,
             newest_first in any::<bool>(),
         ) {
             let codec = PageTokenCodec::new(b"secret");

@@ -165,6 +165,25 @@ impl Store {
             .absolute(stats.connections_closed_broken + stats.connections_closed_invalid);
     }
 
+    /// The keys that seal page tokens, newest first (see the
+    /// `page_token_keys` migration): every replica reads the same ones.
+    pub async fn page_token_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        use diesel_async::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Key {
+            #[diesel(sql_type = diesel::sql_types::Bytea)]
+            secret: Vec<u8>,
+        }
+        self.with_conn(async |conn| {
+            let keys: Vec<Key> =
+                diesel::sql_query("SELECT secret FROM page_token_keys ORDER BY id DESC")
+                    .load(conn)
+                    .await?;
+            Ok(keys.into_iter().map(|k| k.secret).collect())
+        })
+        .await
+    }
+
     /// Succeeds when the database answers a query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))

@@ -571,3 +571,52 @@ async fn list_page_size_defaults_and_clamps_and_tokens_are_bound_to_their_user()
         .into_inner();
     assert_eq!(second.conversations.len(), 5);
 }
+
+#[tokio::test]
+async fn replicas_share_page_tokens_without_a_configured_secret() {
+    let a = TestApp::spawn_with(|s| s.page_token_secret = None).await;
+    let b = a.spawn_replica_with(|s| s.page_token_secret = None).await;
+    let mut alice = a.client("alice");
+    for i in 0..3 {
+        create(&mut alice, &format!("c{i}")).await;
+    }
+    let first = alice
+        .list_conversations(ListConversationsRequest {
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    // The next page, from the other replica.
+    let second = b
+        .client("alice")
+        .list_conversations(ListConversationsRequest {
+            page_size: 2,
+            page_token: first.next_page_token.clone(),
+        })
+        .await
+        .expect("a token issued by one replica is honoured by another")
+        .into_inner();
+    assert_eq!(second.conversations.len(), 1);
+    // A token sealed with the secret that used to be built in (it is public)
+    // is refused.
+    let forged = convo::grpc::PageTokenCodec::new(b"convo-default-page-token-secret")
+        .next_conversations(
+            &convo::domain::UserId::parse("alice").unwrap(),
+            Some(&convo::domain::ConversationCursor {
+                update_time: chrono::Utc::now(),
+                id: convo::domain::ConversationId::generate(),
+            }),
+        );
+    expect_invalid(
+        b.client("alice")
+            .list_conversations(ListConversationsRequest {
+                page_size: 2,
+                page_token: forged,
+            })
+            .await,
+        "page_token",
+    );
+}

@@ -365,7 +365,7 @@ pub fn test_settings(database_url: &str) -> Settings {
         },
         health_interval: Duration::from_millis(100),
         limits: Limits::CONTRACT,
-        page_token_secret: b"test-secret".to_vec(),
+        page_token_secret: Some(b"test-secret".to_vec()),
         drain_timeout: Duration::from_secs(10),
         max_in_flight: 256,
         max_request_bytes: 4 * 1024 * 1024,
