@@ -92,7 +92,16 @@ where
             .in_scope(|| self.inner.call(request))
             .instrument(span.clone());
         async move {
-            let mut response = call.await?;
+            // Until the handler answers, a dropped future means the client
+            // went away (cancelled, or its deadline passed): say so.
+            let mut pending = Unanswered {
+                rpc,
+                started,
+                span: span.clone(),
+            };
+            let response = call.await;
+            pending.answered();
+            let mut response = response?;
             let code = response_code(&response);
             let duration = started.elapsed();
             if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -113,6 +122,39 @@ where
             Ok(response)
         }
         .boxed()
+    }
+}
+
+/// A call whose handler has not answered yet. Dropped unanswered, the call
+/// was abandoned by its client: it is logged and counted as `Cancelled`, with
+/// how long it had run, so a server stuck on its database leaves a trace.
+struct Unanswered {
+    rpc: &'static str,
+    started: Instant,
+    span: Span,
+}
+
+impl Unanswered {
+    fn answered(&mut self) {
+        self.rpc = "";
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.rpc.is_empty() {
+            return;
+        }
+        let duration = self.started.elapsed();
+        record(self.rpc, "Cancelled", duration.as_secs_f64());
+        let duration_ms = duration.as_secs_f64() * 1000.0;
+        self.span.in_scope(|| {
+            tracing::warn!(
+                code = "Cancelled",
+                duration_ms,
+                "call cancelled by the client before it was answered"
+            )
+        });
     }
 }
 

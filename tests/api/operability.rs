@@ -322,3 +322,101 @@ async fn responses_are_compressed_for_clients_that_accept_it() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
+    use diesel_async::SimpleAsyncConnection;
+    let app = TestApp::spawn().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
+        .args(["--log-format", "json", "serve", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--database-url", &app.db.url])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                break channel;
+            }
+            assert!(Instant::now() < deadline, "the server did not start");
+            sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut client = ConversationServiceClient::with_interceptor(channel, UserHeader::new("alice"));
+    let created = client
+        .create_conversation(proto::CreateConversationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // The append waits for a row lock another session holds; its client
+    // gives up after 300 ms.
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let mut request = Request::new(proto::AppendMessageRequest {
+        conversation_id: created.id.clone(),
+        role: proto::Role::User as i32,
+        content: "waiting".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let status = client.append_message(request).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+    sleep(Duration::from_millis(300)).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut log = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    server.wait().await.unwrap();
+    let cancelled: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["code"] == "Cancelled")
+        .collect();
+    assert_eq!(
+        cancelled.len(),
+        1,
+        "one line for the abandoned call:\n{log}"
+    );
+    let line = &cancelled[0];
+    assert_eq!(line["span"]["rpc"], "AppendMessage", "{line}");
+    assert_eq!(line["span"]["conversation_id"], created.id.as_str());
+    let duration = line["duration_ms"].as_f64().unwrap_or_default();
+    assert!((250.0..5000.0).contains(&duration), "{line}");
+}
