@@ -227,7 +227,8 @@ impl Conversations {
     /// Starts a watch: checks ownership before anything streams, then sends
     /// every message after `after_sequence` and each new one as it commits.
     ///
-    /// The subscription is taken before the first read, and every read asks
+    /// The subscription is taken (after the ownership check) before the first
+    /// read, and every read asks
     /// the database for `sequence > last sent`, so the stream has no gap and no
     /// duplicate whatever the timing of notifications. A client that goes
     /// away ends the task at its next send or wait.
@@ -237,8 +238,11 @@ impl Conversations {
         watch: WatchConversation,
     ) -> Result<WatchStream> {
         let id = watch.conversation_id;
-        let mut subscription = self.changes.subscribe(owner, id);
+        // Ownership first: only the owner's interest is ever recorded in the
+        // change feed. Nothing committed after this check is missed: the
+        // first read below comes after the subscription.
         self.store.get_conversation(owner, id).await?;
+        let mut subscription = self.changes.subscribe(owner, id);
         let (sender, stream) = mpsc::channel(WATCH_BATCH.get() as usize);
         let store = self.store.clone();
         let owner = owner.clone();
