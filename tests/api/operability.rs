@@ -17,6 +17,38 @@ use crate::{
     },
 };
 
+/// `convo serve` as a separate process with JSON logs on stderr (piped), on
+/// the test's database, and a channel to it once it serves.
+async fn json_logging_server(database_url: &str) -> (tokio::process::Child, Channel) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
+        .args(["--log-format", "json", "serve", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--database-url", database_url])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return (server, channel);
+        }
+        assert!(Instant::now() < deadline, "the server did not start");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -129,40 +161,7 @@ async fn request_ids_are_echoed_or_generated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_call_logs_one_json_line_without_content() {
     let app = TestApp::spawn().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--database-url", &app.db.url])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                break channel;
-            }
-            assert!(Instant::now() < deadline, "the server did not start");
-            sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (mut server, channel) = json_logging_server(&app.db.url).await;
     let mut client = ConversationServiceClient::with_interceptor(channel, UserHeader::new("alice"));
     let created = client
         .create_conversation(proto::CreateConversationRequest::default())
@@ -327,35 +326,7 @@ async fn responses_are_compressed_for_clients_that_accept_it() {
 async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
     use diesel_async::SimpleAsyncConnection;
     let app = TestApp::spawn().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
-        .args(["--log-format", "json", "serve", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--database-url", &app.db.url])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                break channel;
-            }
-            assert!(Instant::now() < deadline, "the server did not start");
-            sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (mut server, channel) = json_logging_server(&app.db.url).await;
     let mut client = ConversationServiceClient::with_interceptor(channel, UserHeader::new("alice"));
     let created = client
         .create_conversation(proto::CreateConversationRequest::default())

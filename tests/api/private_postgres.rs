@@ -127,6 +127,16 @@ async fn serve(cwd: &Path, data_dir: Option<&Path>) -> (tokio::process::Child, u
     (server, port)
 }
 
+/// SIGTERM, as an operator would, and wait for the exit.
+async fn stop(server: &mut tokio::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().expect("running") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    server.wait().await.unwrap();
+}
+
 async fn create_conversation(port: u16) -> proto::Conversation {
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
@@ -210,12 +220,7 @@ async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_nex
         "the leftover postmaster was stopped"
     );
     create_conversation(port).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    server.wait().await.unwrap();
+    stop(&mut server).await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
@@ -281,21 +286,11 @@ async fn the_quick_start_works_as_root_from_a_private_home_directory() {
     }
     drop(conn);
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    server.wait().await.unwrap();
+    stop(&mut server).await;
     // A second start finds the data through the link.
     let (mut server, port) = serve(&checkout, None).await;
     create_conversation(port).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    server.wait().await.unwrap();
+    stop(&mut server).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_dir_all(&home);
 }
