@@ -49,11 +49,14 @@ impl From<StoreError> for ServiceError {
             StoreError::NotFound => return Self::ConversationNotFound,
             StoreError::TimedOut(_) => "timeout",
             StoreError::Unavailable(_) => "unavailable",
+            StoreError::Conflict(_) => "conflict",
             StoreError::Database(_) | StoreError::Corrupt(_) => "internal",
         };
         metrics::counter!("convo_db_errors_total", "kind" => kind).increment(1);
         match error {
-            StoreError::Unavailable(_) | StoreError::TimedOut(_) => Self::Unavailable(error),
+            StoreError::Unavailable(_) | StoreError::TimedOut(_) | StoreError::Conflict(_) => {
+                Self::Unavailable(error)
+            }
             _ => Self::Internal(error),
         }
     }

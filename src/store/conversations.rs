@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError, changes,
-    schema::{conversations, users},
+    schema::conversations,
     values::{TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
@@ -244,9 +244,13 @@ impl Store {
         let request_id = new.request_id.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
-                diesel::insert_into(users::table)
-                    .values(users::user_id.eq(owner.as_str()))
-                    .on_conflict_do_nothing()
+                // The user row, created or locked (never rewritten): an erasure
+                // of this user either finished before (and the row is made
+                // anew) or waits for this conversation, and erases it too. A
+                // plain DO NOTHING took no lock, so an erasure could remove
+                // the row before the conversation's foreign key was checked.
+                diesel::sql_query(LOCK_USER)
+                    .bind::<Text, _>(owner.as_str())
                     .execute(conn)
                     .await?;
                 let now = now_micros();
@@ -409,6 +413,13 @@ impl Store {
         let title = fork.title.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                // The user row first, as an erasure locks it first: the new
+                // conversation's foreign key would otherwise take it after
+                // the source's lock, the opposite order (a deadlock).
+                diesel::sql_query(LOCK_USER)
+                    .bind::<Text, _>(owner.as_str())
+                    .execute(conn)
+                    .await?;
                 // FOR KEY SHARE keeps the source from being deleted mid-copy
                 // without blocking appends to it.
                 let source_row: ConversationRow = conversations::table
@@ -491,6 +502,12 @@ impl Store {
         .await
     }
 }
+
+/// Inserts the user row, or locks it if it exists: `ON CONFLICT DO UPDATE`
+/// locks the conflicting row even when its `WHERE` updates nothing.
+const LOCK_USER: &str = "\
+    INSERT INTO users (user_id) VALUES ($1) \
+    ON CONFLICT (user_id) DO UPDATE SET user_id = EXCLUDED.user_id WHERE false";
 
 /// Copies the source's first `$5` messages into `$2`. Each copy's id is the
 /// UUIDv7 whose high half is `$3` and low half `$6 XOR sequence`: the time

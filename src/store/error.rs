@@ -18,6 +18,11 @@ pub enum StoreError {
     /// Nothing was written; trying again later is safe.
     #[error("the database cancelled the statement: {0}")]
     TimedOut(String),
+    /// PostgreSQL aborted the transaction to resolve a conflict with another
+    /// (a deadlock, or a serialization failure). Nothing was written; trying
+    /// again is safe.
+    #[error("the database aborted a conflicting transaction: {0}")]
+    Conflict(String),
     /// Any other database failure: a bug or a broken invariant, never the client's doing.
     #[error("database error: {0}")]
     Database(DieselError),
@@ -41,6 +46,14 @@ impl From<DieselError> for StoreError {
                 if is_timeout(info.message()) =>
             {
                 Self::TimedOut(info.message().to_owned())
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, ref info) => {
+                Self::Conflict(info.message().to_owned())
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
+                if is_deadlock(info.message()) =>
+            {
+                Self::Conflict(info.message().to_owned())
             }
             DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
                 if is_session_ended(info.message()) =>
@@ -72,6 +85,11 @@ fn is_timeout(message: &str) -> bool {
         || message.starts_with("canceling statement due to statement timeout")
 }
 
+/// 40P01 deadlock_detected: PostgreSQL chose this transaction to end.
+fn is_deadlock(message: &str) -> bool {
+    message.starts_with("deadlock detected")
+}
+
 /// Class 57P (operator intervention: shutdown, crash of another backend,
 /// terminated backend, server starting up or shutting down). The session is
 /// gone or going, though the socket may not show it yet.
@@ -96,6 +114,10 @@ mod tests {
         ));
         assert!(is_session_ended("the database system is shutting down"));
         assert!(!is_session_ended(
+            "duplicate key value violates unique constraint"
+        ));
+        assert!(is_deadlock("deadlock detected"));
+        assert!(!is_deadlock(
             "duplicate key value violates unique constraint"
         ));
     }

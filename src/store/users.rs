@@ -7,6 +7,13 @@ use super::{
 };
 use crate::domain::{Erased, UserId};
 
+/// Locks the user row and then each of the user's conversations, in id order.
+const LOCK_ERASED: &str = "\
+    WITH owner AS (SELECT user_id FROM users WHERE user_id = $1 FOR UPDATE) \
+    SELECT c.id FROM conversations c \
+    WHERE c.user_id = $1 AND EXISTS (SELECT 1 FROM owner) \
+    ORDER BY c.id FOR UPDATE OF c";
+
 impl Store {
     /// Erases everything stored for `owner` in one transaction: messages,
     /// idempotency keys, conversations and the user row. Watchers on every
@@ -14,6 +21,16 @@ impl Store {
     pub async fn delete_user_data(&self, owner: &UserId) -> Result<Erased, StoreError> {
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                // One lock order for every multi-row delete: the user row,
+                // then its conversations (in id order), then their messages.
+                // Deleting a conversation (one, or the retention sweep's
+                // batch) locks the conversation before its messages too, so
+                // an erasure running beside them waits instead of
+                // deadlocking, and a create waits on the user row.
+                diesel::sql_query(LOCK_ERASED)
+                    .bind::<diesel::sql_types::Text, _>(owner.as_str())
+                    .execute(conn)
+                    .await?;
                 // Deleted child-first so each count is exact; the cascade from
                 // `users` would remove the same rows without counting them.
                 let messages = diesel::delete(messages::table)
