@@ -49,8 +49,9 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Send + 'static,
+    R: http_body::Body<Data = bytes::Bytes, Error = tonic::Status> + Send + Unpin + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -92,69 +93,121 @@ where
             .in_scope(|| self.inner.call(request))
             .instrument(span.clone());
         async move {
-            // Until the handler answers, a dropped future means the client
-            // went away (cancelled, or its deadline passed): say so.
-            let mut pending = Unanswered {
+            // Dropped before it is finished, the record says the client went
+            // away (cancelled, or past its deadline).
+            let mut outcome = CallOutcome {
                 rpc,
                 started,
-                span: span.clone(),
+                span,
+                finished: false,
             };
-            let response = call.await;
-            pending.answered();
-            let mut response = response?;
-            let code = response_code(&response);
-            let duration = started.elapsed();
+            let mut response = call.await?;
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
-            let code_name = format!("{code:?}");
-            record(rpc, &code_name, duration.as_secs_f64());
-            let duration_ms = duration.as_secs_f64() * 1000.0;
-            span.in_scope(|| match code {
-                Code::Internal | Code::Unknown | Code::DataLoss => {
-                    tracing::error!(code = %code_name, duration_ms, "call failed")
+            match header_code(&response) {
+                // A refusal travels in the headers ("trailers-only").
+                Some(code) => {
+                    outcome.finish(code);
+                    Ok(response.map(tonic::body::Body::new))
                 }
-                Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {
-                    tracing::warn!(code = %code_name, duration_ms, "call failed")
-                }
-                _ => tracing::info!(code = %code_name, duration_ms, "call"),
-            });
-            Ok(response)
+                // Otherwise the status comes in the trailers, after the
+                // message (or, for a watch, after the whole stream).
+                None => Ok(response.map(|body| {
+                    tonic::body::Body::new(ObservedBody {
+                        inner: body,
+                        outcome,
+                    })
+                })),
+            }
         }
         .boxed()
     }
 }
 
-/// A call whose handler has not answered yet. Dropped unanswered, the call
-/// was abandoned by its client: it is logged and counted as `Cancelled`, with
-/// how long it had run, so a server stuck on its database leaves a trace.
-struct Unanswered {
+/// How one call ended, logged and counted exactly once: when its status is
+/// known, or, if the client goes away first, as `Cancelled` with how long
+/// it had run (so a server stuck on its database leaves a trace).
+struct CallOutcome {
     rpc: &'static str,
     started: Instant,
     span: Span,
+    finished: bool,
 }
 
-impl Unanswered {
-    fn answered(&mut self) {
-        self.rpc = "";
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if self.rpc.is_empty() {
+impl CallOutcome {
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
             return;
         }
         let duration = self.started.elapsed();
-        record(self.rpc, "Cancelled", duration.as_secs_f64());
+        let code_name = format!("{code:?}");
+        record(self.rpc, &code_name, duration.as_secs_f64());
         let duration_ms = duration.as_secs_f64() * 1000.0;
-        self.span.in_scope(|| {
-            tracing::warn!(
-                code = "Cancelled",
+        // A client that closes its watch is how a watch normally ends.
+        let routine_cancel = code == Code::Cancelled && self.rpc == "WatchConversation";
+        self.span.in_scope(|| match code {
+            Code::Internal | Code::Unknown | Code::DataLoss => {
+                tracing::error!(code = %code_name, duration_ms, "call failed")
+            }
+            Code::Cancelled if !routine_cancel => tracing::warn!(
+                code = %code_name,
                 duration_ms,
                 "call cancelled by the client before it was answered"
-            )
+            ),
+            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => {
+                tracing::warn!(code = %code_name, duration_ms, "call failed")
+            }
+            _ => tracing::info!(code = %code_name, duration_ms, "call"),
         });
+    }
+}
+
+impl Drop for CallOutcome {
+    fn drop(&mut self) {
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A response body that reports the call's final status when its trailers
+/// pass (or `Cancelled` when it is dropped before them).
+struct ObservedBody<R> {
+    inner: R,
+    outcome: CallOutcome,
+}
+
+impl<R> http_body::Body for ObservedBody<R>
+where
+    R: http_body::Body<Data = bytes::Bytes, Error = tonic::Status> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = grpc_status(trailers).unwrap_or(Code::Ok);
+                    self.outcome.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(status))) => self.outcome.finish(status.code()),
+            Poll::Ready(None) => self.outcome.finish(Code::Ok),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -196,13 +249,16 @@ fn rpc_name(path: &str) -> &'static str {
 
 /// A handler's error travels as `grpc-status` in the response headers
 /// ("trailers-only"); a success sends its status later, in the trailers.
-fn response_code<R>(response: &http::Response<R>) -> Code {
-    response
-        .headers()
+fn header_code<R>(response: &http::Response<R>) -> Option<Code> {
+    grpc_status(response.headers())
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
-        .map_or(Code::Ok, Code::from_i32)
+        .map(Code::from_i32)
 }
 
 fn record(rpc: &'static str, code: &str, seconds: f64) {

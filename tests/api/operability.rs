@@ -391,3 +391,56 @@ async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
     let duration = line["duration_ms"].as_f64().unwrap_or_default();
     assert!((250.0..5000.0).contains(&duration), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_is_logged_with_the_status_it_ended_with() {
+    let app = TestApp::spawn().await;
+    let (mut server, channel) = json_logging_server(&app.db.url).await;
+    let mut client = ConversationServiceClient::with_interceptor(channel, UserHeader::new("alice"));
+    let created = client
+        .create_conversation(proto::CreateConversationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .watch_conversation(proto::WatchConversationRequest {
+            conversation_id: created.id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .delete_conversation(proto::DeleteConversationRequest {
+            conversation_id: created.id.clone(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream ends")
+        .expect_err("with a status");
+    assert_eq!(end.code(), tonic::Code::NotFound);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut log = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .await
+        .unwrap();
+    server.wait().await.unwrap();
+    let watch: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["span"]["rpc"] == "WatchConversation" && line["code"].is_string())
+        .collect();
+    assert_eq!(watch.len(), 1, "one line for the watch:\n{log}");
+    assert_eq!(watch[0]["code"], "NotFound", "{}", watch[0]);
+}
