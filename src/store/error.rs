@@ -1,3 +1,19 @@
+//! How database failures are classified.
+//!
+//! diesel-async 0.9 turns a tokio-postgres error into diesel's
+//! `DatabaseErrorKind` (unique, foreign key, check, not-null, serialization
+//! failure, …) and keeps PostgreSQL's `DbError` only behind
+//! `DatabaseErrorInformation`, which exposes the message, detail, hint and
+//! names but not the SQLSTATE (`src/pg/error_helper.rs` in diesel-async).
+//! There is no supported way to read the code through it, so what has a kind
+//! is classified by kind (serialization failures), and the rest, timeouts
+//! (55P03, 57014), ended sessions (57P*) and deadlocks (40P01), by
+//! PostgreSQL's English message. English is made sure of where possible:
+//! pooled sessions `SET lc_messages = 'C'` (allowed to superusers), the
+//! private cluster's application role has `lc_messages = 'C'` set on it, and
+//! a session that cannot have English messages is reported once, at warn,
+//! with the statement an operator runs to fix it (see `store/pool.rs`).
+
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::pooled_connection::PoolError;
 

@@ -54,7 +54,8 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
              END $$; \
              GRANT CONNECT ON DATABASE {database_q} TO {role_q}; \
              GRANT USAGE ON SCHEMA public TO {role_q}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role_q}"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role_q}; \
+             ALTER ROLE {role_q} SET lc_messages = 'C'"
         ),
     )
     .await?;

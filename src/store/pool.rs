@@ -47,6 +47,40 @@ pub(super) async fn connect(
     }
 }
 
+/// Warns once per process when the session's messages are not English, which
+/// would make timeouts and ended sessions look like internal errors.
+async fn warn_unless_english(conn: &mut AsyncPgConnection) {
+    use diesel_async::RunQueryDsl;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        lc_messages: String,
+    }
+    let Ok(setting) = diesel::sql_query("SHOW lc_messages")
+        .get_result::<Setting>(conn)
+        .await
+    else {
+        return;
+    };
+    let value = setting.lc_messages;
+    let english = value.is_empty()
+        || value == "C"
+        || value == "POSIX"
+        || value.starts_with("C.")
+        || value.starts_with("en");
+    if !english {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                lc_messages = %value,
+                "the database answers in another language, so lock and statement timeouts \
+                 would be reported as internal errors: run ALTER ROLE <convo's role> SET \
+                 lc_messages = 'C' as a superuser"
+            );
+        });
+    }
+}
+
 /// `database_url` with TCP keepalive probes after 30 s of silence (a peer
 /// that vanished is noticed in about a minute, not PostgreSQL's default of two
 /// hours) and, when given, an `application_name`, unless the URL sets them.
@@ -116,9 +150,11 @@ impl Store {
                 .await
                 .map_err(ConnectionError::CouldntSetupConfiguration)?;
                 // Timeouts are recognised by PostgreSQL's English messages (see
-                // StoreError). Only superusers may choose the language; where
-                // convo may not, the server's default stays.
-                let _ = conn.batch_execute("SET lc_messages = 'C'").await;
+                // StoreError). Only superusers may choose the language here;
+                // otherwise it must be set on the role, so say so once.
+                if conn.batch_execute("SET lc_messages = 'C'").await.is_err() {
+                    warn_unless_english(&mut conn).await;
+                }
                 Ok(conn)
             })
         });
