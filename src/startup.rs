@@ -197,7 +197,8 @@ impl Application {
             crate::telemetry::serve_metrics(addr).map_err(StartupError::Metrics)?;
             tracing::info!(%addr, "serving Prometheus metrics at /metrics");
         }
-        let store = Store::new(&settings.database_url, settings.pool);
+        let store = Store::new(&settings.database_url, settings.pool)
+            .map_err(|e| StartupError::DatabaseUrl(e.to_string()))?;
         store.ping().await.map_err(StartupError::Database)?;
         let listen = |source| StartupError::Listen {
             addr: settings.listen,

@@ -50,7 +50,9 @@ impl From<StoreError> for ServiceError {
             StoreError::TimedOut(_) => "timeout",
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Conflict(_) => "conflict",
-            StoreError::Database(_) | StoreError::Corrupt(_) => "internal",
+            StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::InvalidUrl(_) => {
+                "internal"
+            }
         };
         metrics::counter!("convo_db_errors_total", "kind" => kind).increment(1);
         match error {

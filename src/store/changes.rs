@@ -221,7 +221,11 @@ const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 async fn listen(url: String, shared: Arc<Shared>) {
     let mut delay = Duration::from_millis(50);
     loop {
-        match super::pool::connect(&url, LISTENER_CONNECT_TIMEOUT).await {
+        let connected = match super::tls::DatabaseTarget::parse(&url) {
+            Ok(target) => super::pool::connect(&target, LISTENER_CONNECT_TIMEOUT).await,
+            Err(why) => Err(diesel::ConnectionError::InvalidConnectionUrl(why)),
+        };
+        match connected {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);

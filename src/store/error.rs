@@ -39,6 +39,10 @@ pub enum StoreError {
     /// again is safe.
     #[error("the database aborted a conflicting transaction: {0}")]
     Conflict(String),
+    /// The database URL asks for something convo cannot do (an unknown
+    /// `sslmode`, an unreadable `sslrootcert`).
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
     /// Any other database failure: a bug or a broken invariant, never the client's doing.
     #[error("database error: {0}")]
     Database(DieselError),

@@ -1,7 +1,5 @@
-use diesel::Connection;
 use diesel_async::{
-    AsyncConnection, AsyncPgConnection, RunQueryDsl,
-    async_connection_wrapper::AsyncConnectionWrapper,
+    AsyncPgConnection, RunQueryDsl, async_connection_wrapper::AsyncConnectionWrapper,
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
@@ -11,6 +9,13 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// One connection as the URL asks (TLS included; see `store/tls.rs`).
+async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
+    Ok(super::tls::DatabaseTarget::parse(database_url)?
+        .connect()
+        .await?)
+}
+
 /// The advisory lock key migrations hold (any fixed number unique to convo).
 const MIGRATION_LOCK: i64 = 0x636f_6e76_6f01;
 
@@ -19,9 +24,9 @@ const MIGRATION_LOCK: i64 = 0x636f_6e76_6f01;
 /// Diesel's migration harness is synchronous, so it runs on a blocking thread
 /// (which also keeps it usable from a current-thread runtime).
 pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, BoxError> {
-    let url = database_url.to_owned();
+    let conn = connect(database_url).await?;
     tokio::task::spawn_blocking(move || {
-        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         // Replicas started together migrate one at a time: the others wait
         // here, then find nothing pending. Released with the session.
         diesel::connection::SimpleConnection::batch_execute(
@@ -43,7 +48,7 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
     let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     let (role_q, database_q) = (quote(role), quote(&database));
     let role_literal = role.replace('\'', "''");
-    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    let mut conn = connect(database_url).await?;
     diesel_async::SimpleAsyncConnection::batch_execute(
         &mut conn,
         &format!(
@@ -64,9 +69,9 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
 
 /// Reverts the most recently applied migration and returns its version.
 pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxError> {
-    let url = database_url.to_owned();
+    let conn = connect(database_url).await?;
     tokio::task::spawn_blocking(move || {
-        let mut conn = <AsyncConnectionWrapper<AsyncPgConnection> as Connection>::establish(&url)?;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         let reverted = conn.revert_last_migration(MIGRATIONS)?;
         Ok(reverted.to_string())
     })
@@ -84,7 +89,7 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<bool, BoxE
     }
     let name = percent_decode(&name)?;
     url.set_path("/postgres");
-    let mut admin = AsyncPgConnection::establish(url.as_str()).await?;
+    let mut admin = connect(url.as_str()).await?;
     let exists: i64 = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
         .bind::<diesel::sql_types::Text, _>(&name)
         .get_result::<Count>(&mut admin)
@@ -131,7 +136,7 @@ pub async fn ensure_schema_current(database_url: &str) -> Result<(), BoxError> {
         #[diesel(sql_type = diesel::sql_types::Text)]
         version: String,
     }
-    let mut conn = AsyncPgConnection::establish(database_url).await?;
+    let mut conn = connect(database_url).await?;
     let applied: Vec<Applied> = diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
         .load(&mut conn)
         .await

@@ -23,6 +23,7 @@ mod pool;
 mod retention;
 pub mod schema;
 mod search;
+mod tls;
 mod users;
 mod values;
 

@@ -2,13 +2,13 @@ use std::time::Duration;
 
 use diesel::ConnectionError;
 use diesel_async::{
-    AsyncConnection, AsyncPgConnection, SimpleAsyncConnection,
+    AsyncPgConnection, SimpleAsyncConnection,
     pooled_connection::{
         AsyncDieselConnectionManager, ManagerConfig, PoolableConnection, RecyclingMethod,
     },
 };
 
-use super::StoreError;
+use super::{StoreError, tls::DatabaseTarget};
 
 pub(super) type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
@@ -36,10 +36,10 @@ pub(super) fn connect_timeout(settings: &PoolSettings) -> Duration {
 
 /// Opens one connection within `timeout`.
 pub(super) async fn connect(
-    url: &str,
+    target: &DatabaseTarget,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, ConnectionError> {
-    match tokio::time::timeout(timeout, AsyncPgConnection::establish(url)).await {
+    match tokio::time::timeout(timeout, target.connect()).await {
         Ok(connected) => connected,
         Err(_) => Err(ConnectionError::BadConnection(format!(
             "no connection within {timeout:?}"
@@ -121,7 +121,9 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Builds the pool without connecting; the first query (or [`Store::ping`])
     /// opens the first connection.
-    pub fn new(database_url: &str, settings: PoolSettings) -> Self {
+    pub fn new(database_url: &str, settings: PoolSettings) -> Result<Self, StoreError> {
+        let target = DatabaseTarget::parse(&session_url(database_url, None))
+            .map_err(StoreError::InvalidUrl)?;
         let statement_timeout_ms = settings.statement_timeout.as_millis();
         let connect_timeout = connect_timeout(&settings);
         let lock_timeout_ms = settings.lock_timeout.as_millis();
@@ -139,10 +141,10 @@ impl Store {
                     }
                 })
             }));
-        config.custom_setup = Box::new(move |url| {
-            let url = url.to_owned();
+        config.custom_setup = Box::new(move |_url| {
+            let target = target.clone();
             Box::pin(async move {
-                let mut conn = connect(&url, connect_timeout).await?;
+                let mut conn = connect(&target, connect_timeout).await?;
                 conn.batch_execute(&format!(
                     "SET statement_timeout = {statement_timeout_ms}; \
                      SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'"
@@ -165,7 +167,7 @@ impl Store {
             .min_idle(None)
             .connection_timeout(settings.acquire_timeout)
             .build_unchecked(manager);
-        Self { pool }
+        Ok(Self { pool })
     }
 
     /// Runs `operation` on a pooled connection. A failure that left the

@@ -153,7 +153,7 @@ fn drop_role_later(app: &TestApp, role: &str) {
     app.db.drop_role_on_drop(role);
 }
 
-mod transport {
+pub(crate) mod transport {
     use std::{net::SocketAddr, time::Duration};
 
     use convo::{
@@ -169,13 +169,13 @@ mod transport {
     use crate::helpers::{TestDb, UserHeader, health, test_settings};
 
     /// A certificate authority made for one test.
-    struct Authority {
-        pem: String,
+    pub(crate) struct Authority {
+        pub(crate) pem: String,
         issuer: Issuer<'static, KeyPair>,
     }
 
     impl Authority {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params
@@ -190,7 +190,7 @@ mod transport {
         }
 
         /// A certificate and key (PEM) for `names`.
-        fn issue(&self, names: &[&str]) -> (String, String) {
+        pub(crate) fn issue(&self, names: &[&str]) -> (String, String) {
             let params =
                 CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                     .unwrap();
@@ -646,5 +646,159 @@ mod jwt {
             .unwrap();
             assert!(call(&app, Some(&token), None).await.is_err(), "no {claim}");
         }
+    }
+}
+
+/// TLS between convo and PostgreSQL, from `sslmode`/`sslrootcert` in the URL.
+mod database_tls {
+    use std::time::Duration;
+
+    use convo::{
+        local_postgres::{Access, LocalPostgres, LocalPostgresOptions},
+        startup::{self, Application},
+    };
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+    use nix::unistd::{Uid, User, chown};
+
+    use super::transport::Authority;
+    use crate::helpers::{UserHeader, test_settings};
+
+    #[derive(diesel::QueryableByName)]
+    struct Encrypted {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        plain: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        encrypted: i64,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn convo_reaches_postgres_over_tls_and_checks_whom_it_reaches() {
+        let dir =
+            std::env::temp_dir().join(format!("convo-db-tls-{}", uuid::Uuid::now_v7().simple()));
+        let cluster = LocalPostgres::start(&LocalPostgresOptions {
+            data_dir: dir.clone(),
+            fsync: false,
+            access: Access::Loopback { port: None },
+            relocate_if_unreachable: false,
+        })
+        .await
+        .expect("a cluster to put TLS on");
+        // A certificate for "localhost" from a CA made here, in the data
+        // directory, readable by the cluster's account only.
+        let ca = Authority::new("convo test database CA");
+        let (cert, key) = ca.issue(&["localhost"]);
+        for (name, pem) in [("server.crt", &cert), ("server.key", &key)] {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if Uid::effective().is_root() {
+                let postgres = User::from_name("postgres").unwrap().unwrap();
+                chown(&path, Some(postgres.uid), Some(postgres.gid)).unwrap();
+            }
+        }
+        let admin_url = cluster.url("postgres");
+        let mut admin = AsyncPgConnection::establish(&admin_url).await.unwrap();
+        for sql in [
+            "ALTER SYSTEM SET ssl = on",
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "SELECT pg_reload_conf()",
+        ] {
+            diesel::sql_query(sql).execute(&mut admin).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let roots = dir.join("ca.pem");
+        std::fs::write(&roots, &ca.pem).unwrap();
+        let port = admin_url
+            .rsplit(':')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
+            .to_owned();
+        let url =
+            |host: &str, query: &str| format!("postgres://postgres@{host}:{port}/convo?{query}");
+        let full = url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={}", roots.display()),
+        );
+
+        // Migrations and the server, over verified TLS.
+        startup::prepare_database(&full)
+            .await
+            .expect("migrate over TLS");
+        let app = Application::build(test_settings(&full))
+            .await
+            .expect("serve over TLS");
+        let addr = app.local_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = convo::grpc::proto::conversation_service_client::ConversationServiceClient::with_interceptor(
+            channel,
+            UserHeader::new("alice"),
+        );
+        client
+            .create_conversation(convo::grpc::proto::CreateConversationRequest::default())
+            .await
+            .expect("a call through a TLS pool");
+        // Every session convo opened (pool and listener) is encrypted.
+        let sessions: Encrypted = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE NOT s.ssl) AS plain, count(*) FILTER (WHERE s.ssl) AS encrypted \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = 'convo'",
+        )
+        .get_result(&mut admin)
+        .await
+        .unwrap();
+        assert_eq!(sessions.plain, 0);
+        assert!(sessions.encrypted >= 2, "the pool and the listener");
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+
+        // Another CA: refused under verify-full and verify-ca.
+        let stranger = Authority::new("someone else");
+        let other_roots = dir.join("other-ca.pem");
+        std::fs::write(&other_roots, &stranger.pem).unwrap();
+        for mode in ["verify-full", "verify-ca"] {
+            let wrong = url(
+                "localhost",
+                &format!("sslmode={mode}&sslrootcert={}", other_roots.display()),
+            );
+            let refused = startup::prepare_database(&wrong)
+                .await
+                .expect_err(&format!("{mode} accepted a certificate from an unknown CA"))
+                .to_string();
+            assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+        }
+        // The right CA but another name: verify-full refuses, verify-ca does not
+        // look at names; require encrypts without looking at all.
+        let by_address = |query: &str| url("127.0.0.1", query);
+        let refused = startup::prepare_database(&by_address(&format!(
+            "sslmode=verify-full&sslrootcert={}",
+            roots.display()
+        )))
+        .await
+        .expect_err("verify-full accepted a certificate for another name")
+        .to_string();
+        assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+        startup::prepare_database(&by_address(&format!(
+            "sslmode=verify-ca&sslrootcert={}",
+            roots.display()
+        )))
+        .await
+        .expect("verify-ca checks the chain, not the name");
+        startup::prepare_database(&by_address("sslmode=require"))
+            .await
+            .expect("require encrypts without a root");
+
+        drop(admin);
+        cluster.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,326 @@
+//! TLS to PostgreSQL, chosen by the database URL as libpq does:
+//! `sslmode=disable|prefer|require|verify-ca|verify-full` and, for the
+//! verifying modes, `sslrootcert=<PEM file>` (the system's CA bundle when
+//! absent). `prefer` is the default, as in libpq: TLS when the server offers
+//! it. `require` encrypts without checking the certificate; `verify-ca`
+//! checks it against the roots; `verify-full` also checks that it names the
+//! host. Connections over a Unix socket never use TLS.
+//!
+//! tokio-postgres knows only disable/prefer/require, so both parameters are
+//! taken out of the URL here and the rest of it goes to tokio-postgres; the
+//! TLS itself is rustls (the same as the gRPC server's).
+
+use std::sync::Arc;
+
+use diesel::{ConnectionError, ConnectionResult};
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How much TLS a URL asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// A database URL resolved into what tokio-postgres is given and the TLS
+/// that goes with it. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct DatabaseTarget {
+    /// The URL without `sslmode` and `sslrootcert`.
+    url: String,
+    mode: SslMode,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl std::fmt::Debug for DatabaseTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseTarget")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the system keeps its CA bundle (Debian, Ubuntu, Alpine; Fedora).
+const SYSTEM_ROOTS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+];
+
+impl DatabaseTarget {
+    pub fn parse(database_url: &str) -> Result<Self, String> {
+        let Ok(mut url) = url::Url::parse(database_url) else {
+            // Not a URL (a key=value string): tokio-postgres reads it as is.
+            return Ok(Self {
+                url: database_url.to_owned(),
+                mode: SslMode::Disable,
+                tls: None,
+            });
+        };
+        let mut mode = SslMode::Prefer;
+        let mut root_file = None;
+        let mut rest = Vec::new();
+        for (key, value) in url.query_pairs() {
+            match key.as_ref() {
+                "sslmode" => {
+                    mode = match value.as_ref() {
+                        "disable" => SslMode::Disable,
+                        "allow" | "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-ca" => SslMode::VerifyCa,
+                        "verify-full" => SslMode::VerifyFull,
+                        other => {
+                            return Err(format!(
+                                "sslmode={other} is not one of disable, prefer, require, \
+                                 verify-ca, verify-full"
+                            ));
+                        }
+                    }
+                }
+                "sslrootcert" => root_file = Some(value.into_owned()),
+                _ => rest.push((key.into_owned(), value.into_owned())),
+            }
+        }
+        url.set_query(None);
+        if !rest.is_empty() {
+            url.query_pairs_mut().extend_pairs(rest);
+        }
+        let tls = match mode {
+            SslMode::Disable => None,
+            SslMode::Prefer | SslMode::Require => {
+                Some(client_config(Arc::new(AnyCertificate(provider()))))
+            }
+            SslMode::VerifyCa | SslMode::VerifyFull => {
+                let roots = roots(root_file.as_deref())?;
+                let webpki = WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(provider()),
+                )
+                .build()
+                .map_err(|e| format!("cannot verify the database's certificate: {e}"))?;
+                let verifier: Arc<dyn ServerCertVerifier> = if mode == SslMode::VerifyFull {
+                    webpki
+                } else {
+                    Arc::new(AnyName(webpki))
+                };
+                Some(client_config(verifier))
+            }
+        };
+        Ok(Self {
+            url: url.to_string(),
+            mode,
+            tls: tls.map(MakeRustlsConnect::new),
+        })
+    }
+
+    /// Opens one connection as the URL asks.
+    pub async fn connect(&self) -> ConnectionResult<AsyncPgConnection> {
+        let Some(tls) = &self.tls else {
+            return AsyncPgConnection::establish(&self.url).await;
+        };
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|e: tokio_postgres::Error| {
+                ConnectionError::InvalidConnectionUrl(e.to_string())
+            })?;
+        config.ssl_mode(if self.mode == SslMode::Prefer {
+            tokio_postgres::config::SslMode::Prefer
+        } else {
+            tokio_postgres::config::SslMode::Require
+        });
+        let (client, connection) = config
+            .connect(tls.clone())
+            .await
+            .map_err(|e| ConnectionError::BadConnection(with_causes(&e)))?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    }
+}
+
+/// An error and its causes on one line ("error performing TLS handshake:
+/// invalid peer certificate: UnknownIssuer"), for the operator's log.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        line.push_str(": ");
+        line.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    line
+}
+
+fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+fn client_config(verifier: Arc<dyn ServerCertVerifier>) -> ClientConfig {
+    ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth()
+}
+
+fn roots(file: Option<&str>) -> Result<RootCertStore, String> {
+    let path = match file {
+        Some(path) => path.to_owned(),
+        None => SYSTEM_ROOTS
+            .iter()
+            .find(|path| std::path::Path::new(path).exists())
+            .map(|path| (*path).to_owned())
+            .ok_or("sslmode verify-ca/verify-full needs sslrootcert=<PEM file> (no system CA bundle found)")?,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&path)
+        .map_err(|e| format!("cannot read sslrootcert {path}: {e}"))?
+    {
+        let cert =
+            cert.map_err(|e| format!("sslrootcert {path} holds an unreadable certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("sslrootcert {path} holds no certificate"));
+    }
+    Ok(roots)
+}
+
+/// `require` (and `prefer`): encryption without a check of who answers, as
+/// libpq does. The handshake's signatures are still verified.
+#[derive(Debug)]
+struct AnyCertificate(rustls::crypto::CryptoProvider);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the name is not
+/// checked.
+#[derive(Debug)]
+struct AnyName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssl_parameters_are_taken_out_of_the_url() {
+        let target = DatabaseTarget::parse(
+            "postgres://app@db:5432/convo?sslmode=require&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(target.mode, SslMode::Require);
+        assert_eq!(
+            target.url,
+            "postgres://app@db:5432/convo?application_name=x"
+        );
+        let plain = DatabaseTarget::parse("postgres://app@db/convo").unwrap();
+        assert_eq!(plain.mode, SslMode::Prefer, "libpq's default");
+        assert_eq!(plain.url, "postgres://app@db/convo");
+        assert!(DatabaseTarget::parse("postgres://db/convo?sslmode=sometimes").is_err());
+        assert!(
+            DatabaseTarget::parse(
+                "postgres://db/convo?sslmode=verify-full&sslrootcert=/nonexistent"
+            )
+            .unwrap_err()
+            .contains("/nonexistent")
+        );
+    }
+}
