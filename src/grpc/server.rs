@@ -4,12 +4,10 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::TcpListenerStream};
-use tonic::{
-    codec::CompressionEncoding,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
-};
+use tonic::{codec::CompressionEncoding, transport::Server};
 use tonic_health::ServingStatus;
 
 use super::{
@@ -102,23 +100,11 @@ pub async fn serve(
         tonic::service::interceptor::InterceptedService::new(limited, options.authenticator),
     );
 
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        stream.inspect(|s| {
-            // Small unary replies should not wait for Nagle's algorithm.
-            let _ = s.set_nodelay(true);
-        })
-    });
+    // TLS is ours rather than tonic's, so that a failed handshake (a client
+    // certificate from another CA, an X.509 v1 certificate) is logged at warn
+    // with its reason.
+    let acceptor = options.tls.map(tls::acceptor).transpose()?;
     let mut builder = Server::builder();
-    if let Some(tls) = options.tls {
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder
-            .tls_config(config)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
     // Probes that cannot present a client certificate get health alone, in
     // plaintext, on their own address.
     let (stopping, stop_probes) = tokio::sync::watch::channel(false);
@@ -146,16 +132,33 @@ pub async fn serve(
         "serving convo.v1"
     );
     let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
-    let serve = builder
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(conversations)
-        .serve_with_incoming_shutdown(incoming, async {
-            shutdown.await;
-            let _ = stopping.send(true);
-            let _ = draining.send(());
-        });
+        .add_service(conversations);
+    let stop_serving = async {
+        shutdown.await;
+        let _ = stopping.send(true);
+        let _ = draining.send(());
+    };
+    let mut handshakes = None;
+    let serve = match acceptor {
+        Some(acceptor) => {
+            let (incoming, accepting) = tls::incoming(listener, acceptor);
+            handshakes = Some(accepting);
+            Either::Left(router.serve_with_incoming_shutdown(incoming, stop_serving))
+        }
+        None => {
+            let incoming = TcpListenerStream::new(listener).map(|stream| {
+                stream.inspect(|s| {
+                    // Small unary replies should not wait for Nagle's algorithm.
+                    let _ = s.set_nodelay(true);
+                })
+            });
+            Either::Right(router.serve_with_incoming_shutdown(incoming, stop_serving))
+        }
+    };
     tokio::pin!(serve);
     let drain_timeout = options.drain_timeout;
     let served = tokio::select! {
@@ -172,6 +175,9 @@ pub async fn serve(
         }
     };
     health_watch.abort();
+    if let Some(handshakes) = handshakes {
+        handshakes.abort();
+    }
     if let Some(probes) = probes {
         let _ = stopping.send(true);
         let _ = probes.await;
@@ -180,4 +186,142 @@ pub async fn serve(
         addr: local_addr,
         source: std::io::Error::other(e),
     })
+}
+
+/// TLS for the gRPC listener: rustls, with handshakes that fail reported.
+mod tls {
+    use std::{
+        net::SocketAddr,
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    use rustls::{
+        RootCertStore, ServerConfig,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        server::WebPkiClientVerifier,
+    };
+    use tokio::{
+        net::{TcpListener, TcpStream},
+        sync::mpsc,
+        task::JoinHandle,
+    };
+    use tokio_rustls::{TlsAcceptor, server::TlsStream};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::ServeError;
+    use crate::config::TlsSettings;
+
+    /// A client that has not finished its handshake by then is dropped.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub(super) fn acceptor(tls: &TlsSettings) -> Result<TlsAcceptor, ServeError> {
+        let invalid =
+            |what: &str, e: &dyn std::fmt::Display| ServeError::Tls(format!("{what}: {e}"));
+        let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("the certificate (PEM)", &e))?;
+        if certs.is_empty() {
+            return Err(ServeError::Tls(
+                "the certificate file holds no certificate".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
+            .map_err(|e| invalid("the private key (PEM)", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("TLS versions", &e))?;
+        let builder = match &tls.client_ca_pem {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    let cert = cert.map_err(|e| invalid("the client CA (PEM)", &e))?;
+                    roots.add(cert).map_err(|e| invalid("the client CA", &e))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| invalid("the client CA", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("the certificate and key", &e))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    type Accepted = Result<TlsStream<TcpStream>, std::io::Error>;
+
+    /// Accepts connections and completes their handshakes concurrently; the
+    /// stream yields the ones that succeed. The task runs until aborted.
+    pub(super) fn incoming(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+    ) -> (ReceiverStream<Accepted>, JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel::<Accepted>(64);
+        let failures = Arc::new(FailureLog::default());
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        if sender.send(Err(error)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                // Small unary replies should not wait for Nagle's algorithm.
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, sender, failures) =
+                    (acceptor.clone(), sender.clone(), failures.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = sender.send(Ok(stream)).await;
+                        }
+                        // A connection closed before it said anything is a TCP
+                        // probe (a load balancer's), not a failing client.
+                        Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(%peer, "connection closed before a TLS handshake");
+                        }
+                        Ok(Err(error)) => failures.report(peer, &error.to_string()),
+                        Err(_) => failures.report(peer, "no handshake within 10 s"),
+                    }
+                });
+            }
+        });
+        (ReceiverStream::new(receiver), accepting)
+    }
+
+    /// Failed handshakes, logged at warn at most once a second, with how
+    /// many were not logged since.
+    #[derive(Default)]
+    struct FailureLog {
+        state: Mutex<(Option<Instant>, u64)>,
+    }
+
+    impl FailureLog {
+        fn report(&self, peer: SocketAddr, reason: &str) {
+            metrics::counter!("convo_tls_handshake_failures_total").increment(1);
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (last, suppressed) = &mut *state;
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                *suppressed += 1;
+                return;
+            }
+            tracing::warn!(
+                %peer,
+                reason,
+                not_logged_since = *suppressed,
+                "TLS handshake failed"
+            );
+            *last = Some(Instant::now());
+            *suppressed = 0;
+        }
+    }
 }

@@ -234,7 +234,7 @@ pub(crate) mod transport {
         }
     }
 
-    async fn tls_channel(
+    pub(crate) async fn tls_channel(
         addr: SocketAddr,
         ca: &str,
         identity: Option<(&str, &str)>,
@@ -646,6 +646,111 @@ mod jwt {
             .unwrap();
             assert!(call(&app, Some(&token), None).await.is_err(), "no {claim}");
         }
+    }
+}
+
+/// A failed TLS handshake is logged at warn with its reason, so an operator
+/// can see why a client cannot connect.
+mod handshake_log {
+    use std::{process::Stdio, time::Duration};
+
+    use tokio::io::AsyncReadExt;
+
+    use super::transport::Authority;
+    use crate::helpers::TestDb;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_client_certificate_is_logged_at_warn_with_the_reason() {
+        let db = TestDb::create().await;
+        let dir =
+            std::env::temp_dir().join(format!("convo-tls-log-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server_ca = Authority::new("server CA");
+        let client_ca = Authority::new("client CA");
+        let stranger = Authority::new("another CA");
+        let (cert, key) = server_ca.issue(&["localhost"]);
+        for (name, pem) in [
+            ("cert.pem", &cert),
+            ("key.pem", &key),
+            ("client-ca.pem", &client_ca.pem),
+        ] {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
+            .args(["--log-format", "json", "serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--database-url", &db.url])
+            .arg("--tls-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("key.pem"))
+            .arg("--tls-client-ca")
+            .arg(dir.join("client-ca.pem"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A client whose certificate comes from a CA the server does not trust.
+        let (bad_cert, bad_key) = stranger.issue(&["intruder"]);
+        let refused =
+            super::transport::tls_channel(addr, &server_ca.pem, Some((&bad_cert, &bad_key))).await;
+        if let Ok(channel) = refused {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            assert!(
+                health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .is_err(),
+                "a certificate from an unknown CA was accepted"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let mut log = String::new();
+        server
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .await
+            .unwrap();
+        server.wait().await.unwrap();
+        let failures: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|line| line["message"] == "TLS handshake failed")
+            .collect();
+        assert!(
+            !failures.is_empty(),
+            "no warning for the refused handshake:\n{log}"
+        );
+        assert_eq!(failures[0]["level"], "WARN");
+        let reason = failures[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase();
+        assert!(reason.contains("certificate"), "{}", failures[0]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
