@@ -709,3 +709,22 @@ pub fn assert_metric_at_least(scraped: &str, series: &str, min: f64) {
         "{series} below {min}: {scraped}"
     );
 }
+
+/// Stops a `convo serve` process started with `--log-format json` and its
+/// stderr piped (SIGTERM, as an operator would) and returns its log lines.
+pub async fn stop_and_read_json_log(server: &mut tokio::process::Child) -> Vec<serde_json::Value> {
+    use tokio::io::AsyncReadExt;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id().expect("running") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal the server");
+    let mut log = String::new();
+    if let Some(mut stderr) = server.stderr.take() {
+        let _ = stderr.read_to_string(&mut log).await;
+    }
+    server.wait().await.expect("the server exits");
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .collect()
+}

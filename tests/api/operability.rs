@@ -13,7 +13,8 @@ use tonic::{Request, codec::CompressionEncoding, transport::Channel};
 use crate::{
     fault_harness::Proxy,
     helpers::{
-        TestApp, UserHeader, append, append_many, assert_metric_at_least, create, metric, watch,
+        TestApp, UserHeader, append, append_many, assert_metric_at_least, create, metric,
+        stop_and_read_json_log, watch,
     },
 };
 
@@ -361,29 +362,15 @@ async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
     sleep(Duration::from_millis(300)).await;
     holder.batch_execute("ROLLBACK").await.unwrap();
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let mut log = String::new();
-    server
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .await
-        .unwrap();
-    server.wait().await.unwrap();
-    let cancelled: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    let log = stop_and_read_json_log(&mut server).await;
+    let cancelled: Vec<&serde_json::Value> = log
+        .iter()
         .filter(|line| line["code"] == "Cancelled")
         .collect();
     assert_eq!(
         cancelled.len(),
         1,
-        "one line for the abandoned call:\n{log}"
+        "one line for the abandoned call: {log:?}"
     );
     let line = &cancelled[0];
     assert_eq!(line["span"]["rpc"], "AppendMessage", "{line}");
@@ -422,25 +409,11 @@ async fn a_watch_is_logged_with_the_status_it_ended_with() {
         .expect_err("with a status");
     assert_eq!(end.code(), tonic::Code::NotFound);
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let mut log = String::new();
-    server
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .await
-        .unwrap();
-    server.wait().await.unwrap();
-    let watch: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    let log = stop_and_read_json_log(&mut server).await;
+    let watch: Vec<&serde_json::Value> = log
+        .iter()
         .filter(|line| line["span"]["rpc"] == "WatchConversation" && line["code"].is_string())
         .collect();
-    assert_eq!(watch.len(), 1, "one line for the watch:\n{log}");
+    assert_eq!(watch.len(), 1, "one line for the watch: {log:?}");
     assert_eq!(watch[0]["code"], "NotFound", "{}", watch[0]);
 }

@@ -654,8 +654,6 @@ mod jwt {
 mod handshake_log {
     use std::{process::Stdio, time::Duration};
 
-    use tokio::io::AsyncReadExt;
-
     use super::transport::Authority;
     use crate::helpers::TestDb;
 
@@ -721,28 +719,14 @@ mod handshake_log {
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(server.id().unwrap() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let mut log = String::new();
-        server
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut log)
-            .await
-            .unwrap();
-        server.wait().await.unwrap();
-        let failures: Vec<serde_json::Value> = log
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        let log = crate::helpers::stop_and_read_json_log(&mut server).await;
+        let failures: Vec<&serde_json::Value> = log
+            .iter()
             .filter(|line| line["message"] == "TLS handshake failed")
             .collect();
         assert!(
             !failures.is_empty(),
-            "no warning for the refused handshake:\n{log}"
+            "no warning for the refused handshake: {log:?}"
         );
         assert_eq!(failures[0]["level"], "WARN");
         let reason = failures[0]["reason"]
