@@ -176,7 +176,7 @@ pub struct ServeArgs {
     pub max_in_flight: u32,
 
     /// Largest request accepted, in bytes; a larger one is refused with
-    /// OUT_OF_RANGE. Split bigger batches.
+    /// RESOURCE_EXHAUSTED. Split bigger batches.
     #[arg(long, env = "CONVO_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1_200_000..=256 * 1024 * 1024))]
     pub max_request_bytes: u64,

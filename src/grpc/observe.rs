@@ -106,6 +106,18 @@ where
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
             match header_code(&response) {
+                // tonic refuses a request over the decoding limit with
+                // OUT_OF_RANGE; gRPC's status table (and convo's contract)
+                // say RESOURCE_EXHAUSTED. convo itself never answers
+                // OUT_OF_RANGE, so this is the one place it can come from.
+                Some(Code::OutOfRange) => {
+                    response.headers_mut().insert(
+                        "grpc-status",
+                        HeaderValue::from(Code::ResourceExhausted as i32),
+                    );
+                    outcome.finish(Code::ResourceExhausted);
+                    Ok(response.map(tonic::body::Body::new))
+                }
                 // A refusal travels in the headers ("trailers-only").
                 Some(code) => {
                     outcome.finish(code);

@@ -679,7 +679,7 @@ async fn an_oversized_request_gets_a_clear_status_and_the_connection_lives_on() 
         })
         .await
         .expect_err("3 MiB is over the 2 MiB limit");
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("limit"), "{}", status.message());
     // The same channel keeps working, and a 1 MiB message still fits.
     let stored = alice
