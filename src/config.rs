@@ -30,6 +30,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Largest page or resume answer, in bytes.
+    pub max_response_bytes: usize,
     /// Where to serve Prometheus metrics; `None` serves none.
     pub metrics_addr: Option<SocketAddr>,
     /// Delete conversations idle for longer than this; `None` keeps everything.
@@ -181,6 +183,13 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1_200_000..=256 * 1024 * 1024))]
     pub max_request_bytes: u64,
 
+    /// Largest answer sent, in bytes: list and search pages end early (with a
+    /// next_page_token) and resume returns the newest messages that fit.
+    /// The default is gRPC's default client receive limit.
+    #[arg(long, env = "CONVO_MAX_RESPONSE_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(2 * 1024 * 1024..=256 * 1024 * 1024))]
+    pub max_response_bytes: u64,
+
     /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "CONVO_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -289,6 +298,7 @@ impl ServeArgs {
             drain_timeout: self.drain_timeout,
             max_in_flight: self.max_in_flight as usize,
             max_request_bytes: self.max_request_bytes as usize,
+            max_response_bytes: self.max_response_bytes as usize,
             metrics_addr: self.metrics_addr,
             retention: self.retention(),
             tls: self.tls()?,

@@ -254,7 +254,11 @@ impl Application {
         });
         let changes = self.changes;
         let api = ConversationApi::new(
-            Conversations::new(self.store.clone(), changes.clone()),
+            Conversations::new(
+                self.store.clone(),
+                changes.clone(),
+                settings.max_response_bytes,
+            ),
             settings.limits,
             self.tokens,
         );

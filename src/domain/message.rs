@@ -36,6 +36,83 @@ pub struct Message {
     pub usage: Option<Usage>,
 }
 
+/// Bytes a field's tag and length prefix may take in protobuf.
+const FIELD_OVERHEAD: usize = 8;
+
+impl Message {
+    /// An upper bound of the message's protobuf encoding, in bytes: every
+    /// string and byte it holds, plus the framing of each field. What a page
+    /// is measured with against the response size limit.
+    pub fn wire_size_bound(&self) -> usize {
+        let metadata: usize = self
+            .metadata
+            .pairs()
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 3 * FIELD_OVERHEAD)
+            .sum();
+        let parts: usize = self
+            .parts
+            .iter()
+            .map(|part| part.size_bytes() + 8 * FIELD_OVERHEAD)
+            .sum();
+        // Two ids, the times, sequence, role, usage and their framing.
+        const FIXED: usize = 256;
+        FIXED
+            + self.content.len()
+            + metadata
+            + parts
+            + self.name.as_str().len()
+            + self.model.as_str().len()
+    }
+}
+
+impl Conversation {
+    /// An upper bound of the conversation's protobuf encoding, in bytes.
+    pub fn wire_size_bound(&self) -> usize {
+        let metadata: usize = self
+            .metadata
+            .pairs()
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 3 * FIELD_OVERHEAD)
+            .sum();
+        const FIXED: usize = 384;
+        FIXED + self.title.len() + self.user_id.as_str().len() + metadata
+    }
+}
+
+impl Resumed {
+    /// Keeps the newest messages whose encoding fits `budget` bytes (never
+    /// fewer than one), and says there is more when any were left out. A
+    /// window cut this way starts at a tool-exchange boundary: tool results
+    /// at its start, whose calls were left out, are left out too (the byte
+    /// limit wins over keeping an exchange whole).
+    pub fn fit(mut self, budget: usize) -> Self {
+        let mut used = self.conversation.wire_size_bound();
+        let mut keep = 0;
+        for message in self.messages.iter().rev() {
+            used += message.wire_size_bound();
+            if used > budget && keep > 0 {
+                break;
+            }
+            keep += 1;
+        }
+        let cut = self.messages.len() - keep;
+        if cut > 0 {
+            self.messages.drain(..cut);
+            let results = self
+                .messages
+                .iter()
+                .take_while(|m| m.role == Role::Tool)
+                .count();
+            if results < self.messages.len() {
+                self.messages.drain(..results);
+            }
+            self.has_more = true;
+        }
+        self
+    }
+}
+
 /// What a new message says: plain content, or typed parts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {

@@ -68,6 +68,36 @@ impl<T, C> Page<T, C> {
     }
 }
 
+impl<T, C> Page<T, C> {
+    /// Keeps the longest prefix of the page whose items' sizes add up to at
+    /// most `budget` bytes (never fewer than one item, so a listing always
+    /// moves on). When items are left out, the page continues after the last
+    /// one kept, so a client with a default receive limit can still page
+    /// through everything.
+    pub fn fit(
+        mut self,
+        budget: usize,
+        size: impl Fn(&T) -> usize,
+        cursor_after: impl FnOnce(&T) -> C,
+    ) -> Self {
+        let mut used = 0;
+        let keep = self
+            .items
+            .iter()
+            .take_while(|item| {
+                used += size(item);
+                used <= budget
+            })
+            .count()
+            .max(1);
+        if keep < self.items.len() {
+            self.items.truncate(keep);
+            self.next = self.items.last().map(cursor_after);
+        }
+        self
+    }
+}
+
 /// The order of a message listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageOrder {
@@ -154,6 +184,24 @@ mod tests {
             1000
         );
         assert!(PageSize::parse("page_size", -1, &limits).is_err());
+    }
+
+    #[test]
+    fn a_page_that_would_be_too_large_ends_early_and_continues() {
+        let size = PageSize::fixed(10);
+        let page = Page::cut(vec![3, 3, 3, 3], size, |last| *last * 100);
+        let fitted = page.fit(7, |n| *n as usize, |last| *last * 10);
+        assert_eq!(fitted.items, vec![3, 3]);
+        assert_eq!(fitted.next, Some(30), "continues after the last item kept");
+        // One item always goes out, however large, so a listing moves on.
+        let huge = Page::cut(vec![50, 1], size, |last| *last).fit(7, |n| *n as usize, |l| *l);
+        assert_eq!(huge.items, vec![50]);
+        assert_eq!(huge.next, Some(50));
+        // What fits is left alone, next included.
+        let small =
+            Page::cut(vec![1, 1, 1], PageSize::fixed(2), |l| *l).fit(7, |n| *n as usize, |_| 99);
+        assert_eq!(small.items, vec![1, 1]);
+        assert_eq!(small.next, Some(1));
     }
 
     #[test]

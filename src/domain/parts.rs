@@ -258,7 +258,7 @@ pub struct Part {
 impl Part {
     /// Every string and byte the part holds: what counts towards a
     /// message's size.
-    fn size_bytes(&self) -> usize {
+    pub fn size_bytes(&self) -> usize {
         self.signature.len()
             + match &self.kind {
                 PartKind::Text(text) | PartKind::Reasoning(text) => text.len(),

@@ -33,6 +33,13 @@ impl SearchQuery {
     }
 }
 
+impl SearchHit {
+    /// An upper bound of the hit's protobuf encoding, in bytes.
+    pub fn wire_size_bound(&self) -> usize {
+        self.message.wire_size_bound() + self.conversation_title.len() + self.snippet.len() + 64
+    }
+}
+
 /// A message that matched a search.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchHit {

@@ -115,13 +115,19 @@ impl Position {
 pub struct Conversations {
     store: Store,
     changes: ChangeFeed,
+    /// No page or resume answer is larger than this, encoded.
+    max_response_bytes: usize,
 }
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
 impl Conversations {
-    pub fn new(store: Store, changes: ChangeFeed) -> Self {
-        Self { store, changes }
+    pub fn new(store: Store, changes: ChangeFeed, max_response_bytes: usize) -> Self {
+        Self {
+            store,
+            changes,
+            max_response_bytes,
+        }
     }
 
     pub async fn create_conversation(
@@ -145,7 +151,12 @@ impl Conversations {
         owner: &UserId,
         list: ListConversations,
     ) -> Result<Page<Conversation, ConversationCursor>> {
-        Ok(self.store.list_conversations(owner, list).await?)
+        let page = self.store.list_conversations(owner, list).await?;
+        Ok(page.fit(
+            self.max_response_bytes,
+            Conversation::wire_size_bound,
+            ConversationCursor::after,
+        ))
     }
 
     pub async fn update_conversation(
@@ -213,7 +224,12 @@ impl Conversations {
         owner: &UserId,
         list: ListMessages,
     ) -> Result<Page<Message, MessageCursor>> {
-        Ok(self.store.list_messages(owner, &list).await?)
+        let page = self.store.list_messages(owner, &list).await?;
+        Ok(
+            page.fit(self.max_response_bytes, Message::wire_size_bound, |last| {
+                MessageCursor::after(list.order, last)
+            }),
+        )
     }
 
     pub async fn resume_conversation(
@@ -221,7 +237,8 @@ impl Conversations {
         owner: &UserId,
         resume: ResumeConversation,
     ) -> Result<Resumed> {
-        Ok(self.store.resume_conversation(owner, resume).await?)
+        let resumed = self.store.resume_conversation(owner, resume).await?;
+        Ok(resumed.fit(self.max_response_bytes))
     }
 
     /// Starts a watch: checks ownership before anything streams, then sends
@@ -317,7 +334,12 @@ impl Conversations {
         owner: &UserId,
         search: &SearchMessages,
     ) -> Result<Page<SearchHit, SearchCursor>> {
-        Ok(self.store.search_messages(owner, search).await?)
+        let page = self.store.search_messages(owner, search).await?;
+        Ok(page.fit(
+            self.max_response_bytes,
+            SearchHit::wire_size_bound,
+            SearchCursor::after,
+        ))
     }
 
     /// Removes every message after a position: a rewind. Returns the

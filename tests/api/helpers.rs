@@ -369,6 +369,7 @@ pub fn test_settings(database_url: &str) -> Settings {
         drain_timeout: Duration::from_secs(10),
         max_in_flight: 256,
         max_request_bytes: 4 * 1024 * 1024,
+        max_response_bytes: 4 * 1024 * 1024,
         metrics_addr: None,
         retention: None,
         tls: None,

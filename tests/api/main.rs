@@ -17,4 +17,5 @@ mod parts;
 mod private_postgres;
 mod search;
 mod security;
+mod sizes;
 mod watch;
