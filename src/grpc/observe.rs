@@ -118,6 +118,17 @@ where
                     outcome.finish(Code::ResourceExhausted);
                     Ok(response.map(tonic::body::Body::new))
                 }
+                // tonic answers a request it cannot decode (invalid UTF-8 in a
+                // string field, broken framing) with INTERNAL; it is the
+                // client's mistake: INVALID_ARGUMENT, as the contract says.
+                Some(Code::Internal) if undecodable(&response) => {
+                    response.headers_mut().insert(
+                        "grpc-status",
+                        HeaderValue::from(Code::InvalidArgument as i32),
+                    );
+                    outcome.finish(Code::InvalidArgument);
+                    Ok(response.map(tonic::body::Body::new))
+                }
                 // A refusal travels in the headers ("trailers-only").
                 Some(code) => {
                     outcome.finish(code);
@@ -263,6 +274,19 @@ fn rpc_name(path: &str) -> &'static str {
 /// ("trailers-only"); a success sends its status later, in the trailers.
 fn header_code<R>(response: &http::Response<R>) -> Option<Code> {
     grpc_status(response.headers())
+}
+
+/// True for tonic's answer to a request body that is not a valid message
+/// (convo's own INTERNAL says only "internal error").
+fn undecodable<R>(response: &http::Response<R>) -> bool {
+    response
+        .headers()
+        .get("grpc-message")
+        .is_some_and(|message| {
+            let message = message.as_bytes();
+            message.starts_with(b"failed%20to%20decode%20Protobuf%20message")
+                || message.starts_with(b"failed to decode Protobuf message")
+        })
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {

@@ -152,3 +152,33 @@ async fn a_default_client_pages_through_conversations_with_large_metadata() {
     assert_eq!(listed, 500);
     assert!(pages >= 2, "the page ended early");
 }
+
+/// A GetConversationRequest as bytes on the wire: field 1 may hold anything.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGet {
+    #[prost(bytes = "vec", tag = "1")]
+    conversation_id: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_decoded_is_invalid_argument() {
+    let app = TestApp::spawn().await;
+    let mut grpc = tonic::client::Grpc::new(app.channel());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(RawGet {
+        conversation_id: vec![b'a', 0xff, 0xfe],
+    });
+    request
+        .metadata_mut()
+        .insert("x-user-id", "alice".parse().unwrap());
+    let status = grpc
+        .unary::<_, proto::Conversation, _>(
+            request,
+            http::uri::PathAndQuery::from_static("/convo.v1.ConversationService/GetConversation"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("invalid UTF-8 in a string field");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{}", status.message());
+}
