@@ -136,7 +136,7 @@ impl LocalPostgres {
         if let Some(user) = run_as
             && options.relocate_if_unreachable
             && !data_dir.exists()
-            && !searchable_by(data_dir.parent().unwrap_or(Path::new("/")), user)?
+            && !user_may(user, "-x", data_dir.parent().unwrap_or(Path::new("/")))?
         {
             data_dir = relocate(&data_dir)?;
         }
@@ -148,7 +148,9 @@ impl LocalPostgres {
                     data_dir.display()
                 ))(e.into())
             })?;
-            check_reachable(&data_dir, user)?;
+            if !user_may(user, "-w", &data_dir)? {
+                return Err(LocalPostgresError::DataDirUnreachable(data_dir));
+            }
         }
         if !data_dir.join("PG_VERSION").exists() {
             initdb(&bin_dir, &data_dir, run_as)?;
@@ -405,11 +407,13 @@ fn absolute(path: &Path) -> Result<PathBuf, LocalPostgresError> {
     std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))
 }
 
-/// True when `user` can reach and enter `dir`.
-fn searchable_by(dir: &Path, user: RunAs) -> Result<bool, LocalPostgresError> {
+/// True when `user` passes `test <flag> <path>` (`-w`: may write there, `-x`:
+/// may enter it), which also needs every directory above to be searchable
+/// (a checkout under a private home directory is not).
+fn user_may(user: RunAs, flag: &str, path: &Path) -> Result<bool, LocalPostgresError> {
     Ok(Command::new("test")
-        .arg("-x")
-        .arg(dir)
+        .arg(flag)
+        .arg(path)
         .uid(user.uid.as_raw())
         .gid(user.gid.as_raw())
         .status()
@@ -534,23 +538,6 @@ async fn stop_stale_postmaster(data_dir: &Path) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Every directory above the data directory must be searchable by the
-/// `postgres` user (a checkout under a private home directory is not).
-fn check_reachable(data_dir: &Path, user: RunAs) -> Result<(), LocalPostgresError> {
-    let status = Command::new("test")
-        .arg("-w")
-        .arg(data_dir)
-        .uid(user.uid.as_raw())
-        .gid(user.gid.as_raw())
-        .status()
-        .map_err(io("checking the data directory's permissions"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(LocalPostgresError::DataDirUnreachable(data_dir.to_owned()))
     }
 }
 
