@@ -37,19 +37,13 @@ pub struct Message {
 }
 
 /// Bytes a field's tag and length prefix may take in protobuf.
-const FIELD_OVERHEAD: usize = 8;
+pub(super) const FIELD_OVERHEAD: usize = 8;
 
 impl Message {
     /// An upper bound of the message's protobuf encoding, in bytes: every
     /// string and byte it holds, plus the framing of each field. What a page
     /// is measured with against the response size limit.
     pub fn wire_size_bound(&self) -> usize {
-        let metadata: usize = self
-            .metadata
-            .pairs()
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 3 * FIELD_OVERHEAD)
-            .sum();
         let parts: usize = self
             .parts
             .iter()
@@ -59,7 +53,7 @@ impl Message {
         const FIXED: usize = 256;
         FIXED
             + self.content.len()
-            + metadata
+            + self.metadata.wire_size_bound()
             + parts
             + self.name.as_str().len()
             + self.model.as_str().len()
@@ -69,14 +63,8 @@ impl Message {
 impl Conversation {
     /// An upper bound of the conversation's protobuf encoding, in bytes.
     pub fn wire_size_bound(&self) -> usize {
-        let metadata: usize = self
-            .metadata
-            .pairs()
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 3 * FIELD_OVERHEAD)
-            .sum();
         const FIXED: usize = 384;
-        FIXED + self.title.len() + self.user_id.as_str().len() + metadata
+        FIXED + self.title.len() + self.user_id.as_str().len() + self.metadata.wire_size_bound()
     }
 }
 

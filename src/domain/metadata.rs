@@ -8,6 +8,15 @@ use super::{FieldViolation, Limits};
 pub struct Metadata(BTreeMap<String, String>);
 
 impl Metadata {
+    /// An upper bound of the map's protobuf encoding, in bytes: each pair is
+    /// an entry message holding a key and a value.
+    pub fn wire_size_bound(&self) -> usize {
+        self.0
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 3 * super::message::FIELD_OVERHEAD)
+            .sum()
+    }
+
     pub fn parse(
         field: &str,
         pairs: HashMap<String, String>,

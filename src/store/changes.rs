@@ -219,13 +219,18 @@ fn listener_url(database_url: &str) -> String {
 const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn listen(url: String, shared: Arc<Shared>) {
+    // The pool was built from the same URL, so it parses; were it not to,
+    // there would be nothing to listen to.
+    let target = match super::tls::DatabaseTarget::parse(&url) {
+        Ok(target) => target,
+        Err(why) => {
+            tracing::error!(%why, "the change listener cannot use the database URL");
+            return;
+        }
+    };
     let mut delay = Duration::from_millis(50);
     loop {
-        let connected = match super::tls::DatabaseTarget::parse(&url) {
-            Ok(target) => super::pool::connect(&target, LISTENER_CONNECT_TIMEOUT).await,
-            Err(why) => Err(diesel::ConnectionError::InvalidConnectionUrl(why)),
-        };
-        match connected {
+        match super::pool::connect(&target, LISTENER_CONNECT_TIMEOUT).await {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);

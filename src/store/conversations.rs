@@ -211,21 +211,23 @@ pub(super) async fn record_messages(
     (added, removed): (&Usage, &Usage),
     at: DateTime<Utc>,
 ) -> Result<Conversation, StoreError> {
-    let change = |add: i64, remove: i64| add - remove;
     diesel::update(conversations::table)
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .set((
             conversations::message_count.eq(message_count),
             conversations::update_time.eq(at),
-            conversations::usage_input_tokens.eq(conversations::usage_input_tokens
-                + change(added.input_tokens, removed.input_tokens)),
-            conversations::usage_output_tokens.eq(conversations::usage_output_tokens
-                + change(added.output_tokens, removed.output_tokens)),
+            conversations::usage_input_tokens
+                .eq(conversations::usage_input_tokens + added.input_tokens - removed.input_tokens),
+            conversations::usage_output_tokens
+                .eq(conversations::usage_output_tokens + added.output_tokens
+                    - removed.output_tokens),
             conversations::usage_cached_input_tokens.eq(conversations::usage_cached_input_tokens
-                + change(added.cached_input_tokens, removed.cached_input_tokens)),
+                + added.cached_input_tokens
+                - removed.cached_input_tokens),
             conversations::usage_reasoning_tokens.eq(conversations::usage_reasoning_tokens
-                + change(added.reasoning_tokens, removed.reasoning_tokens)),
+                + added.reasoning_tokens
+                - removed.reasoning_tokens),
         ))
         .returning(ConversationRow::as_returning())
         .get_result(conn)

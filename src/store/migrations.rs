@@ -9,6 +9,11 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// `name` as an SQL identifier, quoted.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// One connection as the URL asks (TLS included; see `store/tls.rs`).
 async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
     Ok(super::tls::DatabaseTarget::parse(database_url)?
@@ -45,8 +50,7 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
 pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxError> {
     let url = url::Url::parse(database_url)?;
     let database = percent_decode(url.path().trim_start_matches('/'))?;
-    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
-    let (role_q, database_q) = (quote(role), quote(&database));
+    let (role_q, database_q) = (quote_ident(role), quote_ident(&database));
     let role_literal = role.replace('\'', "''");
     let mut conn = connect(database_url).await?;
     diesel_async::SimpleAsyncConnection::batch_execute(
@@ -98,8 +102,7 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<bool, BoxE
     if exists > 0 {
         return Ok(false);
     }
-    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-    match diesel::sql_query(format!("CREATE DATABASE {quoted}"))
+    match diesel::sql_query(format!("CREATE DATABASE {}", quote_ident(&name)))
         .execute(&mut admin)
         .await
     {
