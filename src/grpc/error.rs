@@ -85,6 +85,48 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// What replaces a refusal tonic made before any handler ran, when the
+/// contract says otherwise; `None` leaves it alone. convo itself never
+/// answers OUT_OF_RANGE, and its own INTERNAL only ever says "internal
+/// error", so neither can be confused with one of these.
+pub(super) fn transport_refusal(refused: Status) -> Option<Status> {
+    match refused.code() {
+        // A request over --max-request-bytes: tonic says OUT_OF_RANGE; gRPC's
+        // status table says RESOURCE_EXHAUSTED. Its message gives both sizes.
+        Code::OutOfRange => Some(Status::resource_exhausted(format!(
+            "the request is larger than this server accepts ({}): split the batch, \
+             or send large content by uri",
+            refused.message().trim_start_matches("Error, ")
+        ))),
+        // A body that is not a valid message (invalid UTF-8 in a string):
+        // tonic says INTERNAL; it is the client's mistake.
+        Code::Internal if refused.message().starts_with(UNDECODABLE) => {
+            Some(invalid_argument(&[undecodable_field(refused.message())]))
+        }
+        _ => None,
+    }
+}
+
+/// How tonic (prost) begins the message of a request it cannot decode, e.g.
+/// "failed to decode Protobuf message: GetConversationRequest.conversation_id:
+/// invalid string value: data is not UTF-8 encoded".
+const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+/// The field prost names in its decode error, and what it says of it.
+fn undecodable_field(message: &str) -> FieldViolation {
+    let detail = message
+        .strip_prefix(UNDECODABLE)
+        .unwrap_or(message)
+        .trim_start_matches(": ");
+    let (path, why) = detail.split_once(": ").unwrap_or(("", detail));
+    let field = path.split_once('.').map_or("request", |(_, field)| field);
+    let field = if field.is_empty() { "request" } else { field };
+    FieldViolation::new(
+        field,
+        format!("{field} cannot be decoded ({why}): strings must be valid UTF-8"),
+    )
+}
+
 /// FAILED_PRECONDITION with a `google.rpc.PreconditionFailure` naming the
 /// tool call id, so a client can tell which exchange does not hold together.
 fn tool_exchange_refused(kind: &str, id: &ToolCallId, message: String) -> Status {
@@ -109,4 +151,33 @@ fn invalid_argument(violations: &[FieldViolation]) -> Status {
             .collect::<Vec<_>>(),
     );
     Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tonics_refusals_become_the_contracts() {
+        let big = transport_refusal(Status::out_of_range(
+            "Error, decoded message length too large: found 3145800 bytes, the limit is: 2097152 bytes",
+        ))
+        .unwrap();
+        assert_eq!(big.code(), Code::ResourceExhausted);
+        assert!(
+            big.message().contains("found 3145800 bytes"),
+            "{}",
+            big.message()
+        );
+        let garbled = transport_refusal(Status::internal(
+            "failed to decode Protobuf message: GetConversationRequest.conversation_id: \
+             invalid string value: data is not UTF-8 encoded",
+        ))
+        .unwrap();
+        assert_eq!(garbled.code(), Code::InvalidArgument);
+        let details = garbled.get_details_bad_request().unwrap();
+        assert_eq!(details.field_violations[0].field, "conversation_id");
+        assert!(transport_refusal(Status::internal("internal error")).is_none());
+        assert!(transport_refusal(Status::not_found("conversation not found")).is_none());
+    }
 }

@@ -101,38 +101,22 @@ where
                 span,
                 finished: false,
             };
-            let mut response = call.await?;
+            let response = call.await?;
+            // A request tonic refused before any handler saw it is answered
+            // as the contract says (see `grpc/error.rs`).
+            let mut response =
+                match header_status(&response).and_then(super::error::transport_refusal) {
+                    Some(status) => status.into_http(),
+                    None => response.map(tonic::body::Body::new),
+                };
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
             match header_code(&response) {
-                // tonic refuses a request over the decoding limit with
-                // OUT_OF_RANGE; gRPC's status table (and convo's contract)
-                // say RESOURCE_EXHAUSTED. convo itself never answers
-                // OUT_OF_RANGE, so this is the one place it can come from.
-                Some(Code::OutOfRange) => {
-                    response.headers_mut().insert(
-                        "grpc-status",
-                        HeaderValue::from(Code::ResourceExhausted as i32),
-                    );
-                    outcome.finish(Code::ResourceExhausted);
-                    Ok(response.map(tonic::body::Body::new))
-                }
-                // tonic answers a request it cannot decode (invalid UTF-8 in a
-                // string field, broken framing) with INTERNAL; it is the
-                // client's mistake: INVALID_ARGUMENT, as the contract says.
-                Some(Code::Internal) if undecodable(&response) => {
-                    response.headers_mut().insert(
-                        "grpc-status",
-                        HeaderValue::from(Code::InvalidArgument as i32),
-                    );
-                    outcome.finish(Code::InvalidArgument);
-                    Ok(response.map(tonic::body::Body::new))
-                }
                 // A refusal travels in the headers ("trailers-only").
                 Some(code) => {
                     outcome.finish(code);
-                    Ok(response.map(tonic::body::Body::new))
+                    Ok(response)
                 }
                 // Otherwise the status comes in the trailers, after the
                 // message (or, for a watch, after the whole stream).
@@ -276,17 +260,19 @@ fn header_code<R>(response: &http::Response<R>) -> Option<Code> {
     grpc_status(response.headers())
 }
 
-/// True for tonic's answer to a request body that is not a valid message
-/// (convo's own INTERNAL says only "internal error").
-fn undecodable<R>(response: &http::Response<R>) -> bool {
-    response
+/// The status a trailers-only response carries in its headers.
+fn header_status<R>(response: &http::Response<R>) -> Option<tonic::Status> {
+    let code = header_code(response)?;
+    let message = response
         .headers()
         .get("grpc-message")
-        .is_some_and(|message| {
-            let message = message.as_bytes();
-            message.starts_with(b"failed%20to%20decode%20Protobuf%20message")
-                || message.starts_with(b"failed to decode Protobuf message")
+        .map(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8_lossy()
+                .into_owned()
         })
+        .unwrap_or_default();
+    Some(tonic::Status::new(code, message))
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
