@@ -711,21 +711,86 @@ pub fn assert_metric_at_least(scraped: &str, series: &str, min: f64) {
     );
 }
 
-/// Stops a `convo serve` process started with `--log-format json` and its
-/// stderr piped (SIGTERM, as an operator would) and returns its log lines.
-pub async fn stop_and_read_json_log(server: &mut tokio::process::Child) -> Vec<serde_json::Value> {
+/// The convo binary, with no DATABASE_URL from the environment.
+pub fn convo_binary() -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"));
+    command
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// Starts `convo serve --listen 127.0.0.1:<a free port>` (more arguments,
+/// environment or working directory from `configure`), with its log at info
+/// on a piped stderr, and waits until the port accepts connections. A server
+/// that exits first fails the test with its log.
+pub async fn start_convo(
+    configure: impl FnOnce(&mut tokio::process::Command),
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let mut command = convo_binary();
+    command
+        .args(["serve", "--listen", &addr.to_string()])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped());
+    configure(&mut command);
+    let mut server = command.spawn().expect("start convo serve");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            let log = read_log(&mut server).await;
+            panic!("convo serve exited with {status}: {log}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "convo serve did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (server, addr)
+}
+
+/// A plaintext channel to a server started by [`start_convo`].
+pub async fn channel_to(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("server URI")
+        .connect()
+        .await
+        .expect("connect to convo serve")
+}
+
+async fn read_log(server: &mut tokio::process::Child) -> String {
     use tokio::io::AsyncReadExt;
+    let mut log = String::new();
+    if let Some(mut stderr) = server.stderr.take() {
+        let _ = stderr.read_to_string(&mut log).await;
+    }
+    log
+}
+
+/// Stops a server started by [`start_convo`] with SIGTERM, as an operator
+/// would, and returns its log once it has exited.
+pub async fn stop_and_read_log(server: &mut tokio::process::Child) -> String {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server.id().expect("running") as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("signal the server");
-    let mut log = String::new();
-    if let Some(mut stderr) = server.stderr.take() {
-        let _ = stderr.read_to_string(&mut log).await;
-    }
+    let log = read_log(server).await;
     server.wait().await.expect("the server exits");
-    log.lines()
+    log
+}
+
+/// [`stop_and_read_log`] for a server started with `--log-format json`: its
+/// log lines, parsed.
+pub async fn stop_and_read_json_log(server: &mut tokio::process::Child) -> Vec<serde_json::Value> {
+    stop_and_read_log(server)
+        .await
+        .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .collect()
 }

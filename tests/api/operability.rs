@@ -1,7 +1,7 @@
 //! What an operator and an integrator expect: metrics, request ids and call
 //! logs, retention, compression.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use convo::grpc::proto::{self, conversation_service_client::ConversationServiceClient};
 use tokio::{
@@ -13,41 +13,19 @@ use tonic::{Request, codec::CompressionEncoding, transport::Channel};
 use crate::{
     fault_harness::Proxy,
     helpers::{
-        TestApp, UserHeader, append, append_many, assert_metric_at_least, create, metric,
-        stop_and_read_json_log, watch,
+        TestApp, UserHeader, append, append_many, assert_metric_at_least, channel_to, create,
+        metric, start_convo, stop_and_read_json_log, watch,
     },
 };
 
-/// `convo serve` as a separate process with JSON logs on stderr (piped), on
-/// the test's database, and a channel to it once it serves.
+/// `convo serve` as a separate process with JSON logs, on the test's
+/// database, and a channel to it once it serves.
 async fn json_logging_server(database_url: &str) -> (tokio::process::Child, Channel) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
-        .args(["--log-format", "json", "serve", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--database-url", database_url])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return (server, channel);
-        }
-        assert!(Instant::now() < deadline, "the server did not start");
-        sleep(Duration::from_millis(50)).await;
-    }
+    let (server, addr) = start_convo(|command| {
+        command.args(["--log-format", "json", "--database-url", database_url]);
+    })
+    .await;
+    (server, channel_to(addr).await)
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {

@@ -7,7 +7,9 @@ use tokio::time::{Instant, sleep};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::helpers::{TestApp, create, expect_code, expect_unavailable_within, wait_for_health};
+use crate::helpers::{
+    TestApp, convo_binary, create, expect_code, expect_unavailable_within, wait_for_health,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_errors_follow_the_database_away_and_back() {
@@ -109,16 +111,6 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         ),
         "{reply:?}"
     );
-}
-
-pub(crate) fn convo_binary() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"));
-    command
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    command
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! say so and skip otherwise.
 
 use std::{
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Stdio,
@@ -18,7 +19,7 @@ use convo::{
 use nix::unistd::{Uid, User};
 use tokio::time::sleep;
 
-use crate::operations::convo_binary;
+use crate::helpers::{channel_to, start_convo, stop_and_read_log};
 
 fn scratch_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{name}-{}", uuid::Uuid::now_v7().simple()))
@@ -86,63 +87,19 @@ async fn another_local_account_cannot_connect_to_the_private_cluster() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-/// Starts `convo serve` in `cwd` (with `--data-dir` unless `None`) on a free
-/// port and waits until it serves; returns the process and its port.
-async fn serve(cwd: &Path, data_dir: Option<&Path>) -> (tokio::process::Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut command = convo_binary();
-    command
-        .current_dir(cwd)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")]);
-    if let Some(dir) = data_dir {
-        command.arg("--data-dir").arg(dir);
-    }
-    let mut server = command
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start convo serve");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let endpoint =
-            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-        if endpoint.connect().await.is_ok() {
-            break;
+/// `convo serve` in `cwd`, with `--data-dir` unless `None`, once it serves.
+async fn serve(cwd: &Path, data_dir: Option<&Path>) -> (tokio::process::Child, SocketAddr) {
+    start_convo(|command| {
+        command.current_dir(cwd);
+        if let Some(dir) = data_dir {
+            command.arg("--data-dir").arg(dir);
         }
-        if let Ok(Some(status)) = server.try_wait() {
-            let mut log = String::new();
-            if let Some(mut stderr) = server.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = stderr.read_to_string(&mut log).await;
-            }
-            panic!("convo serve exited with {status}: {log}");
-        }
-        assert!(Instant::now() < deadline, "convo serve did not start");
-        sleep(Duration::from_millis(100)).await;
-    }
-    (server, port)
+    })
+    .await
 }
 
-/// SIGTERM, as an operator would, and wait for the exit.
-async fn stop(server: &mut tokio::process::Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id().expect("running") as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    server.wait().await.unwrap();
-}
-
-async fn create_conversation(port: u16) -> proto::Conversation {
-    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+async fn create_conversation(addr: SocketAddr) -> proto::Conversation {
+    let channel = channel_to(addr).await;
     let mut client = proto::conversation_service_client::ConversationServiceClient::new(channel);
     let mut request = tonic::Request::new(proto::CreateConversationRequest::default());
     request
@@ -173,8 +130,8 @@ fn alive(pid: i32) -> bool {
 async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_next_start() {
     let data_dir = scratch_dir("convo-orphan");
     let cwd = std::env::temp_dir();
-    let (mut server, port) = serve(&cwd, Some(&data_dir)).await;
-    create_conversation(port).await;
+    let (mut server, addr) = serve(&cwd, Some(&data_dir)).await;
+    create_conversation(addr).await;
     let postmaster = postmaster_pid(&data_dir).expect("the cluster runs");
     assert!(alive(postmaster));
 
@@ -214,13 +171,13 @@ async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_nex
         assert!(Instant::now() < deadline, "the leftover did not start");
         sleep(Duration::from_millis(50)).await;
     }
-    let (mut server, port) = serve(&cwd, Some(&data_dir)).await;
+    let (mut server, addr) = serve(&cwd, Some(&data_dir)).await;
     assert!(
         leftover.try_wait().unwrap().is_some(),
         "the leftover postmaster was stopped"
     );
-    create_conversation(port).await;
-    stop(&mut server).await;
+    create_conversation(addr).await;
+    stop_and_read_log(&mut server).await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
@@ -238,8 +195,8 @@ async fn the_quick_start_works_as_root_from_a_private_home_directory() {
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
 
     // No flag: the README's command.
-    let (mut server, port) = serve(&checkout, None).await;
-    let created = create_conversation(port).await;
+    let (mut server, addr) = serve(&checkout, None).await;
+    let created = create_conversation(addr).await;
     assert_eq!(created.user_id, "alice");
     let link = checkout.join("convo-data");
     let data_dir = std::fs::read_link(&link).expect("./convo-data links to the data");
@@ -286,11 +243,11 @@ async fn the_quick_start_works_as_root_from_a_private_home_directory() {
     }
     drop(conn);
 
-    stop(&mut server).await;
+    stop_and_read_log(&mut server).await;
     // A second start finds the data through the link.
-    let (mut server, port) = serve(&checkout, None).await;
-    create_conversation(port).await;
-    stop(&mut server).await;
+    let (mut server, addr) = serve(&checkout, None).await;
+    create_conversation(addr).await;
+    stop_and_read_log(&mut server).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_dir_all(&home);
 }

@@ -652,7 +652,7 @@ mod jwt {
 /// A failed TLS handshake is logged at warn with its reason, so an operator
 /// can see why a client cannot connect.
 mod handshake_log {
-    use std::{process::Stdio, time::Duration};
+    use std::time::Duration;
 
     use super::transport::Authority;
     use crate::helpers::TestDb;
@@ -674,36 +674,17 @@ mod handshake_log {
         ] {
             std::fs::write(dir.join(name), pem).unwrap();
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_convo"))
-            .args(["--log-format", "json", "serve", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["--database-url", &db.url])
-            .arg("--tls-cert")
-            .arg(dir.join("cert.pem"))
-            .arg("--tls-key")
-            .arg(dir.join("key.pem"))
-            .arg("--tls-client-ca")
-            .arg(dir.join("client-ca.pem"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (mut server, addr) = crate::helpers::start_convo(|command| {
+            command
+                .args(["--log-format", "json", "--database-url", &db.url])
+                .arg("--tls-cert")
+                .arg(dir.join("cert.pem"))
+                .arg("--tls-key")
+                .arg(dir.join("key.pem"))
+                .arg("--tls-client-ca")
+                .arg(dir.join("client-ca.pem"));
+        })
+        .await;
         // A client whose certificate comes from a CA the server does not trust.
         let (bad_cert, bad_key) = stranger.issue(&["intruder"]);
         let refused =
