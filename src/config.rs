@@ -10,7 +10,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    domain::Limits, retention::RetentionPolicy, store::PoolSettings, telemetry::LogFormat,
+    domain::Limits,
+    retention::RetentionPolicy,
+    store::{FeedSettings, PoolSettings},
+    telemetry::LogFormat,
 };
 
 /// Everything the server needs, resolved from flags and environment.
@@ -20,6 +23,8 @@ pub struct Settings {
     pub database_url: String,
     pub pool: PoolSettings,
     pub health_interval: Duration,
+    /// How watch streams learn of changes made by other replicas.
+    pub feed: FeedSettings,
     pub limits: Limits,
     /// Seals page tokens; `None` uses the keys every replica shares through
     /// the database.
@@ -262,6 +267,17 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_HEALTH_INTERVAL", default_value = "2s", value_parser = positive_interval)]
     pub health_interval: Duration,
 
+    /// Watch: longest wait before this replica tells the others of its writes
+    /// (one NOTIFY transaction per interval carries all of them).
+    #[arg(long, env = "CONVO_CHANGE_PUBLISH_INTERVAL", default_value = "10ms", value_parser = positive_interval)]
+    pub change_publish_interval: Duration,
+
+    /// Watch: how often watched conversations are re-read in case a
+    /// notification was lost (a replica crashed between a write and its
+    /// announcement); the longest such a loss can delay a message.
+    #[arg(long, env = "CONVO_WATCH_CATCH_UP_INTERVAL", default_value = "1s", value_parser = positive_interval)]
+    pub watch_catch_up_interval: Duration,
+
     /// Secret that seals page tokens (replicas behind one load balancer must
     /// share it). Without it, convo uses keys generated in the database at
     /// migration, which every replica shares with no configuration.
@@ -293,6 +309,10 @@ impl ServeArgs {
             database_url,
             pool: self.pool(),
             health_interval: self.health_interval,
+            feed: FeedSettings {
+                publish_interval: self.change_publish_interval,
+                catch_up_interval: self.watch_catch_up_interval,
+            },
             limits: self.limits(),
             page_token_secret: self.page_token_secret.clone().map(String::into_bytes),
             drain_timeout: self.drain_timeout,

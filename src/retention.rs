@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::store::Store;
+use crate::store::{ChangeFeed, Store};
 
 /// How long a conversation may stay idle, and how the sweeper works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct RetentionPolicy {
 
 /// Sweeps forever (until the task is dropped): each sweep deletes batches
 /// until one comes back short, then waits `interval`.
-pub async fn sweep(store: Store, policy: RetentionPolicy) {
+pub async fn sweep(store: Store, changes: ChangeFeed, policy: RetentionPolicy) {
     let mut ticker = tokio::time::interval(policy.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -32,7 +32,12 @@ pub async fn sweep(store: Store, policy: RetentionPolicy) {
         let mut deleted = 0;
         loop {
             match store.delete_idle_conversations(cutoff, policy.batch).await {
-                Ok(n) => {
+                Ok(ids) => {
+                    let n = ids.len();
+                    // Their watchers end with NOT_FOUND.
+                    for id in ids {
+                        changes.changed(id);
+                    }
                     deleted += n;
                     metrics::counter!("convo_retention_deleted_conversations_total")
                         .increment(n as u64);

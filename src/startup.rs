@@ -221,7 +221,7 @@ impl Application {
                 PageTokenCodec::rotating(current, previous)
             }
         };
-        let changes = ChangeFeed::start(&settings.database_url);
+        let changes = ChangeFeed::start(&settings.database_url, store.clone(), settings.feed);
         Ok(Self {
             tokens,
             authenticator,
@@ -248,11 +248,15 @@ impl Application {
     /// stops accepting, lets in-flight calls finish and closes the pool.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let settings = &self.settings;
+        let changes = self.changes;
         let sweeper = settings.retention.map(|policy| {
             tracing::info!(idle_for = ?policy.idle_for, "retention policy on");
-            tokio::spawn(crate::retention::sweep(self.store.clone(), policy))
+            tokio::spawn(crate::retention::sweep(
+                self.store.clone(),
+                changes.clone(),
+                policy,
+            ))
         });
-        let changes = self.changes;
         let api = ConversationApi::new(
             Conversations::new(
                 self.store.clone(),

@@ -13,7 +13,11 @@
 //!   under the conversation's lock (they must hold at commit), reported as
 //!   outcomes that this layer turns into refusals;
 //! - **watch ordering**: this layer's watch task reads `sequence > last sent`
-//!   after every wake, so a stream has no gap and no duplicate.
+//!   after every wake, or delivers an append handed over in memory only when
+//!   it continues exactly after the last message sent, so a stream has no gap
+//!   and no duplicate;
+//! - **change announcements**: after a write commits, this layer tells the
+//!   change feed (never from inside the write's transaction: see ADR 0010).
 
 mod error;
 
@@ -29,7 +33,9 @@ use crate::{
         SearchCursor, SearchHit, SearchMessages, Sequence, TruncateConversation, UserId,
         WatchConversation,
     },
-    store::{AppendOutcome, ChangeFeed, ForkOutcome, Store, StoreError, TruncateOutcome, Wake},
+    store::{
+        AppendOutcome, Appended, ChangeFeed, ForkOutcome, Store, StoreError, TruncateOutcome, Wake,
+    },
 };
 
 /// What a watch stream yields: messages in sequence order, then possibly one
@@ -104,6 +110,20 @@ impl Position {
         }
     }
 
+    /// What to do with an append handed over by this process: deliver it
+    /// when it continues exactly where the stream stands (the message it
+    /// follows is the one the stream stands on), else read.
+    fn hand_off(&self, appended: &Appended) -> Option<Vec<Message>> {
+        let first = appended.messages.first()?;
+        let continues = first.sequence == self.sequence.get() + 1
+            && if self.sequence.is_start() {
+                first.sequence == 1
+            } else {
+                self.anchor.is_some() && appended.follows == self.anchor
+            };
+        continues.then(|| appended.messages.clone())
+    }
+
     fn delivered(&mut self, message: &Message) {
         self.sequence = Sequence::of(message);
         self.anchor = Some(message.id);
@@ -169,7 +189,10 @@ impl Conversations {
     }
 
     pub async fn delete_conversation(&self, owner: &UserId, id: ConversationId) -> Result<()> {
-        Ok(self.store.delete_conversation(owner, id).await?)
+        self.store.delete_conversation(owner, id).await?;
+        // Its watchers end with NOT_FOUND.
+        self.changes.changed(id);
+        Ok(())
     }
 
     /// Appends messages, or returns what an earlier call with the same
@@ -180,7 +203,12 @@ impl Conversations {
         append: AppendMessages,
     ) -> Result<Vec<Message>> {
         match self.store.append_messages(owner, &append).await? {
-            AppendOutcome::Appended(messages) => Ok(messages),
+            AppendOutcome::Appended { messages, follows } => {
+                // Committed: now (never inside the write) watchers hear of it.
+                self.changes
+                    .appended(append.conversation_id, &messages, follows);
+                Ok(messages)
+            }
             AppendOutcome::Replayed(stored) => {
                 let same_payload = stored.len() == append.messages.len()
                     && append
@@ -266,29 +294,38 @@ impl Conversations {
         tokio::spawn(async move {
             let _open = OpenWatch::start();
             let mut position = Position::new(watch.after_sequence);
+            // Messages an append in this process handed over, when they
+            // continue the stream: delivered without a read.
+            let mut handed: Option<Vec<Message>> = None;
             loop {
-                let read = ListMessages {
-                    conversation_id: id,
-                    size: WATCH_BATCH,
-                    after_sequence: position.read_after(),
-                    order: MessageOrder::OldestFirst,
-                    cursor: None,
-                };
-                let page = match store.list_messages(&owner, &read).await {
-                    Ok(page) => page,
-                    Err(error) => {
-                        // NOT_FOUND once the conversation is deleted; an outage
-                        // ends the stream as UNAVAILABLE, to be resumed.
-                        let _ = sender.send(Err(error.into())).await;
-                        return;
-                    }
-                };
-                let more = page.next.is_some();
-                let fresh = match position.check(page.items) {
-                    Ok(fresh) => fresh,
-                    Err(truncated) => {
-                        let _ = sender.send(Err(truncated)).await;
-                        return;
+                let (fresh, more) = match handed.take() {
+                    Some(messages) => (messages, false),
+                    None => {
+                        let read = ListMessages {
+                            conversation_id: id,
+                            size: WATCH_BATCH,
+                            after_sequence: position.read_after(),
+                            order: MessageOrder::OldestFirst,
+                            cursor: None,
+                        };
+                        let page = match store.list_messages(&owner, &read).await {
+                            Ok(page) => page,
+                            Err(error) => {
+                                // NOT_FOUND once the conversation is deleted; an
+                                // outage ends the stream as UNAVAILABLE, to be
+                                // resumed.
+                                let _ = sender.send(Err(error.into())).await;
+                                return;
+                            }
+                        };
+                        let more = page.next.is_some();
+                        match position.check(page.items) {
+                            Ok(fresh) => (fresh, more),
+                            Err(truncated) => {
+                                let _ = sender.send(Err(truncated)).await;
+                                return;
+                            }
+                        }
                     }
                 };
                 for message in fresh {
@@ -301,12 +338,14 @@ impl Conversations {
                     continue;
                 }
                 tokio::select! {
-                    wake = subscription.next() => {
-                        if wake == Wake::Closing {
+                    wake = subscription.next() => match wake {
+                        Wake::Closing => {
                             let _ = sender.send(Err(ServiceError::ShuttingDown)).await;
                             return;
                         }
-                    }
+                        Wake::Changed(Some(appended)) => handed = position.hand_off(&appended),
+                        Wake::Changed(None) => {}
+                    },
                     () = sender.closed() => return,
                 }
             }
@@ -353,7 +392,11 @@ impl Conversations {
             TruncateOutcome::Truncated {
                 conversation,
                 removed,
-            } => Ok((conversation, removed)),
+            } => {
+                // Watchers past the cut end with ABORTED.
+                self.changes.changed(truncate.conversation_id);
+                Ok((conversation, removed))
+            }
             TruncateOutcome::Stale { current } => Err(ServiceError::SequenceMismatch {
                 expected: truncate.expected_last_sequence.map_or(current, |s| s.get()),
                 current,
@@ -367,6 +410,10 @@ impl Conversations {
 
     /// Erases everything stored for the caller.
     pub async fn delete_user_data(&self, owner: &UserId) -> Result<Erased> {
-        Ok(self.store.delete_user_data(owner).await?)
+        let erased = self.store.delete_user_data(owner).await?;
+        if erased.conversations > 0 {
+            self.changes.user_changed(owner);
+        }
+        Ok(erased)
     }
 }

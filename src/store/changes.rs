@@ -1,55 +1,206 @@
-//! Live changes across replicas, through PostgreSQL LISTEN/NOTIFY.
+//! Live changes across replicas, with nothing on the commit path (ADR 0010).
 //!
-//! A write that others may watch sends `pg_notify` inside its own transaction,
-//! so a notification exists only for committed data. Each process keeps one
-//! dedicated listening connection and fans notifications out, in memory, to
-//! the watchers of the conversation that moved. A notification carries only
-//! which conversation (or which user's data) changed: watchers read the rows
-//! themselves, so payload size never matters and nothing uncommitted is seen.
+//! A write commits first; then the service announces it here, and three
+//! paths carry it to watchers:
+//! - **this process**: its watchers are woken at once, and an append hands
+//!   them the messages it wrote, so a watcher that is up to date delivers
+//!   them without a read;
+//! - **other replicas**: a publisher task sends PostgreSQL NOTIFYs on its own
+//!   connection, outside any write transaction, gathering every change of an
+//!   interval into one transaction (many conversations per payload). A
+//!   transaction holding a NOTIFY takes a lock that serializes commits across
+//!   the whole instance; sending them from writes would cap every writer of
+//!   the database, which is why they are sent here, at most a bounded number
+//!   of times per second;
+//! - **catch-up**: once per interval, one query reads the count and update
+//!   time of every conversation watched in this process and wakes those that
+//!   moved. A notification lost to a crash between a commit and its publish,
+//!   or to a listener that reconnected, delays delivery; it never loses it.
 //!
-//! Watchers are woken through `tokio::sync::watch` channels, which hold one
-//! value and never block the sender: a slow watcher cannot slow appends or
-//! other watchers; it simply reads more rows when it gets to them.
+//! A wake-up only says "read again" (or hands over an append that exactly
+//! continues the stream): watchers read committed rows themselves, so a
+//! payload's size never matters and nothing uncommitted is seen. Watchers
+//! wait on `tokio::sync::watch` channels, which hold one value and never block
+//! the sender: a slow watcher cannot slow appends or other watchers.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use diesel_async::{
     AsyncPgConnection, SimpleAsyncConnection, pooled_connection::PoolableConnection,
 };
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
 use tokio_stream::StreamExt;
+use uuid::Uuid;
 
-use crate::domain::{ConversationId, UserId};
+use super::{Store, tls::DatabaseTarget};
+use crate::domain::{ConversationId, Message, MessageId, UserId};
 
 /// The channel every replica LISTENs on.
 const CHANNEL: &str = "convo_changes";
 
-/// The payload announcing that a conversation changed.
-pub(super) fn conversation_changed(id: ConversationId) -> String {
-    format!("c:{id}")
-}
+/// PostgreSQL refuses payloads of 8000 bytes or more; stay well below.
+const MAX_PAYLOAD_BYTES: usize = 7_000;
 
-/// The payload announcing that all of a user's data changed (erasure).
-pub(super) fn user_changed(user: &UserId) -> String {
-    format!("u:{user}")
-}
+/// Past this many unsent conversations (the database unreachable for a
+/// while), the publisher stops listing them and tells every replica to
+/// re-read all its watchers instead.
+const MAX_OUTBOX: usize = 50_000;
 
 /// How often the listener checks its connection when nothing arrives.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How long the listener or the publisher may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How changes travel between replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedSettings {
+    /// The publisher sends at most one NOTIFY transaction per interval; the
+    /// changes of an interval share it.
+    pub publish_interval: Duration,
+    /// How often watched conversations are checked for changes that no
+    /// notification announced.
+    pub catch_up_interval: Duration,
+}
+
+impl Default for FeedSettings {
+    fn default() -> Self {
+        Self {
+            publish_interval: Duration::from_millis(10),
+            catch_up_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Messages an append in this process wrote, as handed to its watchers.
+#[derive(Debug)]
+pub struct Appended {
+    /// The id of the message just before them, when known.
+    pub follows: Option<MessageId>,
+    /// Consecutive messages, in sequence order.
+    pub messages: Vec<Message>,
+}
+
+/// What a conversation looked like at the last catch-up read: its count and
+/// update time, or `None` when it no longer exists.
+type Version = Option<(i64, DateTime<Utc>)>;
+
+struct Watched {
+    owner: UserId,
+    wake: watch::Sender<Option<Arc<Appended>>>,
+    /// `None` until the first catch-up read.
+    seen: Option<Version>,
+}
+
+impl Watched {
+    fn wake(&self, appended: Option<Arc<Appended>>) {
+        self.wake.send_replace(appended);
+    }
+}
+
+/// Changes made here that other replicas have not been told of yet.
 #[derive(Default)]
-struct Registry {
-    /// Per conversation: its owner and the channel its watchers wait on.
-    conversations: HashMap<ConversationId, (UserId, watch::Sender<u64>)>,
+struct Outbox {
+    conversations: HashSet<ConversationId>,
+    users: HashSet<UserId>,
+    /// Too much to list: every replica re-reads every watcher.
+    everything: bool,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        !self.everything && self.conversations.is_empty() && self.users.is_empty()
+    }
+
+    fn merge(&mut self, other: Outbox) {
+        self.everything |= other.everything;
+        self.conversations.extend(other.conversations);
+        self.users.extend(other.users);
+        if self.conversations.len() + self.users.len() > MAX_OUTBOX {
+            self.conversations.clear();
+            self.users.clear();
+            self.everything = true;
+        }
+    }
+
+    /// The payloads that announce this outbox, from `replica`:
+    /// `C:<replica>:<id>,<id>,…`, `U:<replica>:<user>`, `A:<replica>`.
+    fn payloads(&self, replica: &str) -> Vec<String> {
+        if self.everything {
+            return vec![format!("A:{replica}")];
+        }
+        let mut payloads = Vec::new();
+        let head = format!("C:{replica}:");
+        let mut current = head.clone();
+        for id in &self.conversations {
+            if current.len() + 37 > MAX_PAYLOAD_BYTES {
+                payloads.push(std::mem::replace(&mut current, head.clone()));
+            }
+            if current.len() > head.len() {
+                current.push(',');
+            }
+            current.push_str(&id.to_string());
+        }
+        if current.len() > head.len() {
+            payloads.push(current);
+        }
+        payloads.extend(self.users.iter().map(|user| format!("U:{replica}:{user}")));
+        payloads
+    }
+}
+
+/// A payload received from some replica.
+#[derive(Debug, PartialEq)]
+enum Announcement<'a> {
+    Conversations(Vec<ConversationId>),
+    User(&'a str),
+    Everything,
+}
+
+/// Parses a payload; `None` for our own (already dispatched here) and for
+/// what this version does not know.
+fn parse_payload<'a>(payload: &'a str, own_replica: &str) -> Option<Announcement<'a>> {
+    let conversations = |list: &str| {
+        Announcement::Conversations(
+            list.split(',')
+                .filter_map(|id| ConversationId::parse("payload", id).ok())
+                .collect(),
+        )
+    };
+    let (kind, rest) = payload.split_once(':').unwrap_or((payload, ""));
+    let (replica, body) = match kind {
+        // From a version that notified inside its write transactions.
+        "c" => return Some(conversations(rest)),
+        "u" => return Some(Announcement::User(rest)),
+        "A" => (rest, ""),
+        _ => rest.split_once(':')?,
+    };
+    if replica == own_replica {
+        return None;
+    }
+    match kind {
+        "C" => Some(conversations(body)),
+        "U" => Some(Announcement::User(body)),
+        "A" => Some(Announcement::Everything),
+        _ => None,
+    }
 }
 
 struct Shared {
-    registry: Mutex<Registry>,
+    /// This process's name in the payloads it sends, so it can skip them when
+    /// they come back.
+    replica: String,
+    registry: Mutex<HashMap<ConversationId, Watched>>,
+    outbox: Mutex<Outbox>,
+    outbox_filled: Notify,
     /// Bumped whenever notifications may have been missed (the listener
     /// reconnected): every watcher re-reads from the database.
     resync: watch::Sender<u64>,
@@ -57,48 +208,62 @@ struct Shared {
     closing: watch::Sender<bool>,
 }
 
-impl Shared {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock leaves the map usable.
-        self.registry
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
+/// A mutex whose holder panicked is still usable: every update here leaves
+/// the data consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-    fn dispatch(&self, payload: &str) {
+impl Shared {
+    fn receive(&self, payload: &str) {
         metrics::counter!("convo_notifications_received_total").increment(1);
-        let registry = self.registry();
-        match payload.split_once(':') {
-            Some(("c", id)) => {
-                if let Ok(id) = ConversationId::parse("payload", id)
-                    && let Some((_, sender)) = registry.conversations.get(&id)
-                {
-                    sender.send_modify(|version| *version += 1);
-                }
-            }
-            Some(("u", user)) => {
-                for (owner, sender) in registry.conversations.values() {
-                    if owner.as_str() == user {
-                        sender.send_modify(|version| *version += 1);
+        let Some(announcement) = parse_payload(payload, &self.replica) else {
+            return;
+        };
+        let registry = lock(&self.registry);
+        match announcement {
+            Announcement::Conversations(ids) => {
+                for id in ids {
+                    if let Some(watched) = registry.get(&id) {
+                        watched.wake(None);
                     }
                 }
             }
-            _ => tracing::warn!(payload, "ignoring an unknown change notification"),
+            Announcement::User(user) => {
+                for watched in registry.values() {
+                    if watched.owner.as_str() == user {
+                        watched.wake(None);
+                    }
+                }
+            }
+            Announcement::Everything => {
+                for watched in registry.values() {
+                    watched.wake(None);
+                }
+            }
         }
+    }
+
+    fn post(&self, fill: impl FnOnce(&mut Outbox)) {
+        fill(&mut lock(&self.outbox));
+        self.outbox_filled.notify_one();
     }
 }
 
-/// The process's view of changes made by every replica. Cheap to clone; the
-/// listener stops when the last clone is dropped.
+/// The process's view of changes made by every replica. Cheap to clone; its
+/// tasks stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct ChangeFeed {
     shared: Arc<Shared>,
-    _listener: Arc<AbortOnDrop>,
+    _tasks: Arc<[AbortOnDrop; 3]>,
 }
 
 impl std::fmt::Debug for ChangeFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChangeFeed")
+            .field("replica", &self.shared.replica)
             .field("watched_conversations", &self.watched_conversations())
             .finish()
     }
@@ -113,20 +278,35 @@ impl Drop for AbortOnDrop {
 }
 
 impl ChangeFeed {
-    /// Starts the listener on its own connection to `database_url` (never a
-    /// pooled one: a LISTEN must stay on one session). It connects in the
-    /// background and reconnects whenever the connection is lost.
-    pub fn start(database_url: &str) -> Self {
+    /// Starts the listener and the publisher, each on its own connection to
+    /// `database_url` (a LISTEN must stay on one session, and a publish must
+    /// not wait behind the pool), and the catch-up reads on `store`'s pool.
+    /// They connect in the background and reconnect whenever a connection is
+    /// lost.
+    pub fn start(database_url: &str, store: Store, settings: FeedSettings) -> Self {
         let shared = Arc::new(Shared {
+            replica: Uuid::now_v7().simple().to_string(),
             registry: Mutex::default(),
+            outbox: Mutex::default(),
+            outbox_filled: Notify::new(),
             resync: watch::Sender::new(0),
             closing: watch::Sender::new(false),
         });
-        let url = listener_url(database_url);
-        let listener = tokio::spawn(listen(url, shared.clone()));
+        let target = |name| DatabaseTarget::parse(&super::pool::session_url(database_url, name));
+        let listener = tokio::spawn(listen(target(Some("convo-listener")), shared.clone()));
+        let publisher = tokio::spawn(publish(
+            target(Some("convo-publisher")),
+            shared.clone(),
+            settings.publish_interval,
+        ));
+        let catch_up = tokio::spawn(catch_up(store, shared.clone(), settings.catch_up_interval));
         Self {
             shared,
-            _listener: Arc::new(AbortOnDrop(listener)),
+            _tasks: Arc::new([
+                AbortOnDrop(listener),
+                AbortOnDrop(publisher),
+                AbortOnDrop(catch_up),
+            ]),
         }
     }
 
@@ -134,15 +314,15 @@ impl ChangeFeed {
     /// already stored: a change committed after that read wakes the
     /// subscription, so nothing falls between the two.
     pub fn subscribe(&self, owner: &UserId, conversation: ConversationId) -> Subscription {
-        let changed = {
-            let mut registry = self.shared.registry();
-            registry
-                .conversations
-                .entry(conversation)
-                .or_insert_with(|| (owner.clone(), watch::Sender::new(0)))
-                .1
-                .subscribe()
-        };
+        let changed = lock(&self.shared.registry)
+            .entry(conversation)
+            .or_insert_with(|| Watched {
+                owner: owner.clone(),
+                wake: watch::Sender::new(None),
+                seen: None,
+            })
+            .wake
+            .subscribe();
         Subscription {
             conversation,
             changed,
@@ -152,6 +332,63 @@ impl ChangeFeed {
         }
     }
 
+    /// Announces an append that committed: this process's watchers get the
+    /// messages at once, other replicas are told by the publisher.
+    pub fn appended(
+        &self,
+        conversation: ConversationId,
+        messages: &[Message],
+        follows: Option<MessageId>,
+    ) {
+        {
+            let mut registry = lock(&self.shared.registry);
+            if let Some(watched) = registry.get_mut(&conversation)
+                && let Some(last) = messages.last()
+            {
+                watched.seen = Some(Some((last.sequence, last.create_time)));
+                watched.wake(Some(Arc::new(Appended {
+                    follows,
+                    messages: messages.to_vec(),
+                })));
+            }
+        }
+        self.shared.post(|outbox| {
+            outbox.merge(Outbox {
+                conversations: HashSet::from([conversation]),
+                ..Outbox::default()
+            })
+        });
+    }
+
+    /// Announces any other change to a conversation that committed (a
+    /// truncation, a deletion): its watchers read it again.
+    pub fn changed(&self, conversation: ConversationId) {
+        if let Some(watched) = lock(&self.shared.registry).get(&conversation) {
+            watched.wake(None);
+        }
+        self.shared.post(|outbox| {
+            outbox.merge(Outbox {
+                conversations: HashSet::from([conversation]),
+                ..Outbox::default()
+            })
+        });
+    }
+
+    /// Announces that all of a user's data changed (an erasure).
+    pub fn user_changed(&self, owner: &UserId) {
+        for watched in lock(&self.shared.registry).values() {
+            if watched.owner == *owner {
+                watched.wake(None);
+            }
+        }
+        self.shared.post(|outbox| {
+            outbox.merge(Outbox {
+                users: HashSet::from([owner.clone()]),
+                ..Outbox::default()
+            })
+        });
+    }
+
     /// Ends every watch stream: called when the server begins to shut down.
     pub fn close(&self) {
         self.shared.closing.send_replace(true);
@@ -159,15 +396,16 @@ impl ChangeFeed {
 
     /// How many conversations have at least one watcher in this process.
     pub fn watched_conversations(&self) -> usize {
-        self.shared.registry().conversations.len()
+        lock(&self.shared.registry).len()
     }
 }
 
 /// Why a subscription woke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Wake {
-    /// The conversation may have changed: read it again.
-    Changed,
+    /// The conversation may have changed: read it again, unless the append
+    /// handed over continues exactly where the watcher stands.
+    Changed(Option<Arc<Appended>>),
     /// The server is shutting down: end the stream.
     Closing,
 }
@@ -175,7 +413,7 @@ pub enum Wake {
 /// One watcher's interest in one conversation.
 pub struct Subscription {
     conversation: ConversationId,
-    changed: watch::Receiver<u64>,
+    changed: watch::Receiver<Option<Arc<Appended>>>,
     resync: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
     shared: Arc<Shared>,
@@ -183,14 +421,17 @@ pub struct Subscription {
 
 impl Subscription {
     /// Waits for the next change to read, or for shutdown. Changes that came
-    /// while the watcher was busy are not lost: they wake it at once.
+    /// while the watcher was busy are not lost: they wake it at once (with
+    /// the latest append, if the last change was one).
     pub async fn next(&mut self) -> Wake {
         if *self.closing.borrow() {
             return Wake::Closing;
         }
         tokio::select! {
-            _ = self.changed.changed() => Wake::Changed,
-            _ = self.resync.changed() => Wake::Changed,
+            _ = self.changed.changed() => {
+                Wake::Changed(self.changed.borrow_and_update().clone())
+            }
+            _ = self.resync.changed() => Wake::Changed(None),
             _ = self.closing.changed() => Wake::Closing,
         }
     }
@@ -198,30 +439,21 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut registry = self.shared.registry();
+        let mut registry = lock(&self.shared.registry);
         // This subscription's own receiver is still alive here: one means it
         // was the last watcher of the conversation.
-        if let Some((_, sender)) = registry.conversations.get(&self.conversation)
-            && sender.receiver_count() <= 1
+        if let Some(watched) = registry.get(&self.conversation)
+            && watched.wake.receiver_count() <= 1
         {
-            registry.conversations.remove(&self.conversation);
+            registry.remove(&self.conversation);
         }
     }
 }
 
-/// Names the listener's session so operators (and tests) can find it in
-/// `pg_stat_activity`.
-fn listener_url(database_url: &str) -> String {
-    super::pool::session_url(database_url, Some("convo-listener"))
-}
-
-/// How long the listener may take to connect before it tries again.
-const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-async fn listen(url: String, shared: Arc<Shared>) {
+async fn listen(target: Result<DatabaseTarget, String>, shared: Arc<Shared>) {
     // The pool was built from the same URL, so it parses; were it not to,
     // there would be nothing to listen to.
-    let target = match super::tls::DatabaseTarget::parse(&url) {
+    let target = match target {
         Ok(target) => target,
         Err(why) => {
             tracing::error!(%why, "the change listener cannot use the database URL");
@@ -230,7 +462,7 @@ async fn listen(url: String, shared: Arc<Shared>) {
     };
     let mut delay = Duration::from_millis(50);
     loop {
-        match super::pool::connect(&target, LISTENER_CONNECT_TIMEOUT).await {
+        match super::pool::connect(&target, CONNECT_TIMEOUT).await {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);
@@ -258,7 +490,7 @@ async fn receive(conn: &mut AsyncPgConnection, shared: &Shared) {
             tokio::time::timeout(LISTENER_CHECK, notifications.next()).await
         };
         match next {
-            Ok(Some(Ok(notification))) => shared.dispatch(&notification.payload),
+            Ok(Some(Ok(notification))) => shared.receive(&notification.payload),
             Ok(Some(Err(error))) => {
                 tracing::warn!(%error, "change listener failed");
                 return;
@@ -281,36 +513,177 @@ async fn receive(conn: &mut AsyncPgConnection, shared: &Shared) {
     }
 }
 
-/// Announces a change to every replica. Call it inside the transaction that
-/// makes the change: PostgreSQL delivers it only if that transaction commits.
-pub(super) async fn notify(
-    conn: &mut AsyncPgConnection,
-    payload: &str,
-) -> Result<(), super::StoreError> {
-    use diesel::sql_types::Text;
-    use diesel_async::RunQueryDsl;
-    diesel::sql_query("SELECT pg_notify($1, $2)")
-        .bind::<Text, _>(CHANNEL)
-        .bind::<Text, _>(payload)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Sends what the outbox holds, one transaction per `interval` at most,
+/// until the task is dropped. What could not be sent stays for the next try.
+async fn publish(target: Result<DatabaseTarget, String>, shared: Arc<Shared>, interval: Duration) {
+    let target = match target {
+        Ok(target) => target,
+        Err(why) => {
+            tracing::error!(%why, "the change publisher cannot use the database URL");
+            return;
+        }
+    };
+    let mut conn: Option<AsyncPgConnection> = None;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        shared.outbox_filled.notified().await;
+        loop {
+            let outbox = std::mem::take(&mut *lock(&shared.outbox));
+            if outbox.is_empty() {
+                break;
+            }
+            let payloads = outbox.payloads(&shared.replica);
+            match send(&mut conn, &target, &payloads).await {
+                Ok(()) => {
+                    delay = Duration::from_millis(50);
+                    metrics::counter!("convo_notify_transactions_total").increment(1);
+                    metrics::counter!("convo_notifications_sent_total")
+                        .increment(payloads.len() as u64);
+                    tokio::time::sleep(interval).await;
+                }
+                Err(error) => {
+                    conn = None;
+                    lock(&shared.outbox).merge(outbox);
+                    metrics::counter!("convo_notify_failures_total").increment(1);
+                    tracing::warn!(%error, "could not tell other replicas of changes; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                }
+            }
+        }
+    }
 }
 
-/// Announces several changes in one statement, like [`notify`].
-pub(super) async fn notify_all(
-    conn: &mut AsyncPgConnection,
+/// One NOTIFY transaction carrying every payload.
+async fn send(
+    conn: &mut Option<AsyncPgConnection>,
+    target: &DatabaseTarget,
     payloads: &[String],
-) -> Result<(), super::StoreError> {
+) -> Result<(), String> {
     use diesel::sql_types::{Array, Text};
     use diesel_async::RunQueryDsl;
-    if payloads.is_empty() {
-        return Ok(());
+    if conn.as_mut().is_some_and(|c| c.is_broken()) {
+        *conn = None;
     }
-    diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
-        .bind::<Text, _>(CHANNEL)
-        .bind::<Array<Text>, _>(payloads)
-        .execute(conn)
-        .await?;
-    Ok(())
+    let conn = match conn {
+        Some(conn) => conn,
+        slot => slot.insert(
+            super::pool::connect(target, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let sent =
+        diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+            .bind::<Text, _>(CHANNEL)
+            .bind::<Array<Text>, _>(payloads)
+            .execute(conn);
+    match tokio::time::timeout(CONNECT_TIMEOUT, sent).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    }
+}
+
+/// Once per `interval`, reads the version of every conversation watched here
+/// and wakes the watchers of those that moved since the last read (or that
+/// were not read before).
+async fn catch_up(store: Store, shared: Arc<Shared>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let watched: Vec<(UserId, ConversationId)> = lock(&shared.registry)
+            .iter()
+            .map(|(id, watched)| (watched.owner.clone(), *id))
+            .collect();
+        if watched.is_empty() {
+            continue;
+        }
+        let versions = match store.conversation_versions(&watched).await {
+            Ok(versions) => versions,
+            Err(error) => {
+                tracing::debug!(%error, "catch-up read failed; trying at the next interval");
+                continue;
+            }
+        };
+        let mut woken = 0u64;
+        let mut registry = lock(&shared.registry);
+        for (_, id) in watched {
+            let Some(entry) = registry.get_mut(&id) else {
+                continue;
+            };
+            let now: Version = versions.get(&id).copied();
+            if entry.seen != Some(now) {
+                if entry.seen.is_some() {
+                    woken += 1;
+                }
+                entry.seen = Some(now);
+                entry.wake(None);
+            }
+        }
+        metrics::counter!("convo_watch_catch_up_wakes_total").increment(woken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> ConversationId {
+        ConversationId::from_uuid(Uuid::from_u128(n))
+    }
+
+    #[test]
+    fn payloads_list_many_conversations_and_stay_under_the_limit() {
+        let outbox = Outbox {
+            conversations: (1..=1_000).map(id).collect(),
+            users: HashSet::from([UserId::parse("ada").unwrap()]),
+            everything: false,
+        };
+        let payloads = outbox.payloads("r1");
+        assert!(payloads.iter().all(|p| p.len() < MAX_PAYLOAD_BYTES));
+        let mut seen = HashSet::new();
+        for payload in &payloads {
+            match parse_payload(payload, "other").unwrap() {
+                Announcement::Conversations(ids) => seen.extend(ids),
+                Announcement::User(user) => assert_eq!(user, "ada"),
+                Announcement::Everything => panic!("nothing overflowed"),
+            }
+        }
+        assert_eq!(seen.len(), 1_000);
+        // A replica skips its own.
+        assert!(payloads.iter().all(|p| parse_payload(p, "r1").is_none()));
+    }
+
+    #[test]
+    fn an_overfull_outbox_becomes_everything() {
+        let mut outbox = Outbox::default();
+        outbox.merge(Outbox {
+            conversations: (0..=MAX_OUTBOX as u128).map(id).collect(),
+            ..Outbox::default()
+        });
+        assert!(outbox.everything && outbox.conversations.is_empty());
+        assert_eq!(outbox.payloads("r1"), vec!["A:r1".to_owned()]);
+        assert_eq!(parse_payload("A:r1", "r2"), Some(Announcement::Everything));
+        assert_eq!(parse_payload("A:r1", "r1"), None);
+    }
+
+    #[test]
+    fn payloads_of_the_previous_version_are_understood() {
+        let one = id(7);
+        assert_eq!(
+            parse_payload(&format!("c:{one}"), "r1"),
+            Some(Announcement::Conversations(vec![one]))
+        );
+        assert_eq!(
+            parse_payload("u:ada:x", "r1"),
+            Some(Announcement::User("ada:x"))
+        );
+        assert_eq!(
+            parse_payload("U:r2:ada:x", "r1"),
+            Some(Announcement::User("ada:x"))
+        );
+        assert_eq!(parse_payload("?", "r1"), None);
+    }
 }

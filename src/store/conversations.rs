@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, changes,
+    Store, StoreError,
     schema::conversations,
     values::{TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
@@ -27,19 +27,19 @@ extern "SQL" {
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = conversations, check_for_backend(diesel::pg::Pg))]
 pub(super) struct ConversationRow {
-    user_id: String,
-    id: Uuid,
-    title: String,
-    metadata: serde_json::Value,
-    create_time: DateTime<Utc>,
-    update_time: DateTime<Utc>,
-    message_count: i64,
-    forked_from_conversation_id: Option<Uuid>,
-    forked_at_sequence: Option<i64>,
-    usage_input_tokens: i64,
-    usage_output_tokens: i64,
-    usage_cached_input_tokens: i64,
-    usage_reasoning_tokens: i64,
+    pub(super) user_id: String,
+    pub(super) id: Uuid,
+    pub(super) title: String,
+    pub(super) metadata: serde_json::Value,
+    pub(super) create_time: DateTime<Utc>,
+    pub(super) update_time: DateTime<Utc>,
+    pub(super) message_count: i64,
+    pub(super) forked_from_conversation_id: Option<Uuid>,
+    pub(super) forked_at_sequence: Option<i64>,
+    pub(super) usage_input_tokens: i64,
+    pub(super) usage_output_tokens: i64,
+    pub(super) usage_cached_input_tokens: i64,
+    pub(super) usage_reasoning_tokens: i64,
 }
 
 impl TryFrom<ConversationRow> for Conversation {
@@ -159,45 +159,6 @@ pub(super) async fn lock_for_append(
         .await
         .optional()?
         .ok_or(StoreError::NotFound)
-}
-
-/// Records an append on the conversation row locked by [`lock_for_append`]:
-/// its new message count, the time of the change and, when the new messages
-/// carry any, their usage. Without usage the statement is the one appends
-/// always ran, with nothing to return.
-pub(super) async fn record_append(
-    conn: &mut AsyncPgConnection,
-    owner: &UserId,
-    id: ConversationId,
-    message_count: i64,
-    added: Option<&Usage>,
-    at: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    match added {
-        Some(added) => {
-            record_messages(
-                conn,
-                owner,
-                id,
-                message_count,
-                (added, &Usage::default()),
-                at,
-            )
-            .await?;
-        }
-        None => {
-            diesel::update(conversations::table)
-                .filter(conversations::user_id.eq(owner.as_str()))
-                .filter(conversations::id.eq(id.as_uuid()))
-                .set((
-                    conversations::message_count.eq(message_count),
-                    conversations::update_time.eq(at),
-                ))
-                .execute(conn)
-                .await?;
-        }
-    }
-    Ok(())
 }
 
 /// Records a change of the conversation's messages on its row (locked by
@@ -382,21 +343,19 @@ impl Store {
         owner: &UserId,
         id: ConversationId,
     ) -> Result<(), StoreError> {
-        self.with_conn(async |conn| {
-            conn.transaction(async |conn| {
-                let deleted = diesel::delete(conversations::table)
+        let deleted = self
+            .with_conn(async |conn| {
+                Ok(diesel::delete(conversations::table)
                     .filter(conversations::user_id.eq(owner.as_str()))
                     .filter(conversations::id.eq(id.as_uuid()))
                     .execute(conn)
-                    .await?;
-                if deleted == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                changes::notify(conn, &changes::conversation_changed(id)).await
+                    .await?)
             })
-            .await
-        })
-        .await
+            .await?;
+        if deleted == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     /// Copies messages 1..=`up_to` (all when `None`) of a conversation into a
@@ -539,3 +498,50 @@ const COPY_TOOL_CALLS: &str = "\
     INSERT INTO tool_calls (user_id, conversation_id, tool_call_id, sequence) \
     SELECT user_id, $2, tool_call_id, sequence FROM tool_calls \
     WHERE user_id = $1 AND conversation_id = $3 AND sequence <= $4";
+
+/// The owners' conversations of [`Store::conversation_versions`], as columns.
+const VERSIONS: &str = "\
+    SELECT c.id, c.message_count, c.update_time \
+    FROM unnest($1::text[], $2::uuid[]) AS w (user_id, id) \
+    JOIN conversations c ON c.user_id = w.user_id AND c.id = w.id";
+
+#[derive(QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    message_count: i64,
+    #[diesel(sql_type = Timestamptz)]
+    update_time: DateTime<Utc>,
+}
+
+impl Store {
+    /// The message count and update time of each of these conversations that
+    /// exists, in one query: how the change feed's catch-up sees what moved.
+    /// Like retention, it spans owners (the watchers of one process).
+    pub async fn conversation_versions(
+        &self,
+        watched: &[(UserId, ConversationId)],
+    ) -> Result<std::collections::HashMap<ConversationId, (i64, DateTime<Utc>)>, StoreError> {
+        let owners: Vec<&str> = watched.iter().map(|(owner, _)| owner.as_str()).collect();
+        let ids: Vec<&Uuid> = watched.iter().map(|(_, id)| id.as_uuid()).collect();
+        let rows: Vec<VersionRow> = self
+            .with_conn(async |conn| {
+                Ok(diesel::sql_query(VERSIONS)
+                    .bind::<diesel::sql_types::Array<Text>, _>(&owners)
+                    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+                    .load(conn)
+                    .await?)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    ConversationId::from_uuid(row.id),
+                    (row.message_count, row.update_time),
+                )
+            })
+            .collect())
+    }
+}

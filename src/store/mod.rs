@@ -4,7 +4,9 @@
 //! and scopes its SQL by it (the retention sweep, an operator's policy over
 //! all users, is the one exception); nothing here knows about gRPC or
 //! protobuf. Each table's queries live beside its row types
-//! (`conversations.rs`, `messages.rs`, `search.rs`, `users.rs`); conversions
+//! (`conversations.rs`, `messages.rs`, `search.rs`, `users.rs`); the two hot
+//! paths, each one statement, have their own (`append.rs`, `resume.rs`,
+//! prepared through `statement.rs`); live changes are in `changes.rs`; conversions
 //! of column values shared by them are in `values.rs`.
 //!
 //! Rules that must hold under concurrency are decided inside the write's
@@ -13,6 +15,7 @@
 //! bound. A write reports such a refusal as its outcome ([`AppendOutcome`],
 //! [`ForkOutcome`]); the service decides what it means for the caller.
 
+mod append;
 mod changes;
 mod conversations;
 mod error;
@@ -20,17 +23,20 @@ mod messages;
 mod migrations;
 mod parts;
 mod pool;
+mod resume;
 mod retention;
 pub mod schema;
 mod search;
+mod statement;
 mod tls;
 mod users;
 mod values;
 
-pub use changes::{ChangeFeed, Subscription, Wake};
+pub use append::AppendOutcome;
+pub use changes::{Appended, ChangeFeed, FeedSettings, Subscription, Wake};
 pub use conversations::ForkOutcome;
 pub use error::StoreError;
-pub use messages::{AppendOutcome, TruncateOutcome};
+pub use messages::TruncateOutcome;
 pub use migrations::{
     create_database_if_missing, ensure_schema_current, grant_app_role, revert_last_migration,
     run_pending_migrations,

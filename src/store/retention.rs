@@ -3,10 +3,10 @@ use diesel::{
     QueryableByName,
     sql_types::{BigInt, Timestamptz, Uuid as SqlUuid},
 };
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use super::{Store, StoreError, changes};
+use super::{Store, StoreError};
 use crate::domain::ConversationId;
 
 #[derive(QueryableByName)]
@@ -31,8 +31,8 @@ const DELETE_IDLE: &str = "\
 
 impl Store {
     /// One batch of the retention policy: deletes conversations (and, by
-    /// cascade, their messages) not updated since `idle_before`, and tells
-    /// their watchers. Returns how many were deleted.
+    /// cascade, their messages) not updated since `idle_before`, and returns
+    /// the ids deleted, so the caller can tell their watchers.
     ///
     /// The one query that is not scoped by an owner: retention is the
     /// operator's policy over all users. Under Citus it is a multi-shard
@@ -41,22 +41,17 @@ impl Store {
         &self,
         idle_before: DateTime<Utc>,
         batch: u32,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<ConversationId>, StoreError> {
         self.with_conn(async |conn| {
-            conn.transaction(async |conn| {
-                let deleted: Vec<Deleted> = diesel::sql_query(DELETE_IDLE)
-                    .bind::<Timestamptz, _>(idle_before)
-                    .bind::<BigInt, _>(i64::from(batch))
-                    .load(conn)
-                    .await?;
-                let payloads: Vec<String> = deleted
-                    .into_iter()
-                    .map(|d| changes::conversation_changed(ConversationId::from_uuid(d.id)))
-                    .collect();
-                changes::notify_all(conn, &payloads).await?;
-                Ok(payloads.len())
-            })
-            .await
+            let deleted: Vec<Deleted> = diesel::sql_query(DELETE_IDLE)
+                .bind::<Timestamptz, _>(idle_before)
+                .bind::<BigInt, _>(i64::from(batch))
+                .load(conn)
+                .await?;
+            Ok(deleted
+                .into_iter()
+                .map(|d| ConversationId::from_uuid(d.id))
+                .collect())
         })
         .await
     }

@@ -2,7 +2,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::{
-    Store, StoreError, changes,
+    Store, StoreError,
     schema::{append_requests, conversations, messages, users},
 };
 use crate::domain::{Erased, UserId};
@@ -16,8 +16,8 @@ const LOCK_ERASED: &str = "\
 
 impl Store {
     /// Erases everything stored for `owner` in one transaction: messages,
-    /// idempotency keys, conversations and the user row. Watchers on every
-    /// replica are told. A second erasure finds nothing and returns zeros.
+    /// idempotency keys, conversations and the user row. Watchers are told by
+    /// the caller, after the commit. A second erasure finds nothing and returns zeros.
     pub async fn delete_user_data(&self, owner: &UserId) -> Result<Erased, StoreError> {
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
@@ -45,13 +45,10 @@ impl Store {
                     .filter(conversations::user_id.eq(owner.as_str()))
                     .execute(conn)
                     .await?;
-                let user = diesel::delete(users::table)
+                diesel::delete(users::table)
                     .filter(users::user_id.eq(owner.as_str()))
                     .execute(conn)
                     .await?;
-                if user > 0 {
-                    changes::notify(conn, &changes::user_changed(owner)).await?;
-                }
                 Ok(Erased {
                     conversations: conversations as i64,
                     messages: messages as i64,

@@ -145,3 +145,98 @@ async fn concurrent_creates_with_one_request_id_create_once() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_expecting_one_last_sequence_let_exactly_one_through() {
+    const RACERS: usize = 16;
+    let app = TestApp::spawn().await;
+    let created = create(&mut app.client("alice"), "one wins").await;
+    for round in 0..4i64 {
+        let tasks: Vec<_> = (0..RACERS)
+            .map(|racer| {
+                let mut client = app.client("alice");
+                let id = created.id.clone();
+                tokio::spawn(async move {
+                    client
+                        .append_message(AppendMessageRequest {
+                            conversation_id: id,
+                            role: Role::User as i32,
+                            content: format!("round {round} racer {racer}"),
+                            expected_last_sequence: Some(round),
+                            ..Default::default()
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(message) => {
+                    won += 1;
+                    assert_eq!(message.into_inner().sequence, round + 1);
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+                    // The refusal names where the conversation really is,
+                    // never the position the caller expected.
+                    assert!(
+                        status
+                            .message()
+                            .contains(&format!("last sequence is {}", round + 1)),
+                        "{status:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(won, 1, "round {round}: exactly one append expected {round}");
+    }
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_of_one_tool_call_id_let_exactly_one_through() {
+    use proto::{Part, part::Kind};
+    const RACERS: usize = 12;
+    let app = TestApp::spawn().await;
+    let created = create(&mut app.client("alice"), "one call id").await;
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|racer| {
+            let mut client = app.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                client
+                    .append_message(AppendMessageRequest {
+                        conversation_id: id,
+                        role: Role::Assistant as i32,
+                        parts: vec![Part {
+                            kind: Some(Kind::ToolCall(proto::ToolCall {
+                                id: "call_shared".into(),
+                                name: "lookup".into(),
+                                arguments: format!("{{\"racer\":{racer}}}"),
+                            })),
+                            signature: Vec::new(),
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                assert!(status.message().contains("call_shared"), "{status:?}");
+            }
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(
+        app.db.count("SELECT count(*) AS n FROM tool_calls").await,
+        1
+    );
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM messages").await, 1);
+}

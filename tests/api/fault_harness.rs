@@ -28,9 +28,9 @@ struct ProxyState {
     stalling: bool,
     /// Added before each chunk PostgreSQL sends back.
     delay: Duration,
-    /// Lose the reply to the next COMMIT: forward the COMMIT, then close the
-    /// link before any answer reaches convo.
-    lose_commit_reply: bool,
+    /// Lose the reply to the next message convo sends that holds these bytes:
+    /// forward it, then close the link before any answer reaches convo.
+    lose_reply_to: Option<Vec<u8>>,
     /// Bytes forwarded from the upstream to the clients, in total.
     bytes_to_client: u64,
     links: Vec<JoinHandle<()>>,
@@ -131,9 +131,13 @@ impl Proxy {
         self.state.lock().unwrap().bytes_to_client
     }
 
-    /// The next COMMIT reaches PostgreSQL, but its reply never reaches convo.
-    pub fn lose_next_commit_reply(&self) {
-        self.state.lock().unwrap().lose_commit_reply = true;
+    /// The next statement about this conversation (its id is bound in it, as
+    /// 16 bytes) reaches PostgreSQL and commits, but its reply never reaches
+    /// convo. An append is one statement in autocommit: its reply is its
+    /// commit's.
+    pub fn lose_next_reply_about(&self, conversation_id: &str) {
+        let id = uuid::Uuid::parse_str(conversation_id).expect("a conversation id");
+        self.state.lock().unwrap().lose_reply_to = Some(id.as_bytes().to_vec());
     }
 }
 
@@ -163,8 +167,12 @@ async fn link(mut inbound: TcpStream, upstream: SocketAddr, state: Arc<Mutex<Pro
             let chunk = &buffer[..n];
             {
                 let mut state = state.lock().unwrap();
-                if state.lose_commit_reply && chunk.windows(6).any(|w| w == b"COMMIT") {
-                    state.lose_commit_reply = false;
+                let matches = state
+                    .lose_reply_to
+                    .as_ref()
+                    .is_some_and(|bytes| chunk.windows(bytes.len()).any(|w| w == bytes));
+                if matches {
+                    state.lose_reply_to = None;
                     // Set before PostgreSQL can possibly answer.
                     reply_lost.store(true, Ordering::SeqCst);
                 }

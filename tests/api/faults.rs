@@ -364,7 +364,7 @@ async fn a_commit_whose_reply_was_lost_is_recovered_by_the_retry() {
     let created = create(&mut alice, "ambiguous").await;
     let request = append_request(&created.id, "did this land?", "turn-1");
 
-    world.proxy.lose_next_commit_reply();
+    world.proxy.lose_next_reply_about(&created.id);
     let status = alice
         .append_message(request.clone())
         .await

@@ -17,7 +17,7 @@ use convo::{
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
     local_postgres::{Access, LocalPostgres, LocalPostgresOptions},
     startup::{Application, StartupError},
-    store::{self, ChangeFeed, PoolSettings},
+    store::{self, ChangeFeed, FeedSettings, PoolSettings},
 };
 use diesel::{QueryableByName, sql_types::BigInt};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -364,6 +364,7 @@ pub fn test_settings(database_url: &str) -> Settings {
             lock_timeout: Duration::from_secs(10),
         },
         health_interval: Duration::from_millis(100),
+        feed: FeedSettings::default(),
         limits: Limits::CONTRACT,
         page_token_secret: Some(b"test-secret".to_vec()),
         drain_timeout: Duration::from_secs(10),

@@ -317,3 +317,44 @@ async fn wait_for_watched(app: &TestApp, wanted: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_message() {
+    use crate::helpers::{Client, UserHeader, channel_to, start_convo};
+    use convo::grpc::proto::conversation_service_client::ConversationServiceClient;
+
+    // Replica B serves the watcher and re-reads what it watches every 200 ms.
+    let replica_b = TestApp::spawn_with(|settings| {
+        settings.feed.catch_up_interval = Duration::from_millis(200);
+    })
+    .await;
+    // Replica A, a process, tells the others of its writes at most once a
+    // minute: after its first announcement the next one waits in its memory,
+    // where a crash loses it.
+    let (mut replica_a, addr) = start_convo(|command| {
+        command.args([
+            "--database-url",
+            &replica_b.db.url,
+            "--change-publish-interval",
+            "60s",
+        ]);
+    })
+    .await;
+    let mut a: Client = ConversationServiceClient::with_interceptor(
+        channel_to(addr).await,
+        UserHeader::new("alice"),
+    );
+    let created = create(&mut a, "the writer dies").await;
+    let mut stream = watch(&mut replica_b.client("alice"), &created.id, 0).await;
+    append(&mut a, &created.id, "announced").await;
+    expect_sequences(&mut stream, 1, 1).await;
+
+    let acknowledged = append(&mut a, &created.id, "committed, never announced").await;
+    replica_a.start_kill().expect("kill replica A");
+    replica_a.wait().await.expect("replica A is gone");
+
+    // A is dead and its announcement with it: B's catch-up finds the message.
+    let message = next(&mut stream).await.expect("the message arrives");
+    assert_eq!(message.sequence, 2);
+    assert_eq!(message.id, acknowledged.id);
+}

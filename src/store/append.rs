@@ -1,0 +1,470 @@
+//! The append: one statement, one round trip, in autocommit.
+//!
+//! [`APPEND`] does in one data-modifying statement what used to take a
+//! transaction of six round trips: it bumps the conversation row (whose row
+//! lock orders concurrent appenders, so sequences stay gapless), checks
+//! `expected_last_sequence` against the row it locked, recognises a replayed
+//! `request_id`, checks the batch's tool exchanges, inserts the messages,
+//! their tool calls and the request record, and reports why it wrote nothing
+//! when it did not. No NOTIFY rides along: live watchers are told after the
+//! commit (see `changes.rs`).
+//!
+//! The statement's reads (earlier requests, known tool calls, the count it
+//! reports on refusal) see the snapshot taken when it began, while the row
+//! lock may hand it a newer conversation row. Where the two can disagree the
+//! outcome is still one that a serial order allows, or the statement runs
+//! again with a new snapshot:
+//! - a concurrent call with the same `request_id`, or a concurrent first use
+//!   of the same tool call id, committed while this one waited for the lock:
+//!   the insert then breaks the table's primary key, nothing is written, and
+//!   the retry sees the earlier call (a replay, or a taken id);
+//! - `expected_last_sequence` is compared with the locked row, so it holds at
+//!   commit; when it did not match but the snapshot's count does, the count
+//!   moved while this call waited, and the retry reports the new count;
+//! - a refusal decided from the snapshot (an unknown tool call, a taken id)
+//!   is what the conversation looked like during the call: the call is
+//!   ordered before whatever committed after it began, having written nothing.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    QueryableByName,
+    pg::Pg,
+    prelude::*,
+    query_builder::{AstPass, QueryFragment},
+    result::{DatabaseErrorKind, Error as DieselError},
+    sql_types::{
+        Array, BigInt, Integer, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid,
+    },
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::{
+    Store, StoreError,
+    messages::{MessageRow, messages_of},
+    parts,
+    schema::messages,
+    statement::{prepared_statement, push_named, unknown_parameter},
+    values::{metadata_to_json, now_micros},
+};
+use crate::domain::{
+    AppendMessages, ConversationId, Message, MessageId, NewMessage, Parts, ToolCallId, Usage,
+    UserId,
+};
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    /// The messages were written now. `follows` is the id of the message just
+    /// before them, when the statement could see it (not when the batch is
+    /// the conversation's first, nor when the previous append committed while
+    /// this one waited for the lock).
+    Appended {
+        messages: Vec<Message>,
+        follows: Option<MessageId>,
+    },
+    /// The request_id was seen before on this conversation: these are the
+    /// messages it wrote then, and nothing was written now. Whether the payload
+    /// matches is the caller's to judge.
+    Replayed(Vec<Message>),
+    /// `expected_last_sequence` was set and the conversation is at `current`
+    /// instead; nothing was written.
+    Stale { current: i64 },
+    /// A tool result answers no call made earlier in the conversation or the
+    /// batch; nothing was written.
+    UnansweredToolResult(ToolCallId),
+    /// A tool call reuses an id already taken in the conversation; nothing
+    /// was written.
+    ToolCallIdTaken(ToolCallId),
+}
+
+/// Appends the batch, or says why not. Parameters are named (see
+/// `statement.rs`); per-message values arrive as parallel arrays, numbered
+/// from 1 by `WITH ORDINALITY`, and each tool call or result names the
+/// message holding it by that number (`at`).
+const APPEND: &str = "\
+WITH earlier AS (
+    SELECT first_sequence, message_count FROM append_requests
+     WHERE user_id = $user AND conversation_id = $conversation AND request_id = $request_id
+), batch_calls AS (
+    SELECT id, at FROM unnest($call_ids::text[], $call_at::int4[]) AS c (id, at)
+), results AS (
+    SELECT id, at, n FROM unnest($answered_ids::text[], $answered_at::int4[])
+        WITH ORDINALITY AS r (id, at, n)
+), known AS (
+    SELECT tool_call_id, sequence FROM tool_calls
+     WHERE user_id = $user AND conversation_id = $conversation
+       AND tool_call_id = ANY ($call_ids || $answered_ids)
+), taken AS (
+    SELECT c.id FROM batch_calls c JOIN known k ON k.tool_call_id = c.id ORDER BY c.at LIMIT 1
+), answers AS (
+    SELECT r.at, r.id, r.n, k.sequence AS stored_at,
+           (SELECT min(c.at) FROM batch_calls c WHERE c.id = r.id AND c.at < r.at) AS batch_at
+      FROM results r LEFT JOIN known k ON k.tool_call_id = r.id
+), unanswered AS (
+    SELECT id FROM answers WHERE stored_at IS NULL AND batch_at IS NULL ORDER BY n LIMIT 1
+), bumped AS (
+    UPDATE conversations
+       SET message_count = message_count + $count,
+           update_time = greatest($now, update_time),
+           usage_input_tokens = usage_input_tokens + $input_tokens,
+           usage_output_tokens = usage_output_tokens + $output_tokens,
+           usage_cached_input_tokens = usage_cached_input_tokens + $cached_input_tokens,
+           usage_reasoning_tokens = usage_reasoning_tokens + $reasoning_tokens
+     WHERE user_id = $user AND id = $conversation
+       AND ($expected::int8 IS NULL OR message_count = $expected)
+       AND NOT EXISTS (SELECT FROM earlier)
+       AND NOT EXISTS (SELECT FROM taken)
+       AND NOT EXISTS (SELECT FROM unanswered)
+    RETURNING message_count - $count AS base, update_time
+), inserted AS (
+    INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata,
+                          create_time, parts, name, model, input_tokens, output_tokens,
+                          cached_input_tokens, reasoning_tokens, answers_from)
+    SELECT $user, $conversation, b.base + m.at, m.id, m.role, m.content, m.metadata,
+           b.update_time, m.parts, coalesce(m.name, ''), coalesce(m.model, ''),
+           m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
+           (SELECT min(coalesce(a.stored_at, b.base + a.batch_at)) FROM answers a
+             WHERE a.at = m.at)
+      FROM bumped b,
+           unnest($ids::uuid[], $roles::int2[], $contents::text[], $metadata::jsonb[],
+                  $parts::bytea[], $names::text[], $models::text[], $inputs::int8[],
+                  $outputs::int8[], $cached::int8[], $reasoning::int8[])
+             WITH ORDINALITY AS m (id, role, content, metadata, parts, name, model,
+                                   input_tokens, output_tokens, cached_input_tokens,
+                                   reasoning_tokens, at)
+    RETURNING 1
+), calls AS (
+    INSERT INTO tool_calls (user_id, conversation_id, tool_call_id, sequence)
+    SELECT $user, $conversation, c.id, b.base + c.at FROM bumped b, batch_calls c
+), recorded AS (
+    INSERT INTO append_requests (user_id, conversation_id, request_id, first_sequence,
+                                 message_count, create_time)
+    SELECT $user, $conversation, $request_id, b.base + 1, $count, b.update_time
+      FROM bumped b WHERE $request_id IS NOT NULL
+)
+SELECT b.base, b.update_time AS create_time,
+       (SELECT count(*) FROM inserted) AS written,
+       (SELECT p.id FROM messages p
+         WHERE p.user_id = $user AND p.conversation_id = $conversation
+           AND p.sequence = b.base) AS follows,
+       e.first_sequence AS replay_first, e.message_count AS replay_count,
+       (SELECT id FROM taken) AS taken, (SELECT id FROM unanswered) AS unanswered,
+       s.message_count AS snapshot_count
+  FROM (SELECT) AS one
+  LEFT JOIN bumped b ON true
+  LEFT JOIN earlier e ON true
+  LEFT JOIN conversations s ON s.user_id = $user AND s.id = $conversation";
+
+/// One execution of [`APPEND`]: the batch as columns.
+struct AppendStatement<'a> {
+    user: &'a str,
+    conversation: &'a Uuid,
+    request_id: Option<&'a str>,
+    expected: Option<i64>,
+    count: i64,
+    now: DateTime<Utc>,
+    usage: Usage,
+    ids: Vec<Uuid>,
+    roles: Vec<i16>,
+    contents: Vec<&'a str>,
+    metadata: Vec<serde_json::Value>,
+    parts: Vec<Option<Vec<u8>>>,
+    names: Vec<Option<&'a str>>,
+    models: Vec<Option<&'a str>>,
+    inputs: Vec<Option<i64>>,
+    outputs: Vec<Option<i64>>,
+    cached: Vec<Option<i64>>,
+    reasoning: Vec<Option<i64>>,
+    call_ids: Vec<&'a str>,
+    call_at: Vec<i32>,
+    answered_ids: Vec<&'a str>,
+    answered_at: Vec<i32>,
+}
+
+prepared_statement!(AppendStatement);
+
+impl QueryFragment<Pg> for AppendStatement<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_named(&mut out, APPEND, |name, out| match name {
+            "user" => out.push_bind_param::<Text, _>(self.user),
+            "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
+            "request_id" => out.push_bind_param::<Nullable<Text>, _>(&self.request_id),
+            "expected" => out.push_bind_param::<Nullable<BigInt>, _>(&self.expected),
+            "count" => out.push_bind_param::<BigInt, _>(&self.count),
+            "now" => out.push_bind_param::<Timestamptz, _>(&self.now),
+            "input_tokens" => out.push_bind_param::<BigInt, _>(&self.usage.input_tokens),
+            "output_tokens" => out.push_bind_param::<BigInt, _>(&self.usage.output_tokens),
+            "cached_input_tokens" => {
+                out.push_bind_param::<BigInt, _>(&self.usage.cached_input_tokens)
+            }
+            "reasoning_tokens" => out.push_bind_param::<BigInt, _>(&self.usage.reasoning_tokens),
+            "ids" => out.push_bind_param::<Array<SqlUuid>, _>(&self.ids),
+            "roles" => out.push_bind_param::<Array<SmallInt>, _>(&self.roles),
+            "contents" => out.push_bind_param::<Array<Text>, _>(&self.contents),
+            "metadata" => out.push_bind_param::<Array<Jsonb>, _>(&self.metadata),
+            "parts" => {
+                out.push_bind_param::<Array<Nullable<diesel::sql_types::Bytea>>, _>(&self.parts)
+            }
+            "names" => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.names),
+            "models" => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.models),
+            "inputs" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.inputs),
+            "outputs" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.outputs),
+            "cached" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.cached),
+            "reasoning" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.reasoning),
+            "call_ids" => out.push_bind_param::<Array<Text>, _>(&self.call_ids),
+            "call_at" => out.push_bind_param::<Array<Integer>, _>(&self.call_at),
+            "answered_ids" => out.push_bind_param::<Array<Text>, _>(&self.answered_ids),
+            "answered_at" => out.push_bind_param::<Array<Integer>, _>(&self.answered_at),
+            other => Err(unknown_parameter(other)),
+        })
+    }
+}
+
+/// What [`APPEND`] reports: where the batch went, or what stopped it.
+#[derive(QueryableByName)]
+struct AppendReport {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    base: Option<i64>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    create_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = BigInt)]
+    written: i64,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    follows: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    replay_first: Option<i64>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    replay_count: Option<i32>,
+    #[diesel(sql_type = Nullable<Text>)]
+    taken: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    unanswered: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    snapshot_count: Option<i64>,
+}
+
+/// How many times an append runs when races with concurrent writers send it
+/// back (see the module's comment); each retry sees what the previous one
+/// waited for, so more than one is already rare.
+const APPEND_ATTEMPTS: usize = 4;
+
+/// What one run of the statement decided.
+enum Attempt {
+    Done(AppendOutcome),
+    /// The snapshot and the locked row disagreed; run again.
+    Again,
+}
+
+impl<'a> AppendStatement<'a> {
+    fn new(owner: &'a UserId, append: &'a AppendMessages, messages: &'a [Message]) -> Self {
+        let batch = &append.messages;
+        let usage = batch
+            .iter()
+            .filter_map(|m| m.usage)
+            .reduce(|sum, u| sum.plus(&u))
+            .unwrap_or_default();
+        let mut call_ids = Vec::new();
+        let mut call_at = Vec::new();
+        let mut answered_ids = Vec::new();
+        let mut answered_at = Vec::new();
+        for (message, at) in batch.iter().zip(1..) {
+            let Some(parts) = message.parts() else {
+                continue;
+            };
+            for call in parts.tool_calls() {
+                call_ids.push(call.id.as_str());
+                call_at.push(at);
+            }
+            for answered in parts.answered_calls() {
+                answered_ids.push(answered.as_str());
+                answered_at.push(at);
+            }
+        }
+        let tokens = |of: fn(&Usage) -> i64| -> Vec<Option<i64>> {
+            batch.iter().map(|m| m.usage.as_ref().map(of)).collect()
+        };
+        Self {
+            user: owner.as_str(),
+            conversation: append.conversation_id.as_uuid(),
+            request_id: append.request_id.as_ref().map(|r| r.as_str()),
+            expected: append.expected_last_sequence.map(|s| s.get()),
+            count: batch.len() as i64,
+            now: now_micros(),
+            usage,
+            ids: messages.iter().map(|m| *m.id.as_uuid()).collect(),
+            roles: batch.iter().map(|m| m.role.number() as i16).collect(),
+            contents: messages.iter().map(|m| m.content.as_str()).collect(),
+            metadata: batch
+                .iter()
+                .map(|m| metadata_to_json(&m.metadata))
+                .collect(),
+            parts: batch.iter().map(|m| m.parts().map(parts::encode)).collect(),
+            names: batch.iter().map(|m| non_empty(m.name.as_str())).collect(),
+            models: batch.iter().map(|m| non_empty(m.model.as_str())).collect(),
+            inputs: tokens(|u| u.input_tokens),
+            outputs: tokens(|u| u.output_tokens),
+            cached: tokens(|u| u.cached_input_tokens),
+            reasoning: tokens(|u| u.reasoning_tokens),
+            call_ids,
+            call_at,
+            answered_ids,
+            answered_at,
+        }
+    }
+}
+
+fn non_empty(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
+/// The messages a batch becomes, before the database numbers them: ids are
+/// made here, so nothing needs to come back but where they start.
+fn unnumbered(append: &AppendMessages) -> Vec<Message> {
+    append
+        .messages
+        .iter()
+        .map(|message: &NewMessage| Message {
+            id: MessageId::generate(),
+            conversation_id: append.conversation_id,
+            sequence: 0,
+            role: message.role,
+            content: message.text().into_owned(),
+            metadata: message.metadata.clone(),
+            create_time: DateTime::<Utc>::MIN_UTC,
+            parts: message
+                .parts()
+                .map(|parts| Parts::as_slice(parts).to_vec())
+                .unwrap_or_default(),
+            name: message.name.clone(),
+            model: message.model.clone(),
+            usage: message.usage,
+        })
+        .collect()
+}
+
+/// A primary key that a concurrent writer claimed first: the request record
+/// (a concurrent replay) or a tool call id (a concurrent first use).
+fn lost_a_race(error: &DieselError) -> bool {
+    matches!(
+        error,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if matches!(info.constraint_name(), Some("append_requests_pkey" | "tool_calls_pkey"))
+    )
+}
+
+impl Store {
+    /// Appends the batch at the end of the conversation, all or nothing, in
+    /// one statement (see the module's comment for how it stays correct
+    /// under concurrency).
+    pub async fn append_messages(
+        &self,
+        owner: &UserId,
+        append: &AppendMessages,
+    ) -> Result<AppendOutcome, StoreError> {
+        let mut messages = unnumbered(append);
+        self.with_conn(async |conn| {
+            for _ in 0..APPEND_ATTEMPTS {
+                let statement = AppendStatement::new(owner, append, &messages);
+                let report: AppendReport = match statement.get_result(conn).await {
+                    Ok(report) => report,
+                    Err(error) if lost_a_race(&error) => continue,
+                    Err(error) => return Err(error.into()),
+                };
+                match decide(conn, owner, append, report, &mut messages).await? {
+                    Attempt::Done(outcome) => return Ok(outcome),
+                    Attempt::Again => continue,
+                }
+            }
+            Err(StoreError::Conflict(format!(
+                "the append to {} kept racing other writers",
+                append.conversation_id
+            )))
+        })
+        .await
+    }
+}
+
+/// Turns the statement's report into the append's outcome, in the order of
+/// precedence the contract gives: a replay wins over a stale
+/// `expected_last_sequence`, which wins over tool-exchange refusals.
+async fn decide(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    append: &AppendMessages,
+    report: AppendReport,
+    messages: &mut Vec<Message>,
+) -> Result<Attempt, StoreError> {
+    let conversation_id = append.conversation_id;
+    if let (Some(base), Some(create_time)) = (report.base, report.create_time) {
+        if report.written != messages.len() as i64 {
+            return Err(StoreError::Corrupt(format!(
+                "an append of {} messages to {conversation_id} wrote {}",
+                messages.len(),
+                report.written
+            )));
+        }
+        for (message, sequence) in messages.iter_mut().zip(base + 1..) {
+            message.sequence = sequence;
+            message.create_time = create_time;
+        }
+        return Ok(Attempt::Done(AppendOutcome::Appended {
+            messages: std::mem::take(messages),
+            follows: report.follows.map(MessageId::from_uuid),
+        }));
+    }
+    if let (Some(first), Some(count)) = (report.replay_first, report.replay_count) {
+        let stored = replayed(conn, owner, conversation_id, first, count).await?;
+        // A truncation removed them (and forgot the request) meanwhile: the
+        // call is new again.
+        if stored.len() != count as usize {
+            return Ok(Attempt::Again);
+        }
+        return Ok(Attempt::Done(AppendOutcome::Replayed(stored)));
+    }
+    let Some(current) = report.snapshot_count else {
+        return Err(StoreError::NotFound);
+    };
+    if let Some(expected) = append.expected_last_sequence
+        && expected.get() != current
+    {
+        return Ok(Attempt::Done(AppendOutcome::Stale { current }));
+    }
+    if let Some(taken) = report.taken {
+        return Ok(Attempt::Done(AppendOutcome::ToolCallIdTaken(
+            ToolCallId::from_stored(taken),
+        )));
+    }
+    if let Some(unanswered) = report.unanswered {
+        return Ok(Attempt::Done(AppendOutcome::UnansweredToolResult(
+            ToolCallId::from_stored(unanswered),
+        )));
+    }
+    if append.expected_last_sequence.is_none() {
+        // The row was there in the snapshot but not when locked: deleted
+        // while this call waited.
+        return Err(StoreError::NotFound);
+    }
+    // The snapshot's count matched but the locked row's did not: it moved
+    // while this call waited. Run again to report the count it moved to.
+    Ok(Attempt::Again)
+}
+
+/// The messages an earlier call with the same request_id wrote.
+async fn replayed(
+    conn: &mut AsyncPgConnection,
+    owner: &UserId,
+    conversation_id: ConversationId,
+    first: i64,
+    count: i32,
+) -> Result<Vec<Message>, StoreError> {
+    let rows: Vec<MessageRow> = messages::table
+        .filter(messages::user_id.eq(owner.as_str()))
+        .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
+        .filter(messages::sequence.between(first, first + i64::from(count) - 1))
+        .order(messages::sequence.asc())
+        .select(MessageRow::as_select())
+        .load(conn)
+        .await?;
+    messages_of(rows)
+}

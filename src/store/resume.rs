@@ -1,0 +1,250 @@
+//! Resume: the conversation and its latest messages from one snapshot, in
+//! one statement.
+//!
+//! Sequences are gapless and messages are removed only from the end, so the
+//! last N are exactly `sequence > message_count - N`: a primary-key range,
+//! whatever the conversation's length, read in the same statement (hence
+//! the same snapshot) as the count. When that window begins with tool
+//! results whose calls lie before it, it starts instead at the earliest
+//! message holding those calls (each tool message records it in
+//! `answers_from`), so a tool exchange is never split.
+
+use chrono::{DateTime, Utc};
+use diesel::{
+    QueryableByName,
+    pg::Pg,
+    query_builder::{AstPass, QueryFragment},
+    result::QueryResult,
+    sql_types::{BigInt, Bytea, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
+};
+use uuid::Uuid;
+
+use super::{
+    Store, StoreError,
+    conversations::ConversationRow,
+    messages::{MessageRow, messages_of},
+    statement::{prepared_statement, push_named, unknown_parameter},
+};
+use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
+
+/// One row for the conversation (its `c_*` columns set), then one per
+/// message (the rest set), in no particular order.
+const RESUME: &str = "\
+WITH c AS (
+    SELECT user_id, id, title, metadata, create_time, update_time, message_count,
+           forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
+           usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens,
+           greatest(message_count - $max_messages, 0) + 1 AS start
+      FROM conversations WHERE user_id = $user AND id = $conversation
+), w AS (
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM c JOIN messages m
+        ON m.user_id = $user AND m.conversation_id = $conversation
+       AND m.sequence BETWEEN c.start AND c.message_count
+), widened AS (
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM c JOIN messages m
+        ON m.user_id = $user AND m.conversation_id = $conversation
+       AND m.sequence < c.start
+       AND m.sequence >= (
+           SELECT min(t.answers_from) FROM w t
+            WHERE t.role = $tool
+              AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> $tool),
+                                        c.message_count + 1))
+)
+SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
+       c.create_time AS c_create_time, c.update_time AS c_update_time,
+       c.message_count AS c_message_count,
+       c.forked_from_conversation_id AS c_forked_from_conversation_id,
+       c.forked_at_sequence AS c_forked_at_sequence,
+       c.usage_input_tokens AS c_usage_input_tokens,
+       c.usage_output_tokens AS c_usage_output_tokens,
+       c.usage_cached_input_tokens AS c_usage_cached_input_tokens,
+       c.usage_reasoning_tokens AS c_usage_reasoning_tokens,
+       NULL::uuid AS id, NULL::uuid AS conversation_id, NULL::int8 AS sequence,
+       NULL::int2 AS role, NULL::text AS content, NULL::jsonb AS metadata,
+       NULL::timestamptz AS create_time, NULL::bytea AS parts, NULL::text AS name,
+       NULL::text AS model, NULL::int8 AS input_tokens, NULL::int8 AS output_tokens,
+       NULL::int8 AS cached_input_tokens, NULL::int8 AS reasoning_tokens
+  FROM c
+UNION ALL
+SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
+       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
+       x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
+       x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
+       x.reasoning_tokens
+  FROM (SELECT * FROM widened UNION ALL SELECT * FROM w) AS x";
+
+struct ResumeStatement<'a> {
+    user: &'a str,
+    conversation: &'a Uuid,
+    max_messages: i64,
+    tool: i16,
+}
+
+prepared_statement!(ResumeStatement);
+
+impl QueryFragment<Pg> for ResumeStatement<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_named(&mut out, RESUME, |name, out| match name {
+            "user" => out.push_bind_param::<Text, _>(self.user),
+            "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
+            "max_messages" => out.push_bind_param::<BigInt, _>(&self.max_messages),
+            "tool" => out.push_bind_param::<SmallInt, _>(&self.tool),
+            other => Err(unknown_parameter(other)),
+        })
+    }
+}
+
+/// A row of [`RESUME`]: the conversation's columns or a message's.
+#[derive(QueryableByName)]
+struct ResumeRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    c_user_id: Option<String>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    c_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    c_title: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    c_metadata: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    c_create_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    c_update_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_message_count: Option<i64>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    c_forked_from_conversation_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_forked_at_sequence: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_usage_input_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_usage_output_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_usage_cached_input_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    c_usage_reasoning_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    conversation_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sequence: Option<i64>,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    role: Option<i16>,
+    #[diesel(sql_type = Nullable<Text>)]
+    content: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    metadata: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    create_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    parts: Option<Vec<u8>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    model: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    input_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    output_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    cached_input_tokens: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    reasoning_tokens: Option<i64>,
+}
+
+/// A row is one of two shapes.
+enum Resumption {
+    Conversation(ConversationRow),
+    Message(MessageRow),
+}
+
+impl TryFrom<ResumeRow> for Resumption {
+    type Error = StoreError;
+
+    fn try_from(row: ResumeRow) -> Result<Self, StoreError> {
+        let missing = |column: &str| StoreError::Corrupt(format!("resume row without {column}"));
+        if let Some(id) = row.c_id {
+            return Ok(Self::Conversation(ConversationRow {
+                user_id: row.c_user_id.ok_or_else(|| missing("user_id"))?,
+                id,
+                title: row.c_title.ok_or_else(|| missing("title"))?,
+                metadata: row.c_metadata.ok_or_else(|| missing("metadata"))?,
+                create_time: row.c_create_time.ok_or_else(|| missing("create_time"))?,
+                update_time: row.c_update_time.ok_or_else(|| missing("update_time"))?,
+                message_count: row
+                    .c_message_count
+                    .ok_or_else(|| missing("message_count"))?,
+                forked_from_conversation_id: row.c_forked_from_conversation_id,
+                forked_at_sequence: row.c_forked_at_sequence,
+                usage_input_tokens: row.c_usage_input_tokens.unwrap_or_default(),
+                usage_output_tokens: row.c_usage_output_tokens.unwrap_or_default(),
+                usage_cached_input_tokens: row.c_usage_cached_input_tokens.unwrap_or_default(),
+                usage_reasoning_tokens: row.c_usage_reasoning_tokens.unwrap_or_default(),
+            }));
+        }
+        Ok(Self::Message(MessageRow {
+            id: row.id.ok_or_else(|| missing("id"))?,
+            conversation_id: row
+                .conversation_id
+                .ok_or_else(|| missing("conversation_id"))?,
+            sequence: row.sequence.ok_or_else(|| missing("sequence"))?,
+            role: row.role.ok_or_else(|| missing("role"))?,
+            content: row.content.ok_or_else(|| missing("content"))?,
+            metadata: row.metadata.ok_or_else(|| missing("metadata"))?,
+            create_time: row.create_time.ok_or_else(|| missing("create_time"))?,
+            parts: row.parts,
+            name: row.name.ok_or_else(|| missing("name"))?,
+            model: row.model.ok_or_else(|| missing("model"))?,
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            cached_input_tokens: row.cached_input_tokens,
+            reasoning_tokens: row.reasoning_tokens,
+        }))
+    }
+}
+
+impl Store {
+    /// The conversation and its last `max_messages` messages in ascending
+    /// order (widened to keep a tool exchange whole), and whether older ones
+    /// exist: one statement, one snapshot.
+    pub async fn resume_conversation(
+        &self,
+        owner: &UserId,
+        resume: ResumeConversation,
+    ) -> Result<Resumed, StoreError> {
+        let statement = ResumeStatement {
+            user: owner.as_str(),
+            conversation: resume.conversation_id.as_uuid(),
+            max_messages: i64::from(resume.max_messages.get()),
+            tool: Role::Tool.number() as i16,
+        };
+        let rows: Vec<ResumeRow> = self
+            .with_conn(async |conn| Ok(diesel_async::RunQueryDsl::load(statement, conn).await?))
+            .await?;
+        let mut conversation = None;
+        let mut messages = Vec::with_capacity(rows.len().saturating_sub(1));
+        for row in rows {
+            match Resumption::try_from(row)? {
+                Resumption::Conversation(row) => conversation = Some(row),
+                Resumption::Message(row) => messages.push(row),
+            }
+        }
+        let conversation: Conversation = conversation.ok_or(StoreError::NotFound)?.try_into()?;
+        messages.sort_unstable_by_key(|row| row.sequence);
+        let has_more = messages
+            .first()
+            .map_or(conversation.message_count > 0, |first| first.sequence > 1);
+        Ok(Resumed {
+            conversation,
+            messages: messages_of(messages)?,
+            has_more,
+        })
+    }
+}
