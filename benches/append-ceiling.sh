@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One sitting on a PostgreSQL server (argument: its URL without a database):
-# convo's append (16 workers) against pgbench running convo's own statements
-# and the cheapest correct append (one statement). Needs a release build:
+# convo's append (16 workers) against pgbench running the cheapest correct
+# append (one statement, append.sql) and the statements convo ran before it
+# became one (append-before.sql). Needs a release build:
 # cargo build --release --workspace --bins
 set -u
 cd "$(dirname "$0")/.."; R="${CARGO_TARGET_DIR:-target}/release"; PG="${1:-postgres://postgres@127.0.0.1:5432}"
@@ -23,7 +24,7 @@ convo() {
 }
 for round in 1 2 3; do
   echo "round $round"
-  echo -n "pgbench convo's statements: "; pg benches/pgbench/append.sql
-  echo -n "pgbench one statement:      "; pg benches/pgbench/append-one-statement.sql
+  echo -n "pgbench statements before:  "; pg benches/pgbench/append-before.sql
+  echo -n "pgbench one statement:      "; pg benches/pgbench/append.sql
   convo
 done

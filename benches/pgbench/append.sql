@@ -1,18 +1,17 @@
--- The statements of one AppendMessage without request_id, as convo issues
--- them (see src/store/messages.rs), one transaction per pgbench transaction.
--- Each pgbench client appends to its own conversation of user 'pgbench',
--- whose id is derived from pgbench's client_id (see convo-bench's seeding).
-BEGIN;
-SELECT message_count + 1 AS next_sequence, greatest(now(), update_time) AS at
-  FROM conversations
-  WHERE user_id = 'pgbench' AND id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid
-  LIMIT 1 FOR NO KEY UPDATE \gset
+-- The cheapest correct append on convo's schema: one statement, in
+-- autocommit, that bumps the conversation (its row lock orders concurrent
+-- appenders, so sequences stay gapless) and inserts the message numbered by
+-- the new count. No NOTIFY. The ceiling an AppendMessage is measured against.
+-- Each pgbench client appends to its own conversation of user 'pgbench'.
+WITH c AS (
+  UPDATE conversations
+     SET message_count = message_count + 1, update_time = greatest(now(), update_time)
+   WHERE user_id = 'pgbench' AND id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid
+  RETURNING message_count, update_time
+)
 INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, create_time)
-  VALUES ('pgbench', ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid,
-          :next_sequence, gen_random_uuid(), 1,
-          'The quick brown fox jumps over the lazy dog, again and again, while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.',
-          '{}'::jsonb, :at::timestamptz);
-UPDATE conversations SET message_count = :next_sequence, update_time = :at::timestamptz
-  WHERE user_id = 'pgbench' AND id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid;
-SELECT pg_notify('convo_changes', 'c:00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'));
-COMMIT;
+SELECT 'pgbench', ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid,
+       c.message_count, gen_random_uuid(), 1,
+       'The quick brown fox jumps over the lazy dog, again and again, while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.',
+       '{}'::jsonb, c.update_time
+  FROM c;

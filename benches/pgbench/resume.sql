@@ -1,13 +1,53 @@
--- The statements of one ResumeConversation(max_messages = 50), as convo issues
--- them (see src/store/messages.rs). :user and :conversation are set with -D;
--- run with -M prepared, so variables are bound as parameters, as convo does.
-SELECT user_id, id, title, metadata, create_time, update_time, message_count,
-       forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
-       usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens
-  FROM conversations WHERE user_id = :user AND id = :conversation::uuid LIMIT 1 \gset
-SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name,
-       model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, answers_from
-  FROM messages
-  WHERE user_id = :user AND conversation_id = :conversation::uuid
-    AND sequence BETWEEN greatest(:message_count - 50, 0) + 1 AND :message_count
-  ORDER BY sequence;
+-- The one statement of ResumeConversation(max_messages = 50), exactly as
+-- convo runs it (src/store/resume.rs; a unit test keeps the two the same):
+-- the conversation and its window, widened for tool exchanges, from one
+-- snapshot. :user and :conversation are set with -D; run with -M prepared,
+-- so variables are bound as parameters, as convo does.
+WITH c AS (
+    SELECT user_id, id, title, metadata, create_time, update_time, message_count,
+           forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
+           usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens,
+           greatest(message_count - 50, 0) + 1 AS start
+      FROM conversations WHERE user_id = :user AND id = :conversation::uuid
+), w AS (
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM c JOIN messages m
+        ON m.user_id = :user AND m.conversation_id = :conversation::uuid
+       AND m.sequence BETWEEN c.start AND c.message_count
+), widened AS (
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM c JOIN messages m
+        ON m.user_id = :user AND m.conversation_id = :conversation::uuid
+       AND m.sequence < c.start
+       AND m.sequence >= (
+           SELECT min(t.answers_from) FROM w t
+            WHERE t.role = 4
+              AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> 4),
+                                        c.message_count + 1))
+)
+SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
+       c.create_time AS c_create_time, c.update_time AS c_update_time,
+       c.message_count AS c_message_count,
+       c.forked_from_conversation_id AS c_forked_from_conversation_id,
+       c.forked_at_sequence AS c_forked_at_sequence,
+       c.usage_input_tokens AS c_usage_input_tokens,
+       c.usage_output_tokens AS c_usage_output_tokens,
+       c.usage_cached_input_tokens AS c_usage_cached_input_tokens,
+       c.usage_reasoning_tokens AS c_usage_reasoning_tokens,
+       NULL::uuid AS id, NULL::uuid AS conversation_id, NULL::int8 AS sequence,
+       NULL::int2 AS role, NULL::text AS content, NULL::jsonb AS metadata,
+       NULL::timestamptz AS create_time, NULL::bytea AS parts, NULL::text AS name,
+       NULL::text AS model, NULL::int8 AS input_tokens, NULL::int8 AS output_tokens,
+       NULL::int8 AS cached_input_tokens, NULL::int8 AS reasoning_tokens
+  FROM c
+UNION ALL
+SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
+       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
+       x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
+       x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
+       x.reasoning_tokens
+  FROM (SELECT * FROM widened UNION ALL SELECT * FROM w) AS x;

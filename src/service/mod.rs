@@ -417,3 +417,76 @@ impl Conversations {
         Ok(erased)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Metadata, Name, Role};
+
+    fn message(sequence: i64) -> Message {
+        Message {
+            id: MessageId::generate(),
+            conversation_id: ConversationId::from_uuid(uuid::Uuid::nil()),
+            sequence,
+            role: Role::User,
+            content: format!("m{sequence}"),
+            metadata: Metadata::from_stored(Default::default()),
+            create_time: chrono::Utc::now(),
+            parts: Vec::new(),
+            name: Name::default(),
+            model: Name::default(),
+            usage: None,
+        }
+    }
+
+    fn appended(follows: Option<MessageId>, sequences: std::ops::RangeInclusive<i64>) -> Appended {
+        Appended {
+            follows,
+            messages: sequences.map(message).collect(),
+        }
+    }
+
+    #[test]
+    fn an_append_is_handed_over_only_when_it_continues_the_stream_exactly() {
+        // From the start: the conversation's first messages continue it.
+        let start = Position::new(Sequence::START);
+        assert!(start.hand_off(&appended(None, 1..=2)).is_some());
+        assert!(start.hand_off(&appended(None, 2..=3)).is_none(), "a gap");
+
+        let mut position = Position::new(Sequence::START);
+        let delivered = message(1);
+        position.delivered(&delivered);
+        // Follows the message the stream stands on: delivered as is.
+        let next = appended(Some(delivered.id), 2..=3);
+        assert_eq!(position.hand_off(&next).map(|m| m.len()), Some(2));
+        // Follows another message at that position (a truncation and a new
+        // append came between): read instead, which ends the stream.
+        assert!(
+            position
+                .hand_off(&appended(Some(MessageId::generate()), 2..=2))
+                .is_none()
+        );
+        // Not known what it follows (a concurrent append committed first).
+        assert!(position.hand_off(&appended(None, 2..=2)).is_none());
+        // Already delivered, or further ahead: read.
+        assert!(
+            position
+                .hand_off(&appended(Some(delivered.id), 1..=1))
+                .is_none()
+        );
+        assert!(
+            position
+                .hand_off(&appended(Some(delivered.id), 3..=3))
+                .is_none()
+        );
+
+        // Asked to start after 5 without having read anything yet: the
+        // message at 5 is unknown, so nothing is handed over.
+        let asked = Position::new(Sequence::parse("after_sequence", 5, "").unwrap());
+        assert!(
+            asked
+                .hand_off(&appended(Some(MessageId::generate()), 6..=6))
+                .is_none()
+        );
+    }
+}

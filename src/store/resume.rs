@@ -248,3 +248,24 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// pgbench's resume ceiling must run the very statement convo runs.
+    #[test]
+    fn the_pgbench_script_is_this_statement() {
+        let script: String = include_str!("../../benches/pgbench/resume.sql")
+            .lines()
+            .filter(|line| !line.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let ours = RESUME
+            .replace("$max_messages", "50")
+            .replace("$tool", &(Role::Tool.number()).to_string())
+            .replace("$user", ":user")
+            .replace("$conversation", ":conversation::uuid");
+        assert_eq!(script.trim_end_matches(';'), ours);
+    }
+}

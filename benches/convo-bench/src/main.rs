@@ -10,6 +10,7 @@
 mod report;
 mod seed;
 mod suite;
+mod watch_latency;
 mod workload;
 
 use std::{process::ExitCode, time::Duration};
@@ -35,6 +36,9 @@ enum Command {
     Run(RunArgs),
     /// Start PostgreSQL and a convo server, run every workload and pgbench, print the table.
     Suite(suite::SuiteArgs),
+    /// Append at a fixed rate through one server, watch through another (or
+    /// the same), and report delivery latency, gaps and duplicates.
+    WatchLatency(watch_latency::WatchLatencyArgs),
 }
 
 /// How hard and how long to drive the server.
@@ -101,6 +105,7 @@ async fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => run(args).await,
         Command::Suite(args) => suite::run(args).await,
+        Command::WatchLatency(args) => watch_latency::run(args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,8 +20,15 @@ use crate::{
     workload::{self, Load, Setup, Target, Workload},
 };
 
+/// The cheapest correct append on convo's schema: the ceiling.
 const PGBENCH_APPEND: &str = include_str!("../../../benches/pgbench/append.sql");
+/// The append's statements before it became one (for the record).
+const PGBENCH_APPEND_BEFORE: &str = include_str!("../../../benches/pgbench/append-before.sql");
+/// The resume statement convo runs.
 const PGBENCH_RESUME: &str = include_str!("../../../benches/pgbench/resume.sql");
+const PGBENCH_RESUME_BEFORE: &str = include_str!("../../../benches/pgbench/resume-before.sql");
+/// The first ListConversations page.
+const PGBENCH_LIST: &str = include_str!("../../../benches/pgbench/list.sql");
 
 #[derive(Debug, Args)]
 pub struct SuiteArgs {
@@ -59,9 +66,13 @@ struct SuiteReport {
     pool_size: u32,
     runs: Vec<Measured>,
     pgbench_append_tps: Option<f64>,
+    pgbench_append_before_tps: Option<f64>,
     pgbench_resume_tps: Option<f64>,
+    pgbench_resume_before_tps: Option<f64>,
+    pgbench_list_tps: Option<f64>,
     append_ratio: Option<f64>,
     resume_ratio: Option<f64>,
+    list_ratio: Option<f64>,
     resume_length_ratio: Option<f64>,
     /// The same ratio against the shortest conversation that fills a page of
     /// 50, so both sides return the same number of messages.
@@ -149,19 +160,27 @@ async fn measure(
         let setup = run(Workload::Resume, length, 0).await?;
         shortest_resume.get_or_insert(setup);
     }
-    run(Workload::List, 0, 0).await?;
+    let list = run(Workload::List, 0, 0).await?;
     run(Workload::List, 0, args.list_depth).await?;
     run(Workload::Turn, 0, 0).await?;
     run(Workload::Watch, 0, 0).await?;
     run(Workload::ToolAppend, 0, 0).await?;
     run(Workload::ToolResume, 1000, 0).await?;
 
-    eprintln!("running pgbench with the same SQL");
-    let pgbench_append_tps = pgbench_append(database_url, &load).await?;
-    let pgbench_resume_tps = match &shortest_resume {
-        Some(setup) => pgbench_resume(database_url, &load, setup).await?,
-        None => None,
+    eprintln!("running pgbench: the ceilings, and the SQL convo ran before");
+    seed::pgbench_conversations(database_url, load.workers).await?;
+    let pgbench_append_tps = pgbench(database_url, &load, PGBENCH_APPEND, &[]).await?;
+    let pgbench_append_before_tps =
+        pgbench(database_url, &load, PGBENCH_APPEND_BEFORE, &[]).await?;
+    let (pgbench_resume_tps, pgbench_resume_before_tps) = match &shortest_resume {
+        Some(setup) => (
+            pgbench_resume(database_url, &load, setup, PGBENCH_RESUME).await?,
+            pgbench_resume(database_url, &load, setup, PGBENCH_RESUME_BEFORE).await?,
+        ),
+        None => (None, None),
     };
+    let pgbench_list_tps =
+        pgbench(database_url, &load, PGBENCH_LIST, &[("user", list.user())]).await?;
 
     let memory = if args.memory_duration.is_zero() {
         None
@@ -204,9 +223,13 @@ async fn measure(
             find(&format!("list depth={}", args.list_depth)).map(|r| r.p50_ms),
             find("list depth=0").map(|r| r.p50_ms),
         ),
+        list_ratio: ratio(find("list depth=0").map(|r| r.per_second), pgbench_list_tps),
         runs,
         pgbench_append_tps,
+        pgbench_append_before_tps,
         pgbench_resume_tps,
+        pgbench_resume_before_tps,
+        pgbench_list_tps,
         memory,
     })
 }
@@ -224,17 +247,29 @@ fn print(report: &SuiteReport) {
     };
     println!();
     show(
-        "pgbench append (same SQL), tps",
+        "pgbench append, one statement (ceiling), tps",
         report.pgbench_append_tps,
         "",
     );
     show(
-        "pgbench resume (same SELECTs), tps",
+        "pgbench append, statements before, tps",
+        report.pgbench_append_before_tps,
+        "",
+    );
+    show(
+        "pgbench resume, convo's statement, tps",
         report.pgbench_resume_tps,
         "",
     );
+    show(
+        "pgbench resume, statements before, tps",
+        report.pgbench_resume_before_tps,
+        "",
+    );
+    show("pgbench list, first page, tps", report.pgbench_list_tps, "");
     show("append / pgbench append", report.append_ratio, "x");
     show("resume / pgbench resume", report.resume_ratio, "x");
+    show("list / pgbench list", report.list_ratio, "x");
     show(
         "resume p50, longest / shortest conversation",
         report.resume_length_ratio,
@@ -396,15 +431,11 @@ async fn pgbench(
     Ok(tps)
 }
 
-async fn pgbench_append(database_url: &str, load: &Load) -> Result<Option<f64>, BoxError> {
-    seed::pgbench_conversations(database_url, load.workers).await?;
-    pgbench(database_url, load, PGBENCH_APPEND, &[]).await
-}
-
 async fn pgbench_resume(
     database_url: &str,
     load: &Load,
     setup: &Setup,
+    script: &str,
 ) -> Result<Option<f64>, BoxError> {
     let Some(conversation) = setup.conversation() else {
         return Ok(None);
@@ -412,7 +443,7 @@ async fn pgbench_resume(
     pgbench(
         database_url,
         load,
-        PGBENCH_RESUME,
+        script,
         &[("user", setup.user()), ("conversation", conversation)],
     )
     .await
