@@ -10,11 +10,15 @@
 #   benches/compare.sh /tmp/before-target/release target/release postgres://postgres@127.0.0.1:5432
 #
 # Environment: ROUNDS (6), DURATION (6s), WORKLOADS ("append resume"),
-# MESSAGES (1000, the length of the resumed conversation).
+# MESSAGES (1000, the length of the resumed conversation), WORKERS (16).
+# PGBENCH=1 also runs, in every round, pgbench's ceilings on a database of
+# their own (benches/pgbench: append.sql, resume.sql, list.sql) at the same
+# concurrency, so every ratio comes from one sitting.
 set -euo pipefail
 before="$1"; after="$2"; server="${3:-postgres://postgres@127.0.0.1:5432}"
 bench="${BENCH:-$after/convo-bench}"
 rounds="${ROUNDS:-6}"; duration="${DURATION:-6s}"; workloads="${WORKLOADS:-append resume}"
+workers="${WORKERS:-16}"; here="$(cd "$(dirname "$0")" && pwd)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 
@@ -30,6 +34,45 @@ for side in before after; do
         -c "CREATE DATABASE convo_compare_$side"
     "$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
 done
+
+if [ "${PGBENCH:-0}" = 1 ]; then
+    url="$(database convo_compare_pgbench)"
+    psql -q "$(database postgres)" -c "DROP DATABASE IF EXISTS convo_compare_pgbench" \
+        -c "CREATE DATABASE convo_compare_pgbench"
+    "$after/convo" migrate --database-url "$url" >/dev/null 2>&1
+    psql -q "$url" -v messages="${MESSAGES:-1000}" -v clients="$workers" <<'SQL'
+INSERT INTO users (user_id) VALUES ('pgbench'), ('pgbench-resume'), ('pgbench-list');
+-- append.sql: one conversation per client.
+INSERT INTO conversations (user_id, id, title, create_time, update_time)
+SELECT 'pgbench', ('00000000-0000-0000-0000-' || lpad(c::text, 12, '0'))::uuid, 'pgbench ' || c, now(), now()
+  FROM generate_series(0, :clients - 1) AS c;
+-- resume.sql: one conversation as long as the one convo-bench resumes.
+INSERT INTO conversations (user_id, id, title, create_time, update_time, message_count)
+VALUES ('pgbench-resume', '00000000-0000-0000-0000-00000000ffff', 'seeded', now(), now(), :messages);
+INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time)
+SELECT 'pgbench-resume', '00000000-0000-0000-0000-00000000ffff', s, gen_random_uuid(), 1 + (s % 2)::smallint,
+       'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7),
+       now() - make_interval(secs => (:messages - s) / 1000.0)
+  FROM generate_series(1, :messages) AS s;
+-- list.sql: as many conversations as convo-bench's list seeds.
+INSERT INTO conversations (user_id, id, title, create_time, update_time)
+SELECT 'pgbench-list', gen_random_uuid(), 'seeded ' || s,
+       now() - make_interval(secs => s / 1000.0), now() - make_interval(secs => s / 1000.0)
+  FROM generate_series(1, 100) AS s;
+ANALYZE;
+SQL
+fi
+
+pgbench_round() { # round
+    local url; url="$(database convo_compare_pgbench)"
+    for script in append resume list; do
+        tps="$(pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
+            -D user="$([ $script = list ] && echo pgbench-list || echo pgbench-resume)" \
+            -D conversation=00000000-0000-0000-0000-00000000ffff \
+            -f "$here/pgbench/$script.sql" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)"
+        echo "$1 pgbench $script ${tps%.*} 0 0" | tee -a "$results"
+    done
+}
 
 serve() { # side port
     local bin="${!1}"
@@ -49,13 +92,14 @@ for round in $(seq 1 "$rounds"); do
         for workload in $workloads; do
             "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" \
                 --database-url "$(database "convo_compare_$side")" --messages "${MESSAGES:-1000}" \
-                --workers 16 --connections 4 --warmup 2s --duration "$duration" --json |
+                --workers "$workers" --connections 4 --warmup 2s --duration "$duration" --json |
                 python3 -c 'import json, sys; m = json.load(sys.stdin); print(sys.argv[1], sys.argv[2], m["workload"].replace(" ", "_"), round(m["per_second"]), round(m["p50_ms"], 3), sum(m["errors"].values()))' "$round" "$side" |
                 tee -a "$results"
         done
         kill "$server_pid"
         wait "$server_pid" 2>/dev/null || true
     done
+    if [ "${PGBENCH:-0}" = 1 ]; then pgbench_round "$round"; fi
 done
 
 python3 - "$results" <<'PY'
@@ -65,7 +109,10 @@ for line in open(sys.argv[1]):
     _, side, workload, ops, p50, errors = line.split()
     runs[(workload, side)].append((int(ops), float(p50), int(errors)))
 print(f"{'workload':<18} {'side':<7} {'median ops/s':>12} {'median p50 ms':>14} {'errors':>7}")
-for workload in sorted({w for w, _ in runs}):
+ceilings = {w: statistics.median(r[0] for r in rows) for (w, side), rows in runs.items() if side == "pgbench"}
+for workload, tps in sorted(ceilings.items()):
+    print(f"pgbench {workload:<10} {'':<7} {tps:>12,.0f} tps")
+for workload in sorted({w for w, side in runs if side != "pgbench"}):
     medians = {}
     for side in ("before", "after"):
         rows = runs[(workload, side)]
@@ -73,4 +120,9 @@ for workload in sorted({w for w, _ in runs}):
         print(f"{workload:<18} {side:<7} {medians[side]:>12,.0f} "
               f"{statistics.median(r[1] for r in rows):>14.2f} {sum(r[2] for r in rows):>7}")
     print(f"{workload:<18} after/before: {medians['after'] / medians['before']:.2f}x")
+    ceiling = ("append" if workload == "append" else "resume" if workload.startswith("resume_L=")
+               else "list" if workload == "list_depth=0" else None)
+    if ceiling in ceilings:
+        for side in ("before", "after"):
+            print(f"{workload:<18} {side} / pgbench {ceiling}: {medians[side] / ceilings[ceiling]:.2f}x")
 PY

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    QueryableByName,
+    Queryable,
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
@@ -28,7 +28,8 @@ use super::{
 use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
 
 /// One row for the conversation (its `c_*` columns set), then one per
-/// message (the rest set), in no particular order.
+/// message (the rest set), in no particular order. Read by position: the
+/// order of the select list is [`ResumeColumns`].
 const RESUME: &str = "\
 WITH c AS (
     SELECT user_id, id, title, metadata, create_time, update_time, message_count,
@@ -86,7 +87,42 @@ struct ResumeStatement<'a> {
     tool: i16,
 }
 
-prepared_statement!(ResumeStatement);
+/// The columns of [`RESUME`], in order: [`ResumeRow`] reads them by position.
+type ResumeColumns = (
+    (
+        Nullable<Text>,
+        Nullable<SqlUuid>,
+        Nullable<Text>,
+        Nullable<Jsonb>,
+        Nullable<Timestamptz>,
+        Nullable<Timestamptz>,
+        Nullable<BigInt>,
+        Nullable<SqlUuid>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+    ),
+    (
+        Nullable<SqlUuid>,
+        Nullable<SqlUuid>,
+        Nullable<BigInt>,
+        Nullable<SmallInt>,
+        Nullable<Text>,
+        Nullable<Jsonb>,
+        Nullable<Timestamptz>,
+        Nullable<Bytea>,
+        Nullable<Text>,
+        Nullable<Text>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+        Nullable<BigInt>,
+    ),
+);
+
+prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
 
 impl QueryFragment<Pg> for ResumeStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -101,61 +137,44 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
 }
 
 /// A row of [`RESUME`]: the conversation's columns or a message's.
-#[derive(QueryableByName)]
+#[derive(Queryable)]
 struct ResumeRow {
-    #[diesel(sql_type = Nullable<Text>)]
-    c_user_id: Option<String>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    c_id: Option<Uuid>,
-    #[diesel(sql_type = Nullable<Text>)]
-    c_title: Option<String>,
-    #[diesel(sql_type = Nullable<Jsonb>)]
-    c_metadata: Option<serde_json::Value>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    c_create_time: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    c_update_time: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_message_count: Option<i64>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    c_forked_from_conversation_id: Option<Uuid>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_forked_at_sequence: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_usage_input_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_usage_output_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_usage_cached_input_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    c_usage_reasoning_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
+    conversation: ConversationColumns,
+    message: MessageColumns,
+}
+
+#[derive(Queryable)]
+struct ConversationColumns {
+    user_id: Option<String>,
     id: Option<Uuid>,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    conversation_id: Option<Uuid>,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    sequence: Option<i64>,
-    #[diesel(sql_type = Nullable<SmallInt>)]
-    role: Option<i16>,
-    #[diesel(sql_type = Nullable<Text>)]
-    content: Option<String>,
-    #[diesel(sql_type = Nullable<Jsonb>)]
+    title: Option<String>,
     metadata: Option<serde_json::Value>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
     create_time: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Nullable<Bytea>)]
+    update_time: Option<DateTime<Utc>>,
+    message_count: Option<i64>,
+    forked_from_conversation_id: Option<Uuid>,
+    forked_at_sequence: Option<i64>,
+    usage_input_tokens: Option<i64>,
+    usage_output_tokens: Option<i64>,
+    usage_cached_input_tokens: Option<i64>,
+    usage_reasoning_tokens: Option<i64>,
+}
+
+#[derive(Queryable)]
+struct MessageColumns {
+    id: Option<Uuid>,
+    conversation_id: Option<Uuid>,
+    sequence: Option<i64>,
+    role: Option<i16>,
+    content: Option<String>,
+    metadata: Option<serde_json::Value>,
+    create_time: Option<DateTime<Utc>>,
     parts: Option<Vec<u8>>,
-    #[diesel(sql_type = Nullable<Text>)]
     name: Option<String>,
-    #[diesel(sql_type = Nullable<Text>)]
     model: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     input_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     output_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     cached_input_tokens: Option<i64>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     reasoning_tokens: Option<i64>,
 }
 
@@ -168,25 +187,28 @@ enum Resumption {
 impl TryFrom<ResumeRow> for Resumption {
     type Error = StoreError;
 
-    fn try_from(row: ResumeRow) -> Result<Self, StoreError> {
+    fn try_from(
+        ResumeRow {
+            conversation: c,
+            message: row,
+        }: ResumeRow,
+    ) -> Result<Self, StoreError> {
         let missing = |column: &str| StoreError::Corrupt(format!("resume row without {column}"));
-        if let Some(id) = row.c_id {
+        if let Some(id) = c.id {
             return Ok(Self::Conversation(ConversationRow {
-                user_id: row.c_user_id.ok_or_else(|| missing("user_id"))?,
+                user_id: c.user_id.ok_or_else(|| missing("user_id"))?,
                 id,
-                title: row.c_title.ok_or_else(|| missing("title"))?,
-                metadata: row.c_metadata.ok_or_else(|| missing("metadata"))?,
-                create_time: row.c_create_time.ok_or_else(|| missing("create_time"))?,
-                update_time: row.c_update_time.ok_or_else(|| missing("update_time"))?,
-                message_count: row
-                    .c_message_count
-                    .ok_or_else(|| missing("message_count"))?,
-                forked_from_conversation_id: row.c_forked_from_conversation_id,
-                forked_at_sequence: row.c_forked_at_sequence,
-                usage_input_tokens: row.c_usage_input_tokens.unwrap_or_default(),
-                usage_output_tokens: row.c_usage_output_tokens.unwrap_or_default(),
-                usage_cached_input_tokens: row.c_usage_cached_input_tokens.unwrap_or_default(),
-                usage_reasoning_tokens: row.c_usage_reasoning_tokens.unwrap_or_default(),
+                title: c.title.ok_or_else(|| missing("title"))?,
+                metadata: c.metadata.ok_or_else(|| missing("metadata"))?,
+                create_time: c.create_time.ok_or_else(|| missing("create_time"))?,
+                update_time: c.update_time.ok_or_else(|| missing("update_time"))?,
+                message_count: c.message_count.ok_or_else(|| missing("message_count"))?,
+                forked_from_conversation_id: c.forked_from_conversation_id,
+                forked_at_sequence: c.forked_at_sequence,
+                usage_input_tokens: c.usage_input_tokens.unwrap_or_default(),
+                usage_output_tokens: c.usage_output_tokens.unwrap_or_default(),
+                usage_cached_input_tokens: c.usage_cached_input_tokens.unwrap_or_default(),
+                usage_reasoning_tokens: c.usage_reasoning_tokens.unwrap_or_default(),
             }));
         }
         Ok(Self::Message(MessageRow {

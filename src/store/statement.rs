@@ -62,15 +62,21 @@ pub(super) fn unknown_parameter(name: &str) -> DieselError {
 /// Declares `$statement<'a>` a cacheable query whose rows are read by name
 /// (`QueryableByName`), given its `QueryFragment<Pg>` impl; diesel-async's
 /// `RunQueryDsl` then runs it.
+/// `sql_type = (…)` instead reads rows by position into a `Queryable` (no
+/// lookup of each column by name in every row: for statements that return
+/// many rows).
 macro_rules! prepared_statement {
     ($statement:ident) => {
+        prepared_statement!($statement, sql_type = diesel::sql_types::Untyped);
+    };
+    ($statement:ident, sql_type = $sql_type:ty) => {
         impl diesel::query_builder::QueryId for $statement<'_> {
             type QueryId = $statement<'static>;
             const HAS_STATIC_QUERY_ID: bool = true;
         }
 
         impl diesel::query_builder::Query for $statement<'_> {
-            type SqlType = diesel::sql_types::Untyped;
+            type SqlType = $sql_type;
         }
     };
 }
