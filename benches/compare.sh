@@ -69,7 +69,8 @@ pgbench_round() { # round
         # The append scripts leave dead rows and stale statistics behind; a
         # list planned on those picks the wrong index (seen: 4x slower).
         psql -q "$url" -c "VACUUM ANALYZE conversations, messages"
-        tps="$(pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
+        # The plans convo's sessions use (see store/pool.rs).
+        tps="$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
             -D user="$([ $script = list ] && echo pgbench-list || echo pgbench-resume)" \
             -D conversation=00000000-0000-0000-0000-00000000ffff \
             -f "$here/pgbench/$script.sql" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)"

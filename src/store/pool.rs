@@ -145,9 +145,15 @@ impl Store {
             let target = target.clone();
             Box::pin(async move {
                 let mut conn = connect(&target, connect_timeout).await?;
+                // Every statement convo prepares finds rows by key, so its best
+                // plan does not depend on the values bound: one generic plan
+                // per connection, never re-planned at each call (PostgreSQL
+                // otherwise may keep planning the append and resume anew, about
+                // 0.3 ms each, when a custom plan looks cheaper on paper).
                 conn.batch_execute(&format!(
                     "SET statement_timeout = {statement_timeout_ms}; \
-                     SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'"
+                     SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'; \
+                     SET plan_cache_mode = force_generic_plan"
                 ))
                 .await
                 .map_err(ConnectionError::CouldntSetupConfiguration)?;
