@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     domain::Limits,
     retention::RetentionPolicy,
+    service::WatchLimits,
     store::{FeedSettings, PoolSettings},
     telemetry::LogFormat,
 };
@@ -33,6 +34,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Most convo.v1 calls in progress at once.
     pub max_in_flight: usize,
+    /// Most watch streams open at once, per user and in all.
+    pub watch_limits: WatchLimits,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
     /// Largest page or resume answer, in bytes.
@@ -182,6 +185,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_MAX_IN_FLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 
+    /// Most WatchConversation streams one user may have open on this server;
+    /// more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONVO_MAX_WATCH_STREAMS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watch_streams_per_user: u32,
+
+    /// Most WatchConversation streams this server serves at once.
+    #[arg(long, env = "CONVO_MAX_WATCH_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_watch_streams: u32,
+
     /// Largest request accepted, in bytes; a larger one is refused with
     /// RESOURCE_EXHAUSTED. Split bigger batches.
     #[arg(long, env = "CONVO_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024,
@@ -317,6 +329,10 @@ impl ServeArgs {
             page_token_secret: self.page_token_secret.clone().map(String::into_bytes),
             drain_timeout: self.drain_timeout,
             max_in_flight: self.max_in_flight as usize,
+            watch_limits: WatchLimits {
+                per_user: self.max_watch_streams_per_user as usize,
+                per_server: self.max_watch_streams as usize,
+            },
             max_request_bytes: self.max_request_bytes as usize,
             max_response_bytes: self.max_response_bytes as usize,
             metrics_addr: self.metrics_addr,

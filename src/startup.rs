@@ -262,6 +262,7 @@ impl Application {
                 self.store.clone(),
                 changes.clone(),
                 settings.max_response_bytes,
+                settings.watch_limits,
             ),
             settings.limits,
             self.tokens,

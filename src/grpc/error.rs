@@ -8,7 +8,7 @@ use tonic_types::{ErrorDetails, PreconditionViolation, StatusExt};
 
 use crate::{
     domain::{BadRequest, FieldViolation, ToolCallId},
-    service::ServiceError,
+    service::{ServiceError, WatchCap},
 };
 
 impl From<BadRequest> for Status {
@@ -70,6 +70,18 @@ impl From<ServiceError> for Status {
                 "the conversation was truncated below sequence {position}, which this stream \
                  had reached; re-read the conversation and watch again from its end"
             )),
+            ServiceError::TooManyWatches(WatchCap::PerUser(limit)) => {
+                Status::resource_exhausted(format!(
+                    "this user already has {limit} watch streams open, the most allowed; \
+                     close one (or watch fewer conversations) and retry"
+                ))
+            }
+            ServiceError::TooManyWatches(WatchCap::Server(limit)) => {
+                Status::resource_exhausted(format!(
+                    "this server already serves {limit} watch streams, the most it allows; \
+                     retry with backoff, or through another replica"
+                ))
+            }
             ServiceError::ShuttingDown => Status::unavailable(
                 "the server is shutting down; reconnect and resume from the last sequence received",
             ),

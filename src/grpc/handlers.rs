@@ -1,9 +1,11 @@
+use tokio::sync::Semaphore;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{
     convert,
     identity::caller,
+    limit::CallPermits,
     observe::record_conversation,
     page_token::PageTokenCodec,
     parse::{self, Parser},
@@ -12,13 +14,15 @@ use super::{
 use crate::{domain::Limits, service::Conversations};
 
 /// The `convo.v1.ConversationService` handlers. Each reads in the same order:
-/// identity, parse, call, convert; errors convert to `Status` with `?`
-/// (`grpc/error.rs`).
+/// a permit, identity, parse, call, convert; errors convert to `Status` with
+/// `?` (`grpc/error.rs`).
 #[derive(Debug, Clone)]
 pub struct ConversationApi {
     service: Conversations,
     /// Reads requests; its token codec also seals each page's continuation.
     parser: Parser,
+    /// Taken once the request is decoded (see `limit.rs`).
+    permits: CallPermits,
 }
 
 impl ConversationApi {
@@ -26,6 +30,15 @@ impl ConversationApi {
         Self {
             service,
             parser: Parser { limits, tokens },
+            permits: CallPermits::new(Semaphore::MAX_PERMITS),
+        }
+    }
+
+    /// At most `max_in_flight` calls in progress at once.
+    pub fn limit_calls(self, max_in_flight: usize) -> Self {
+        Self {
+            permits: CallPermits::new(max_in_flight),
+            ..self
         }
     }
 }
@@ -42,6 +55,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::CreateConversationRequest>,
     ) -> Reply<proto::Conversation> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let new = self.parser.create_conversation(request.into_inner())?;
         let created = self.service.create_conversation(&owner, new).await?;
@@ -52,6 +66,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::GetConversationRequest>,
     ) -> Reply<proto::Conversation> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let id = parse::conversation_id(&request.get_ref().conversation_id)?;
         record_conversation(id);
@@ -63,6 +78,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::ListConversationsRequest>,
     ) -> Reply<proto::ListConversationsResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let list = self.parser.list_conversations(&owner, request.get_ref())?;
         let page = self.service.list_conversations(&owner, list).await?;
@@ -79,6 +95,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::UpdateConversationRequest>,
     ) -> Reply<proto::Conversation> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let (id, changes) = self.parser.update_conversation(request.into_inner())?;
         record_conversation(id);
@@ -93,6 +110,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::DeleteConversationRequest>,
     ) -> Reply<()> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let id = parse::conversation_id(&request.get_ref().conversation_id)?;
         record_conversation(id);
@@ -104,6 +122,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::AppendMessageRequest>,
     ) -> Reply<proto::Message> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let append = self.parser.append_message(request.into_inner())?;
         record_conversation(append.conversation_id);
@@ -115,6 +134,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::AppendMessagesRequest>,
     ) -> Reply<proto::AppendMessagesResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let append = self.parser.append_messages(request.into_inner())?;
         record_conversation(append.conversation_id);
@@ -128,6 +148,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::ListMessagesRequest>,
     ) -> Reply<proto::ListMessagesResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let list = self.parser.list_messages(&owner, request.get_ref())?;
         record_conversation(list.conversation_id);
@@ -142,6 +163,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::ResumeConversationRequest>,
     ) -> Reply<proto::ResumeConversationResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let resume = self.parser.resume_conversation(request.get_ref())?;
         record_conversation(resume.conversation_id);
@@ -159,6 +181,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::WatchConversationRequest>,
     ) -> Reply<Self::WatchConversationStream> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let watch = self.parser.watch_conversation(request.get_ref())?;
         record_conversation(watch.conversation_id);
@@ -172,6 +195,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::ForkConversationRequest>,
     ) -> Reply<proto::Conversation> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let fork = self.parser.fork_conversation(request.into_inner())?;
         record_conversation(fork.source);
@@ -183,6 +207,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::SearchMessagesRequest>,
     ) -> Reply<proto::SearchMessagesResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let search = self.parser.search_messages(&owner, request.into_inner())?;
         if let Some(id) = search.conversation_id {
@@ -204,6 +229,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::TruncateConversationRequest>,
     ) -> Reply<proto::TruncateConversationResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let truncate = self.parser.truncate_conversation(request.get_ref())?;
         record_conversation(truncate.conversation_id);
@@ -218,6 +244,7 @@ impl ConversationService for ConversationApi {
         &self,
         request: Request<proto::DeleteUserDataRequest>,
     ) -> Reply<proto::DeleteUserDataResponse> {
+        let _permit = self.permits.enter()?;
         let owner = caller(&request)?;
         let erased = self.service.delete_user_data(&owner).await?;
         Ok(Response::new(erased.into()))

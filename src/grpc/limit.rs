@@ -1,90 +1,41 @@
 //! A bound on convo.v1 calls in progress. Past it a call is refused at once
 //! with RESOURCE_EXHAUSTED, so a flood meets a fast, retryable answer instead
 //! of an ever longer queue and ever more memory.
+//!
+//! A call takes its permit in its handler, that is once its request has been
+//! received and decoded, not when its headers arrive: a client that opens
+//! streams and never sends their bodies holds no permit (only stream slots on
+//! its own connection, which HTTP/2's concurrent-stream limit bounds), so it
+//! cannot starve well-behaved callers.
 
-use std::{
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
-use futures_util::future::{BoxFuture, FutureExt};
-use tokio::sync::Semaphore;
-use tonic::{Status, server::NamedService};
-use tower::{Layer, Service};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
 
-/// Wraps a service so that at most `limit` of its calls run at once.
+/// The permits of calls in progress, shared by every handler.
 #[derive(Debug, Clone)]
-pub struct InFlightLimitLayer {
+pub struct CallPermits {
     permits: Arc<Semaphore>,
     limit: usize,
 }
 
-impl InFlightLimitLayer {
+impl CallPermits {
     pub fn new(limit: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
         }
     }
-}
 
-impl<S> Layer<S> for InFlightLimitLayer {
-    type Service = InFlightLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        InFlightLimit {
-            inner,
-            permits: self.permits.clone(),
-            limit: self.limit,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct InFlightLimit<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
-    limit: usize,
-}
-
-impl<S: NamedService> NamedService for InFlightLimit<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> Service<http::Request<B>> for InFlightLimit<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            let status = Status::resource_exhausted(format!(
+    /// A permit held for as long as the call runs (for a stream: until it
+    /// has started), or the refusal.
+    pub fn enter(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
                 "the server is at its limit of {} calls in progress; retry with backoff",
                 self.limit
-            ));
-            return std::future::ready(Ok(status.into_http())).boxed();
-        };
-        // The permit is held until the handler has produced its response (for
-        // a stream: until the stream has started).
-        let call = self.inner.call(request);
-        async move {
-            let response = call.await;
-            drop(permit);
-            response
-        }
-        .boxed()
+            ))
+        })
     }
 }

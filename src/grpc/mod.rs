@@ -25,7 +25,6 @@ pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
 pub use identity::{Authenticator, USER_ID_HEADER};
 pub use jwt::JwtVerifier;
-pub use limit::InFlightLimitLayer;
 pub use observe::{ObserveLayer, REQUEST_ID_HEADER};
 pub use page_token::PageTokenCodec;
 pub use server::{ServeError, ServerOptions, serve};

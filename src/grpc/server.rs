@@ -11,11 +11,32 @@ use tonic::{codec::CompressionEncoding, transport::Server};
 use tonic_health::ServingStatus;
 
 use super::{
-    Authenticator, ConversationApi, InFlightLimitLayer, ObserveLayer, SERVICE_NAME,
-    health::watch_database_health, proto,
-    proto::conversation_service_server::ConversationServiceServer,
+    Authenticator, ConversationApi, ObserveLayer, SERVICE_NAME, health::watch_database_health,
+    proto, proto::conversation_service_server::ConversationServiceServer,
 };
 use crate::{config::TlsSettings, store::Store};
+
+/// Streams one client connection may have open at once. A client that opens
+/// streams and never finishes them only fills its own connection.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// An HTTP/2 PING after this long without frames, and the connection is
+/// closed if its answer takes longer than the timeout: a peer that vanished
+/// (or stopped reading) does not keep its streams and buffers for ever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams the server may reset for a client's protocol errors before it
+/// ends the connection with GOAWAY (h2's defence against reset floods, which
+/// tonic leaves off unless set).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The HTTP/2 limits every listener applies.
+fn http2_limits(builder: Server) -> Server {
+    builder
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+}
 
 /// Why the server could not be assembled or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -87,24 +108,24 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     // Every call logged and counted (refused ones too), then identity (no
-    // identity, no work), then the in-flight bound.
-    let server = ConversationServiceServer::new(api)
+    // identity, no work); the in-flight bound is taken by each handler, once
+    // the request has been decoded.
+    let server = ConversationServiceServer::new(api.limit_calls(options.max_in_flight))
         .max_decoding_message_size(options.max_request_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd);
-    let limited = tower::Layer::layer(&InFlightLimitLayer::new(options.max_in_flight), server);
     let conversations = tower::Layer::layer(
         &ObserveLayer,
-        tonic::service::interceptor::InterceptedService::new(limited, options.authenticator),
+        tonic::service::interceptor::InterceptedService::new(server, options.authenticator),
     );
 
     // TLS is ours rather than tonic's, so that a failed handshake (a client
     // certificate from another CA, an X.509 v1 certificate) is logged at warn
     // with its reason.
     let acceptor = options.tls.map(tls::acceptor).transpose()?;
-    let mut builder = Server::builder();
+    let mut builder = http2_limits(Server::builder());
     // Probes that cannot present a client certificate get health alone, in
     // plaintext, on their own address.
     let (stopping, stop_probes) = tokio::sync::watch::channel(false);
@@ -116,7 +137,7 @@ pub async fn serve(
             tracing::info!(%addr, "serving gRPC health for probes, in plaintext");
             let mut stop_probes = stop_probes;
             Some(tokio::spawn(
-                Server::builder()
+                http2_limits(Server::builder())
                     .add_service(health_service.clone())
                     .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                         let _ = stop_probes.wait_for(|stop| *stop).await;

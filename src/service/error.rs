@@ -31,6 +31,10 @@ pub enum ServiceError {
     /// The conversation was truncated below a watch stream's position.
     #[error("the conversation was truncated below sequence {position}")]
     WatchTruncated { position: i64 },
+    /// The caller, or the whole server, already has as many watch streams
+    /// open as allowed.
+    #[error("too many watch streams")]
+    TooManyWatches(WatchCap),
     /// The server is shutting down; the client should reconnect elsewhere.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -40,6 +44,13 @@ pub enum ServiceError {
     /// A failure that is not the caller's doing.
     #[error("internal error")]
     Internal(#[source] StoreError),
+}
+
+/// Which cap on watch streams was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchCap {
+    PerUser(usize),
+    Server(usize),
 }
 
 impl From<StoreError> for ServiceError {

@@ -21,7 +21,7 @@
 
 mod error;
 
-pub use error::ServiceError;
+pub use error::{ServiceError, WatchCap};
 
 use tokio::sync::mpsc;
 
@@ -130,6 +130,64 @@ impl Position {
     }
 }
 
+/// How many watch streams may be open at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchLimits {
+    pub per_user: usize,
+    pub per_server: usize,
+}
+
+/// The watch streams open in this process, by owner; a stream holds a
+/// [`WatchSlot`] for as long as it lives.
+#[derive(Debug)]
+struct WatchSlots {
+    limits: WatchLimits,
+    open: std::sync::Mutex<(usize, std::collections::HashMap<UserId, usize>)>,
+}
+
+impl WatchSlots {
+    fn take(self: &std::sync::Arc<Self>, owner: &UserId) -> Result<WatchSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_owner) = &mut *open;
+        if *total >= self.limits.per_server {
+            return Err(ServiceError::TooManyWatches(WatchCap::Server(
+                self.limits.per_server,
+            )));
+        }
+        let mine = by_owner.entry(owner.clone()).or_default();
+        if *mine >= self.limits.per_user {
+            return Err(ServiceError::TooManyWatches(WatchCap::PerUser(
+                self.limits.per_user,
+            )));
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(WatchSlot {
+            slots: self.clone(),
+            owner: owner.clone(),
+        })
+    }
+}
+
+struct WatchSlot {
+    slots: std::sync::Arc<WatchSlots>,
+    owner: UserId,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, by_owner) = &mut *open;
+        *total = total.saturating_sub(1);
+        if let Some(mine) = by_owner.get_mut(&self.owner) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                by_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
 /// convo's operations, each on behalf of an owner.
 #[derive(Debug, Clone)]
 pub struct Conversations {
@@ -137,16 +195,26 @@ pub struct Conversations {
     changes: ChangeFeed,
     /// No page or resume answer is larger than this, encoded.
     max_response_bytes: usize,
+    watches: std::sync::Arc<WatchSlots>,
 }
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
 impl Conversations {
-    pub fn new(store: Store, changes: ChangeFeed, max_response_bytes: usize) -> Self {
+    pub fn new(
+        store: Store,
+        changes: ChangeFeed,
+        max_response_bytes: usize,
+        watch_limits: WatchLimits,
+    ) -> Self {
         Self {
             store,
             changes,
             max_response_bytes,
+            watches: std::sync::Arc::new(WatchSlots {
+                limits: watch_limits,
+                open: Default::default(),
+            }),
         }
     }
 
@@ -283,7 +351,9 @@ impl Conversations {
         watch: WatchConversation,
     ) -> Result<WatchStream> {
         let id = watch.conversation_id;
-        // Ownership first: only the owner's interest is ever recorded in the
+        // A slot first: past the caps, a watch is refused before any work.
+        let slot = self.watches.take(owner)?;
+        // Ownership next: only the owner's interest is ever recorded in the
         // change feed. Nothing committed after this check is missed: the
         // first read below comes after the subscription.
         self.store.get_conversation(owner, id).await?;
@@ -292,6 +362,7 @@ impl Conversations {
         let store = self.store.clone();
         let owner = owner.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _open = OpenWatch::start();
             let mut position = Position::new(watch.after_sequence);
             // Messages an append in this process handed over, when they

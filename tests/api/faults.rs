@@ -856,3 +856,57 @@ async fn a_connection_attempt_that_hangs_does_not_hold_its_pool_slot() {
     }
     world.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_never_send_their_body_do_not_block_other_callers() {
+    let app = TestApp::spawn_with(|settings| settings.max_in_flight = 16).await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "still served").await;
+
+    // Three connections open as many streams as the server lets them and
+    // send only their headers, never a body: far more than 16.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(app.addr()).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        for _ in 0..300 {
+            let Ok(Ok(mut ready)) =
+                timeout(Duration::from_millis(200), client.clone().ready()).await
+            else {
+                break;
+            };
+            let request = http::Request::post(format!(
+                "http://{}/convo.v1.ConversationService/GetConversation",
+                app.addr()
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-user-id", "mallory")
+            .body(())
+            .unwrap();
+            let Ok((response, stream)) = ready.send_request(request, false) else {
+                break;
+            };
+            held.push((response, stream));
+        }
+    }
+    assert!(
+        held.len() > 100,
+        "opened {} header-only streams",
+        held.len()
+    );
+    sleep(Duration::from_millis(200)).await;
+
+    // A caller that sends whole requests is served: those streams hold no
+    // permit, since a call takes one only once its request is decoded.
+    for _ in 0..20 {
+        alice
+            .get_conversation(proto::GetConversationRequest {
+                conversation_id: created.id.clone(),
+            })
+            .await
+            .expect("served beside header-only streams");
+    }
+    drop(held);
+}

@@ -16,6 +16,7 @@ use convo::{
     domain::Limits,
     grpc::proto::{self, conversation_service_client::ConversationServiceClient},
     local_postgres::{Access, LocalPostgres, LocalPostgresOptions},
+    service::WatchLimits,
     startup::{Application, StartupError},
     store::{self, ChangeFeed, FeedSettings, PoolSettings},
 };
@@ -369,6 +370,10 @@ pub fn test_settings(database_url: &str) -> Settings {
         page_token_secret: Some(b"test-secret".to_vec()),
         drain_timeout: Duration::from_secs(10),
         max_in_flight: 256,
+        watch_limits: WatchLimits {
+            per_user: 100,
+            per_server: 10_000,
+        },
         max_request_bytes: 4 * 1024 * 1024,
         max_response_bytes: 4 * 1024 * 1024,
         metrics_addr: None,

@@ -358,3 +358,67 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
     assert_eq!(message.sequence, 2);
     assert_eq!(message.id, acknowledged.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_are_capped_per_user_and_per_server() {
+    use convo::service::WatchLimits;
+
+    let app = TestApp::spawn_with(|settings| {
+        settings.watch_limits = WatchLimits {
+            per_user: 2,
+            per_server: 3,
+        };
+    })
+    .await;
+    let mut alice = app.client("alice");
+    let mut bob = app.client("bob");
+    let hers = create(&mut alice, "hers").await;
+    let his = create(&mut bob, "his").await;
+    let request = |id: &str| WatchConversationRequest {
+        conversation_id: id.to_owned(),
+        after_sequence: 0,
+    };
+
+    let first = watch(&mut alice, &hers.id, 0).await;
+    let _second = watch(&mut alice, &hers.id, 0).await;
+    let status = alice
+        .watch_conversation(request(&hers.id))
+        .await
+        .expect_err("a third stream for alice");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("this user already has 2 watch streams"),
+        "{status:?}"
+    );
+
+    // The cap is per user: bob may watch, up to the server's cap.
+    let _his = watch(&mut bob, &his.id, 0).await;
+    let status = bob
+        .watch_conversation(request(&his.id))
+        .await
+        .expect_err("a fourth stream on the server");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("this server already serves 3"),
+        "{status:?}"
+    );
+
+    // A stream that ends gives its slot back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match alice.watch_conversation(request(&hers.id)).await {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the slot never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+}
