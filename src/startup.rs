@@ -266,11 +266,11 @@ impl Application {
             ),
             settings.limits,
             self.tokens,
+            settings.max_in_flight,
         );
         let options = ServerOptions {
             authenticator: self.authenticator,
             max_request_bytes: settings.max_request_bytes,
-            max_in_flight: settings.max_in_flight,
             tls: settings.tls.as_ref(),
             health_listen: settings.health_listen,
             drain_timeout: settings.drain_timeout,

@@ -1,4 +1,3 @@
-use tokio::sync::Semaphore;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
@@ -26,19 +25,17 @@ pub struct ConversationApi {
 }
 
 impl ConversationApi {
-    pub fn new(service: Conversations, limits: Limits, tokens: PageTokenCodec) -> Self {
+    /// Handlers with at most `max_in_flight` calls in progress at once.
+    pub fn new(
+        service: Conversations,
+        limits: Limits,
+        tokens: PageTokenCodec,
+        max_in_flight: usize,
+    ) -> Self {
         Self {
             service,
             parser: Parser { limits, tokens },
-            permits: CallPermits::new(Semaphore::MAX_PERMITS),
-        }
-    }
-
-    /// At most `max_in_flight` calls in progress at once.
-    pub fn limit_calls(self, max_in_flight: usize) -> Self {
-        Self {
             permits: CallPermits::new(max_in_flight),
-            ..self
         }
     }
 }

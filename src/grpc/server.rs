@@ -58,8 +58,6 @@ pub struct ServerOptions<'a> {
     pub authenticator: Authenticator,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
-    /// Most convo.v1 calls in progress at once.
-    pub max_in_flight: usize,
     pub tls: Option<&'a TlsSettings>,
     /// Serve health alone, in plaintext, on this address too.
     pub health_listen: Option<SocketAddr>,
@@ -110,7 +108,7 @@ pub async fn serve(
     // Every call logged and counted (refused ones too), then identity (no
     // identity, no work); the in-flight bound is taken by each handler, once
     // the request has been decoded.
-    let server = ConversationServiceServer::new(api.limit_calls(options.max_in_flight))
+    let server = ConversationServiceServer::new(api)
         .max_decoding_message_size(options.max_request_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
