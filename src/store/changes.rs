@@ -120,6 +120,20 @@ impl Outbox {
         !self.everything && self.conversations.is_empty() && self.users.is_empty()
     }
 
+    fn of_conversation(id: ConversationId) -> Self {
+        Self {
+            conversations: HashSet::from([id]),
+            ..Self::default()
+        }
+    }
+
+    fn of_user(user: &UserId) -> Self {
+        Self {
+            users: HashSet::from([user.clone()]),
+            ..Self::default()
+        }
+    }
+
     fn merge(&mut self, other: Outbox) {
         self.everything |= other.everything;
         self.conversations.extend(other.conversations);
@@ -246,8 +260,9 @@ impl Shared {
         }
     }
 
-    fn post(&self, fill: impl FnOnce(&mut Outbox)) {
-        fill(&mut lock(&self.outbox));
+    /// Queues changes for the publisher and wakes it.
+    fn post(&self, more: Outbox) {
+        lock(&self.outbox).merge(more);
         self.outbox_filled.notify_one();
     }
 }
@@ -352,12 +367,7 @@ impl ChangeFeed {
                 })));
             }
         }
-        self.shared.post(|outbox| {
-            outbox.merge(Outbox {
-                conversations: HashSet::from([conversation]),
-                ..Outbox::default()
-            })
-        });
+        self.shared.post(Outbox::of_conversation(conversation));
     }
 
     /// Announces any other change to a conversation that committed (a
@@ -366,12 +376,7 @@ impl ChangeFeed {
         if let Some(watched) = lock(&self.shared.registry).get(&conversation) {
             watched.wake(None);
         }
-        self.shared.post(|outbox| {
-            outbox.merge(Outbox {
-                conversations: HashSet::from([conversation]),
-                ..Outbox::default()
-            })
-        });
+        self.shared.post(Outbox::of_conversation(conversation));
     }
 
     /// Announces that all of a user's data changed (an erasure).
@@ -381,12 +386,7 @@ impl ChangeFeed {
                 watched.wake(None);
             }
         }
-        self.shared.post(|outbox| {
-            outbox.merge(Outbox {
-                users: HashSet::from([owner.clone()]),
-                ..Outbox::default()
-            })
-        });
+        self.shared.post(Outbox::of_user(owner));
     }
 
     /// Ends every watch stream: called when the server begins to shut down.
