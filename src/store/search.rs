@@ -22,7 +22,7 @@ use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, User
 pub const SEARCH_SQL: &str = "\
 SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, page.metadata, \
        page.create_time, page.parts, page.name, page.model, page.input_tokens, \
-       page.output_tokens, page.cached_input_tokens, page.reasoning_tokens, page.answers_from, \
+       page.output_tokens, page.cached_input_tokens, page.reasoning_tokens, \
        page.rank, c.title AS conversation_title, \
        ts_headline('simple', left(page.content, 65536), websearch_to_tsquery('simple', $2), \
                    'StartSel=<mark>, StopSel=</mark>, MaxWords=24, MinWords=8, \
@@ -30,7 +30,7 @@ SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, pa
 FROM ( \
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time, \
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens, \
-           m.reasoning_tokens, m.answers_from, \
+           m.reasoning_tokens, \
            ts_rank_cd(m.search_document, websearch_to_tsquery('simple', $2), 32) AS rank \
     FROM messages m \
     WHERE m.user_id = $1 \
