@@ -46,7 +46,7 @@ use super::{
     messages::{MessageRow, messages_of},
     parts,
     schema::messages,
-    statement::{push_named, unknown_parameter},
+    statement::{Template, prepared_statement, unknown_parameter},
     values::{metadata_to_json, now_micros},
 };
 use crate::domain::{
@@ -201,11 +201,12 @@ SELECT b.base, b.update_time AS create_time,
     )
 }
 
-/// The four shapes of [`append_sql`], by `[request][tools]`.
-static APPEND: LazyLock<[[String; 2]; 2]> = LazyLock::new(|| {
+/// The four shapes of [`append_sql`], by `[request][tools]`, parsed once.
+static APPEND: LazyLock<[[Template; 2]; 2]> = LazyLock::new(|| {
+    let shape = |request, tools| Template::parse(&append_sql(request, tools));
     [
-        [append_sql(false, false), append_sql(false, true)],
-        [append_sql(true, false), append_sql(true, true)],
+        [shape(false, false), shape(false, true)],
+        [shape(true, false), shape(true, true)],
     ]
 });
 
@@ -235,21 +236,17 @@ struct AppendStatement<'a> {
     answered_at: Vec<i32>,
 }
 
-// Cached by its SQL text (one entry per shape), not by its type.
-impl diesel::query_builder::QueryId for AppendStatement<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl diesel::query_builder::Query for AppendStatement<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
+prepared_statement!(
+    AppendStatement,
+    by_text,
+    sql_type = diesel::sql_types::Untyped
+);
 
 impl QueryFragment<Pg> for AppendStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let tools = !(self.call_ids.is_empty() && self.answered_ids.is_empty());
-        let sql = &APPEND[usize::from(self.request_id.is_some())][usize::from(tools)];
-        push_named(&mut out, sql, |name, out| match name {
+        let shape = &APPEND[usize::from(self.request_id.is_some())][usize::from(tools)];
+        shape.push(&mut out, |name, out| match name {
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "request_id" => out.push_bind_param::<Nullable<Text>, _>(&self.request_id),

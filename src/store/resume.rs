@@ -9,6 +9,8 @@
 //! message holding those calls (each tool message records it in
 //! `answers_from`), so a tool exchange is never split.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use diesel::{
     Queryable,
@@ -23,7 +25,7 @@ use super::{
     Store, StoreError,
     conversations::ConversationRow,
     messages::{MessageRow, messages_of},
-    statement::{prepared_statement, push_named, unknown_parameter},
+    statement::{Template, prepared_statement, unknown_parameter},
 };
 use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
 
@@ -126,7 +128,8 @@ prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
 
 impl QueryFragment<Pg> for ResumeStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        push_named(&mut out, RESUME, |name, out| match name {
+        static PARSED: LazyLock<Template> = LazyLock::new(|| Template::parse(RESUME));
+        PARSED.push(&mut out, |name, out| match name {
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "max_messages" => out.push_bind_param::<BigInt, _>(&self.max_messages),

@@ -4,14 +4,14 @@
 //!
 //! `diesel::sql_query` is never cached: diesel-async prepares it again at
 //! every call, which costs a round trip of its own before the one that runs
-//! it. A statement declared with [`prepared_statement!`] has a static query
-//! id, so the connection's statement cache keeps it after its first use and
-//! every later call is one round trip.
+//! it. A statement declared with [`prepared_statement!`] is kept in the
+//! connection's statement cache after its first use, so every later call is
+//! one round trip.
 //!
-//! Its SQL names parameters (`$user`, `$conversation`); [`push_named`] turns
-//! them into PostgreSQL's `$1`, `$2`, … in order of first appearance and asks
-//! the statement to bind each once, so one value used in several places is
-//! sent once.
+//! Its SQL names parameters (`$user`, `$conversation`). A [`Template`], parsed
+//! once per statement text, turns them into PostgreSQL's `$1`, `$2`, … in order
+//! of first appearance and asks the statement to bind each once, so one value
+//! used in several places is sent once.
 
 use diesel::{
     pg::Pg,
@@ -19,39 +19,71 @@ use diesel::{
     result::{Error as DieselError, QueryResult},
 };
 
-/// Writes `sql` to `out`, binding each `$name` at its first appearance with
-/// `bind(name, out)` (which must push exactly one bind) and repeating its
-/// number afterwards.
-pub(super) fn push_named<'b>(
-    out: &mut AstPass<'_, 'b, Pg>,
-    sql: &'static str,
-    mut bind: impl FnMut(&str, &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>,
-) -> QueryResult<()> {
-    let mut seen: Vec<&str> = Vec::new();
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        out.push_sql(&rest[..at]);
-        let after = &rest[at + 1..];
-        let len = after
-            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
-            .unwrap_or(after.len());
-        if len == 0 {
-            return Err(DieselError::QueryBuilderError(
-                format!("a '$' without a parameter name in: {sql}").into(),
-            ));
+/// A statement's SQL, split once at its named parameters.
+#[derive(Debug)]
+pub(super) struct Template {
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Sql(String),
+    /// A parameter's first appearance: bound here, becoming `$n`.
+    Bind(String),
+    /// A later appearance: `$n` again, nothing bound.
+    Again(String),
+}
+
+impl Template {
+    /// Splits `sql` at every `$name` (lower-case letters and `_`); any other
+    /// `$` stays SQL text.
+    pub(super) fn parse(sql: &str) -> Self {
+        let mut pieces = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
+        let mut text = String::new();
+        let mut rest = sql;
+        while let Some(at) = rest.find('$') {
+            text.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let len = after
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(after.len());
+            if len == 0 {
+                text.push('$');
+                rest = after;
+                continue;
+            }
+            pieces.push(Piece::Sql(std::mem::take(&mut text)));
+            let name = &after[..len];
+            pieces.push(match seen.iter().position(|known| *known == name) {
+                Some(index) => Piece::Again(format!("${}", index + 1)),
+                None => {
+                    seen.push(name);
+                    Piece::Bind(name.to_owned())
+                }
+            });
+            rest = &after[len..];
         }
-        let name = &after[..len];
-        match seen.iter().position(|known| *known == name) {
-            Some(index) => out.push_sql(&format!("${}", index + 1)),
-            None => {
-                seen.push(name);
-                bind(name, out)?;
+        text.push_str(rest);
+        pieces.push(Piece::Sql(text));
+        Self { pieces }
+    }
+
+    /// Writes the statement to `out`, calling `bind(name, out)` (which must
+    /// push exactly one bind) at each parameter's first appearance.
+    pub(super) fn push<'b>(
+        &self,
+        out: &mut AstPass<'_, 'b, Pg>,
+        mut bind: impl FnMut(&str, &mut AstPass<'_, 'b, Pg>) -> QueryResult<()>,
+    ) -> QueryResult<()> {
+        for piece in &self.pieces {
+            match piece {
+                Piece::Sql(text) | Piece::Again(text) => out.push_sql(text),
+                Piece::Bind(name) => bind(name, out)?,
             }
         }
-        rest = &after[len..];
+        Ok(())
     }
-    out.push_sql(rest);
-    Ok(())
 }
 
 /// The error for a `$name` that the statement does not bind.
@@ -59,20 +91,26 @@ pub(super) fn unknown_parameter(name: &str) -> DieselError {
     DieselError::QueryBuilderError(format!("no value for parameter ${name}").into())
 }
 
-/// Declares `$statement<'a>` a cacheable query whose rows are read by name
-/// (`QueryableByName`), given its `QueryFragment<Pg>` impl; diesel-async's
-/// `RunQueryDsl` then runs it.
-/// `sql_type = (…)` instead reads rows by position into a `Queryable` (no
-/// lookup of each column by name in every row: for statements that return
-/// many rows).
+/// Declares `$statement<'a>` a cacheable query, given its `QueryFragment<Pg>`
+/// impl, whose rows are read by position into a `Queryable` of `sql_type`
+/// (or by name, with `Untyped`); diesel-async's `RunQueryDsl` then runs it.
+/// A statement of one SQL text is cached by its type; `by_text` caches each
+/// text it may write (a statement with several shapes) by the text itself.
 macro_rules! prepared_statement {
-    ($statement:ident) => {
-        prepared_statement!($statement, sql_type = diesel::sql_types::Untyped);
-    };
     ($statement:ident, sql_type = $sql_type:ty) => {
         impl diesel::query_builder::QueryId for $statement<'_> {
             type QueryId = $statement<'static>;
             const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl diesel::query_builder::Query for $statement<'_> {
+            type SqlType = $sql_type;
+        }
+    };
+    ($statement:ident, by_text, sql_type = $sql_type:ty) => {
+        impl diesel::query_builder::QueryId for $statement<'_> {
+            type QueryId = ();
+            const HAS_STATIC_QUERY_ID: bool = false;
         }
 
         impl diesel::query_builder::Query for $statement<'_> {
@@ -105,9 +143,8 @@ mod tests {
 
     impl QueryFragment<Pg> for Probe<'_> {
         fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-            push_named(
+            Template::parse("SELECT $user, $count::int8 + 1, $user, '$1'").push(
                 &mut out,
-                "SELECT $user, $count::int8 + 1, $user",
                 |name, out| match name {
                     "user" => out.push_bind_param::<Text, _>(self.user),
                     "count" => out.push_bind_param::<BigInt, _>(&self.count),
@@ -124,6 +161,9 @@ mod tests {
             count: 2,
         };
         let shown = debug_query::<Pg, _>(&probe).to_string();
-        assert_eq!(shown, "SELECT $1, $2::int8 + 1, $1 -- binds: [\"ada\", 2]");
+        assert_eq!(
+            shown,
+            "SELECT $1, $2::int8 + 1, $1, '$1' -- binds: [\"ada\", 2]"
+        );
     }
 }
