@@ -11,7 +11,6 @@
 
 use std::sync::LazyLock;
 
-use chrono::{DateTime, Utc};
 use diesel::{
     Queryable,
     pg::Pg,
@@ -89,39 +88,40 @@ struct ResumeStatement<'a> {
     tool: i16,
 }
 
-/// The columns of [`RESUME`], in order: [`ResumeRow`] reads them by position.
+/// The columns of [`RESUME`], in order: a conversation's or a message's,
+/// the other half NULL.
 type ResumeColumns = (
-    (
-        Nullable<Text>,
-        Nullable<SqlUuid>,
-        Nullable<Text>,
-        Nullable<Jsonb>,
-        Nullable<Timestamptz>,
-        Nullable<Timestamptz>,
-        Nullable<BigInt>,
-        Nullable<SqlUuid>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-    ),
-    (
-        Nullable<SqlUuid>,
+    Nullable<(
+        Text,
+        SqlUuid,
+        Text,
+        Jsonb,
+        Timestamptz,
+        Timestamptz,
+        BigInt,
         Nullable<SqlUuid>,
         Nullable<BigInt>,
-        Nullable<SmallInt>,
-        Nullable<Text>,
-        Nullable<Jsonb>,
-        Nullable<Timestamptz>,
+        BigInt,
+        BigInt,
+        BigInt,
+        BigInt,
+    )>,
+    Nullable<(
+        SqlUuid,
+        SqlUuid,
+        BigInt,
+        SmallInt,
+        Text,
+        Jsonb,
+        Timestamptz,
         Nullable<Bytea>,
-        Nullable<Text>,
-        Nullable<Text>,
+        Text,
+        Text,
         Nullable<BigInt>,
         Nullable<BigInt>,
         Nullable<BigInt>,
         Nullable<BigInt>,
-    ),
+    )>,
 );
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
@@ -139,100 +139,11 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
     }
 }
 
-/// A row of [`RESUME`]: the conversation's columns or a message's.
+/// A row of [`RESUME`]: the conversation or one of its messages.
 #[derive(Queryable)]
 struct ResumeRow {
-    conversation: ConversationColumns,
-    message: MessageColumns,
-}
-
-#[derive(Queryable)]
-struct ConversationColumns {
-    user_id: Option<String>,
-    id: Option<Uuid>,
-    title: Option<String>,
-    metadata: Option<serde_json::Value>,
-    create_time: Option<DateTime<Utc>>,
-    update_time: Option<DateTime<Utc>>,
-    message_count: Option<i64>,
-    forked_from_conversation_id: Option<Uuid>,
-    forked_at_sequence: Option<i64>,
-    usage_input_tokens: Option<i64>,
-    usage_output_tokens: Option<i64>,
-    usage_cached_input_tokens: Option<i64>,
-    usage_reasoning_tokens: Option<i64>,
-}
-
-#[derive(Queryable)]
-struct MessageColumns {
-    id: Option<Uuid>,
-    conversation_id: Option<Uuid>,
-    sequence: Option<i64>,
-    role: Option<i16>,
-    content: Option<String>,
-    metadata: Option<serde_json::Value>,
-    create_time: Option<DateTime<Utc>>,
-    parts: Option<Vec<u8>>,
-    name: Option<String>,
-    model: Option<String>,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    cached_input_tokens: Option<i64>,
-    reasoning_tokens: Option<i64>,
-}
-
-/// A row is one of two shapes.
-enum Resumption {
-    Conversation(ConversationRow),
-    Message(MessageRow),
-}
-
-impl TryFrom<ResumeRow> for Resumption {
-    type Error = StoreError;
-
-    fn try_from(
-        ResumeRow {
-            conversation: c,
-            message: row,
-        }: ResumeRow,
-    ) -> Result<Self, StoreError> {
-        let missing = |column: &str| StoreError::Corrupt(format!("resume row without {column}"));
-        if let Some(id) = c.id {
-            return Ok(Self::Conversation(ConversationRow {
-                user_id: c.user_id.ok_or_else(|| missing("user_id"))?,
-                id,
-                title: c.title.ok_or_else(|| missing("title"))?,
-                metadata: c.metadata.ok_or_else(|| missing("metadata"))?,
-                create_time: c.create_time.ok_or_else(|| missing("create_time"))?,
-                update_time: c.update_time.ok_or_else(|| missing("update_time"))?,
-                message_count: c.message_count.ok_or_else(|| missing("message_count"))?,
-                forked_from_conversation_id: c.forked_from_conversation_id,
-                forked_at_sequence: c.forked_at_sequence,
-                usage_input_tokens: c.usage_input_tokens.unwrap_or_default(),
-                usage_output_tokens: c.usage_output_tokens.unwrap_or_default(),
-                usage_cached_input_tokens: c.usage_cached_input_tokens.unwrap_or_default(),
-                usage_reasoning_tokens: c.usage_reasoning_tokens.unwrap_or_default(),
-            }));
-        }
-        Ok(Self::Message(MessageRow {
-            id: row.id.ok_or_else(|| missing("id"))?,
-            conversation_id: row
-                .conversation_id
-                .ok_or_else(|| missing("conversation_id"))?,
-            sequence: row.sequence.ok_or_else(|| missing("sequence"))?,
-            role: row.role.ok_or_else(|| missing("role"))?,
-            content: row.content.ok_or_else(|| missing("content"))?,
-            metadata: row.metadata.ok_or_else(|| missing("metadata"))?,
-            create_time: row.create_time.ok_or_else(|| missing("create_time"))?,
-            parts: row.parts,
-            name: row.name.ok_or_else(|| missing("name"))?,
-            model: row.model.ok_or_else(|| missing("model"))?,
-            input_tokens: row.input_tokens,
-            output_tokens: row.output_tokens,
-            cached_input_tokens: row.cached_input_tokens,
-            reasoning_tokens: row.reasoning_tokens,
-        }))
-    }
+    conversation: Option<ConversationRow>,
+    message: Option<MessageRow>,
 }
 
 impl Store {
@@ -256,9 +167,19 @@ impl Store {
         let mut conversation = None;
         let mut messages = Vec::with_capacity(rows.len().saturating_sub(1));
         for row in rows {
-            match Resumption::try_from(row)? {
-                Resumption::Conversation(row) => conversation = Some(row),
-                Resumption::Message(row) => messages.push(row),
+            match row {
+                ResumeRow {
+                    conversation: Some(row),
+                    ..
+                } => conversation = Some(row),
+                ResumeRow {
+                    message: Some(row), ..
+                } => messages.push(row),
+                ResumeRow { .. } => {
+                    return Err(StoreError::Corrupt(
+                        "a resume row holds neither a conversation nor a message".into(),
+                    ));
+                }
             }
         }
         let conversation: Conversation = conversation.ok_or(StoreError::NotFound)?.try_into()?;
