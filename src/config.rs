@@ -175,6 +175,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CONVO_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
 
+    /// How long one SearchMessages call may rank matches in PostgreSQL before it
+    /// fails with RESOURCE_EXHAUSTED (a query matching most of a user's messages);
+    /// 0 removes the bound.
+    #[arg(long, env = "CONVO_SEARCH_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub search_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish before the
     /// server stops anyway.
     #[arg(long, env = "CONVO_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -349,6 +355,7 @@ impl ServeArgs {
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
+            search_timeout: self.search_timeout,
         }
     }
 

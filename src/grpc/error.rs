@@ -82,6 +82,16 @@ impl From<ServiceError> for Status {
                      retry with backoff, or through another replica"
                 ))
             }
+            ServiceError::SearchMatchesEverything => invalid_argument(&[FieldViolation::new(
+                "query",
+                "the query only excludes words (-word), so it would match nearly every \
+                 message; add at least one word to look for",
+            )]),
+            ServiceError::SearchOverBudget(budget) => Status::resource_exhausted(format!(
+                "the search matched too many messages to rank within {}; add words to \
+                 the query or set conversation_id to narrow it",
+                humantime::format_duration(budget)
+            )),
             ServiceError::ShuttingDown => Status::unavailable(
                 "the server is shutting down; reconnect and resume from the last sequence received",
             ),

@@ -7,31 +7,26 @@ use crate::store::Store;
 
 /// Keeps gRPC health in step with the database: `""` and the service are
 /// SERVING only while a query succeeds, NOT_SERVING otherwise. Probes every
-/// `interval` until the task is dropped; logs only when the status changes.
-/// Publishes the pool's metrics on the same beat.
+/// `interval` on a session of its own (a busy pool is not an outage) until
+/// the task is dropped; logs only when the status changes. Publishes the
+/// pool's metrics on the same beat.
 pub async fn watch_database_health(store: Store, reporter: HealthReporter, interval: Duration) {
     let mut last: Option<ServingStatus> = None;
+    let mut probe = store.health_probe(interval.max(Duration::from_secs(1)));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         store.record_pool_metrics();
-        let status =
-            match tokio::time::timeout(interval.max(Duration::from_secs(1)), store.ping()).await {
-                Ok(Ok(())) => ServingStatus::Serving,
-                Ok(Err(error)) => {
-                    if last != Some(ServingStatus::NotServing) {
-                        tracing::warn!(%error, "database health check failed");
-                    }
-                    ServingStatus::NotServing
+        let status = match probe.check().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(error) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(%error, "database health check failed");
                 }
-                Err(_) => {
-                    if last != Some(ServingStatus::NotServing) {
-                        tracing::warn!("database health check timed out");
-                    }
-                    ServingStatus::NotServing
-                }
-            };
+                ServingStatus::NotServing
+            }
+        };
         if last != Some(status) {
             if status == ServingStatus::Serving {
                 tracing::info!("database reachable: serving");

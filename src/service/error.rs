@@ -35,6 +35,13 @@ pub enum ServiceError {
     /// open as allowed.
     #[error("too many watch streams")]
     TooManyWatches(WatchCap),
+    /// A search query only excludes words: it would match nearly every
+    /// message, and no index can serve it.
+    #[error("the search query only excludes words")]
+    SearchMatchesEverything,
+    /// Ranking a search's matches took longer than the server allows.
+    #[error("the search took longer than {0:?} to rank its matches")]
+    SearchOverBudget(std::time::Duration),
     /// The server is shutting down; the client should reconnect elsewhere.
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -34,7 +34,8 @@ use crate::{
         WatchConversation,
     },
     store::{
-        AppendOutcome, Appended, ChangeFeed, ForkOutcome, Store, StoreError, TruncateOutcome, Wake,
+        AppendOutcome, Appended, ChangeFeed, ForkOutcome, SearchOutcome, Store, StoreError,
+        TruncateOutcome, Wake,
     },
 };
 
@@ -444,7 +445,13 @@ impl Conversations {
         owner: &UserId,
         search: &SearchMessages,
     ) -> Result<Page<SearchHit, SearchCursor>> {
-        let page = self.store.search_messages(owner, search).await?;
+        let page = match self.store.search_messages(owner, search).await? {
+            SearchOutcome::Found(page) => page,
+            SearchOutcome::MatchesEverything => return Err(ServiceError::SearchMatchesEverything),
+            SearchOutcome::OverBudget(budget) => {
+                return Err(ServiceError::SearchOverBudget(budget));
+            }
+        };
         Ok(page.fit(
             self.max_response_bytes,
             SearchHit::wire_size_bound,

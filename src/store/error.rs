@@ -101,8 +101,12 @@ impl From<bb8::RunError<PoolError>> for StoreError {
 
 /// 55P03 lock_not_available and 57014 query_canceled (by a timeout).
 fn is_timeout(message: &str) -> bool {
-    message.starts_with("canceling statement due to lock timeout")
-        || message.starts_with("canceling statement due to statement timeout")
+    message.starts_with("canceling statement due to lock timeout") || is_statement_timeout(message)
+}
+
+/// 57014 query_canceled by `statement_timeout`.
+pub(super) fn is_statement_timeout(message: &str) -> bool {
+    message.starts_with("canceling statement due to statement timeout")
 }
 
 /// 40P01 deadlock_detected: PostgreSQL chose this transaction to end.

@@ -41,7 +41,7 @@ pub use migrations::{
     create_database_if_missing, ensure_schema_current, grant_app_role, revert_last_migration,
     run_pending_migrations,
 };
-pub use pool::{PoolSettings, Store};
+pub use pool::{HealthProbe, PoolSettings, Store};
 /// Test support: the API tests EXPLAIN the search to see its index used.
 #[doc(hidden)]
-pub use search::SEARCH_SQL;
+pub use search::{SEARCH_SQL, SearchOutcome};

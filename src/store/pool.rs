@@ -3,14 +3,12 @@ use std::time::Duration;
 use diesel::ConnectionError;
 use diesel_async::{
     AsyncPgConnection, SimpleAsyncConnection,
-    pooled_connection::{
-        AsyncDieselConnectionManager, ManagerConfig, PoolableConnection, RecyclingMethod,
-    },
+    pooled_connection::{PoolError, PoolableConnection},
 };
 
 use super::{StoreError, tls::DatabaseTarget};
 
-pub(super) type Pool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+pub(super) type Pool = bb8::Pool<Sessions>;
 
 /// How the pool talks to PostgreSQL.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +22,9 @@ pub struct PoolSettings {
     /// PostgreSQL's `lock_timeout`: how long a statement waits for a row lock
     /// (an append waits for its conversation's) before giving up.
     pub lock_timeout: Duration,
+    /// The `statement_timeout` of one search: what bounds the cost of
+    /// ranking a query that matches most of a user's messages.
+    pub search_timeout: Duration,
 }
 
 /// How long opening one connection may take (TCP, TLS, authentication,
@@ -108,6 +109,9 @@ pub(super) fn session_url(database_url: &str, application_name: Option<&str>) ->
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Where the pool connects, for cancel requests and the health probe.
+    target: DatabaseTarget,
+    pub(super) search_timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -127,65 +131,54 @@ impl Store {
         let statement_timeout_ms = settings.statement_timeout.as_millis();
         let connect_timeout = connect_timeout(&settings);
         let lock_timeout_ms = settings.lock_timeout.as_millis();
-        let mut config = ManagerConfig::default();
-        // Hand out no connection that is known to be closed, without the extra
-        // round trip per checkout that a verifying SELECT would cost.
-        config.recycling_method =
-            RecyclingMethod::CustomFunction(Box::new(|conn: &mut AsyncPgConnection| {
-                let broken = conn.is_broken();
-                Box::pin(async move {
-                    if broken {
-                        Err(diesel::result::Error::BrokenTransactionManager)
-                    } else {
-                        Ok(())
-                    }
-                })
-            }));
-        config.custom_setup = Box::new(move |_url| {
-            let target = target.clone();
-            Box::pin(async move {
-                let mut conn = connect(&target, connect_timeout).await?;
-                // Every statement convo prepares finds rows by key, so its best
-                // plan does not depend on the values bound: one generic plan
-                // per connection, never re-planned at each call (PostgreSQL
-                // otherwise may keep planning the append and resume anew, about
-                // 0.3 ms each, when a custom plan looks cheaper on paper).
-                conn.batch_execute(&format!(
-                    "SET statement_timeout = {statement_timeout_ms}; \
-                     SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'; \
-                     SET plan_cache_mode = force_generic_plan"
-                ))
-                .await
-                .map_err(ConnectionError::CouldntSetupConfiguration)?;
-                // Timeouts are recognised by PostgreSQL's English messages (see
-                // StoreError). Only superusers may choose the language here;
-                // otherwise it must be set on the role, so say so once.
-                if conn.batch_execute("SET lc_messages = 'C'").await.is_err() {
-                    warn_unless_english(&mut conn).await;
-                }
-                Ok(conn)
-            })
-        });
-        let manager =
-            AsyncDieselConnectionManager::new_with_config(session_url(database_url, None), config);
+        let sessions = Sessions {
+            target: target.clone(),
+            connect_timeout,
+            // Every statement convo prepares finds rows by key, so its best
+            // plan does not depend on the values bound: one generic plan per
+            // session, never re-planned at each call (PostgreSQL otherwise may
+            // keep planning the append and resume anew, about 0.3 ms each,
+            // when a custom plan looks cheaper on paper).
+            setup: format!(
+                "SET statement_timeout = {statement_timeout_ms}; \
+                 SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'; \
+                 SET plan_cache_mode = force_generic_plan"
+            ),
+        };
         let pool = bb8::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(None)
             .connection_timeout(settings.acquire_timeout)
-            .build_unchecked(manager);
-        Ok(Self { pool })
+            .build_unchecked(sessions);
+        Ok(Self {
+            pool,
+            target,
+            search_timeout: settings.search_timeout,
+        })
     }
 
     /// Runs `operation` on a pooled connection. A failure that left the
     /// connection closed (the server went away, or ended the session) is an
     /// outage, reported as [`StoreError::Unavailable`], not a query error.
+    ///
+    /// When the caller gives up before `operation` ends (the client cancelled
+    /// or its deadline passed, and the call was dropped), the session may still
+    /// be running a statement: it is not lent to the next caller, who would
+    /// wait behind it, but closed, and PostgreSQL is asked to cancel the
+    /// statement (see [`Lent`]).
     pub(super) async fn with_conn<T>(
         &self,
         operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.pool.get().await?;
-        match operation(&mut conn).await {
-            Err(StoreError::Database(error)) if conn.is_broken() => {
+        let mut lent = Lent {
+            session: self.pool.get().await?,
+            target: &self.target,
+            returned: false,
+        };
+        let outcome = operation(&mut lent.session.conn).await;
+        lent.returned = true;
+        match outcome {
+            Err(StoreError::Database(error)) if lent.session.conn.is_broken() => {
                 Err(StoreError::Unavailable(error.to_string()))
             }
             other => other,
@@ -228,10 +221,150 @@ impl Store {
         .await
     }
 
+    /// A health probe with a session of its own (see [`HealthProbe`]).
+    pub fn health_probe(&self, timeout: Duration) -> HealthProbe {
+        HealthProbe {
+            target: self.target.clone(),
+            timeout,
+            session: None,
+        }
+    }
+
     /// Succeeds when the database answers a query.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
             .await
+    }
+}
+
+/// Asks the database whether it answers, on a session of its own: a pool
+/// that calls have checked out entirely, or a burst of watchers waiting for
+/// one, must not make a healthy database look down. The session is opened
+/// when needed and closed after any failure.
+pub struct HealthProbe {
+    target: DatabaseTarget,
+    timeout: Duration,
+    session: Option<AsyncPgConnection>,
+}
+
+impl HealthProbe {
+    /// Succeeds when the database answers `SELECT 1` within the timeout.
+    pub async fn check(&mut self) -> Result<(), StoreError> {
+        match tokio::time::timeout(self.timeout, self.ask()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                self.session = None;
+                Err(error)
+            }
+            Err(_) => {
+                self.session = None;
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    async fn ask(&mut self) -> Result<(), StoreError> {
+        let session = match &mut self.session {
+            Some(session) => session,
+            None => {
+                let opened = connect(&self.target, self.timeout)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                self.session.insert(opened)
+            }
+        };
+        session
+            .batch_execute("SELECT 1")
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+/// Opens the pool's sessions and decides which may be lent again.
+pub(super) struct Sessions {
+    target: DatabaseTarget,
+    connect_timeout: Duration,
+    /// Run on every new session (see [`Store::new`]).
+    setup: String,
+}
+
+/// One pooled session, and whether a caller gave it up mid-operation.
+pub(super) struct Session {
+    conn: AsyncPgConnection,
+    abandoned: bool,
+}
+
+impl bb8::ManageConnection for Sessions {
+    type Connection = Session;
+    type Error = PoolError;
+
+    async fn connect(&self) -> Result<Session, PoolError> {
+        let mut conn = connect(&self.target, self.connect_timeout)
+            .await
+            .map_err(PoolError::ConnectionError)?;
+        conn.batch_execute(&self.setup).await.map_err(|e| {
+            PoolError::ConnectionError(ConnectionError::CouldntSetupConfiguration(e))
+        })?;
+        // Timeouts are recognised by PostgreSQL's English messages (see
+        // StoreError). Only superusers may choose the language here;
+        // otherwise it must be set on the role, so say so once.
+        if conn.batch_execute("SET lc_messages = 'C'").await.is_err() {
+            warn_unless_english(&mut conn).await;
+        }
+        Ok(Session {
+            conn,
+            abandoned: false,
+        })
+    }
+
+    /// Lends no session that is known to be closed, without the round trip
+    /// per checkout that a verifying `SELECT 1` would cost.
+    async fn is_valid(&self, session: &mut Session) -> Result<(), PoolError> {
+        if session.conn.is_broken() {
+            return Err(PoolError::QueryError(
+                diesel::result::Error::BrokenTransactionManager,
+            ));
+        }
+        Ok(())
+    }
+
+    fn has_broken(&self, session: &mut Session) -> bool {
+        session.abandoned || session.conn.is_broken()
+    }
+}
+
+/// A session lent to one operation. Dropped before the operation returned,
+/// it is marked abandoned, so the pool closes it instead of lending it again,
+/// and a cancel request for whatever it was running goes to PostgreSQL.
+/// Closing alone would not do: a backend busy with a statement notices that
+/// its client is gone only when it next writes to it.
+struct Lent<'a> {
+    session: bb8::PooledConnection<'a, Sessions>,
+    target: &'a DatabaseTarget,
+    returned: bool,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if self.returned {
+            return;
+        }
+        self.session.abandoned = true;
+        metrics::counter!("convo_abandoned_sessions_total").increment(1);
+        // The session is closed right after this, so the request cannot
+        // reach a statement of another caller.
+        let token = self.session.conn.cancel_token();
+        let target = self.target.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = target.cancel(&token).await {
+                    tracing::debug!(%error, "could not cancel an abandoned statement");
+                }
+            });
+        }
     }
 }
 

@@ -1,10 +1,12 @@
+use std::time::Duration;
+
 use diesel::{
     QueryableByName,
-    sql_types::{BigInt, Float4, Nullable, Text, Uuid as SqlUuid},
+    sql_types::{BigInt, Bool, Float4, Nullable, Text, Uuid as SqlUuid},
 };
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::{Store, StoreError, messages::MessageRow};
+use super::{Store, StoreError, error::is_statement_timeout, messages::MessageRow};
 use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, UserId};
 
 /// Full-text search over one user's messages.
@@ -70,35 +72,85 @@ impl TryFrom<HitRow> for SearchHit {
     }
 }
 
+/// What a search found, or why it did not look.
+#[derive(Debug)]
+pub enum SearchOutcome {
+    Found(Page<SearchHit, SearchCursor>),
+    /// The query only excludes words (`-word`, or `word or -other`): it
+    /// would match nearly every message, and no index can serve it.
+    MatchesEverything,
+    /// Ranking the matches took longer than the search's budget; PostgreSQL
+    /// stopped it.
+    OverBudget(Duration),
+}
+
+/// Bounds the search that follows in the same transaction by `$1`, and tells
+/// whether the query `$2` can be served by the index at all: `querytree`
+/// returns `T` when nothing of the query is indexable.
+const SEARCH_GATE_SQL: &str = "\
+SELECT set_config('statement_timeout', $1, true) AS timeout, \
+       querytree(websearch_to_tsquery('simple', $2)) = 'T' AS matches_everything";
+
+#[derive(QueryableByName)]
+struct Gate {
+    #[diesel(sql_type = Bool)]
+    matches_everything: bool,
+}
+
 impl Store {
+    /// Searches the owner's messages within the store's search budget (its
+    /// own `statement_timeout`, in a transaction of its own).
     pub async fn search_messages(
         &self,
         owner: &UserId,
         search: &SearchMessages,
-    ) -> Result<Page<SearchHit, SearchCursor>, StoreError> {
+    ) -> Result<SearchOutcome, StoreError> {
         let (query, conversation, size, after) = (
             &search.query,
             search.conversation_id,
             search.size,
             search.cursor,
         );
-        self.with_conn(async |conn| {
-            let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL)
-                .bind::<Text, _>(owner.as_str())
-                .bind::<Text, _>(query.as_str())
-                .bind::<Nullable<SqlUuid>, _>(conversation.map(|id| *id.as_uuid()))
-                .bind::<Nullable<Float4>, _>(after.map(|c| c.rank))
-                .bind::<Nullable<SqlUuid>, _>(after.map(|c| *c.conversation_id.as_uuid()))
-                .bind::<Nullable<BigInt>, _>(after.map(|c| c.sequence))
-                .bind::<BigInt, _>(size.limit_with_lookahead())
-                .load(conn)
-                .await?;
-            let hits = rows
-                .into_iter()
-                .map(SearchHit::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Page::cut(hits, size, SearchCursor::after))
-        })
-        .await
+        let budget = self.search_timeout;
+        let searched = self
+            .with_conn(async |conn| {
+                conn.transaction(async |conn| {
+                    let gate: Gate = diesel::sql_query(SEARCH_GATE_SQL)
+                        .bind::<Text, _>(format!("{}ms", budget.as_millis()))
+                        .bind::<Text, _>(query.as_str())
+                        .get_result(conn)
+                        .await?;
+                    if gate.matches_everything {
+                        return Ok(SearchOutcome::MatchesEverything);
+                    }
+                    let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL)
+                        .bind::<Text, _>(owner.as_str())
+                        .bind::<Text, _>(query.as_str())
+                        .bind::<Nullable<SqlUuid>, _>(conversation.map(|id| *id.as_uuid()))
+                        .bind::<Nullable<Float4>, _>(after.map(|c| c.rank))
+                        .bind::<Nullable<SqlUuid>, _>(after.map(|c| *c.conversation_id.as_uuid()))
+                        .bind::<Nullable<BigInt>, _>(after.map(|c| c.sequence))
+                        .bind::<BigInt, _>(size.limit_with_lookahead())
+                        .load(conn)
+                        .await?;
+                    let hits = rows
+                        .into_iter()
+                        .map(SearchHit::try_from)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(SearchOutcome::Found(Page::cut(
+                        hits,
+                        size,
+                        SearchCursor::after,
+                    )))
+                })
+                .await
+            })
+            .await;
+        match searched {
+            Err(StoreError::TimedOut(message)) if is_statement_timeout(&message) => {
+                Ok(SearchOutcome::OverBudget(budget))
+            }
+            other => other,
+        }
     }
 }

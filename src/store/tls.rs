@@ -150,6 +150,18 @@ impl DatabaseTarget {
     }
 }
 
+impl DatabaseTarget {
+    /// Asks PostgreSQL to cancel what the session of `token` is running, over
+    /// the same kind of channel the session was opened on.
+    pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), String> {
+        let sent = match &self.tls {
+            Some(tls) => token.cancel_query(tls.clone()).await,
+            None => token.cancel_query(tokio_postgres::NoTls).await,
+        };
+        sent.map_err(|e| with_causes(&e))
+    }
+}
+
 /// An error and its causes on one line ("error performing TLS handshake:
 /// invalid peer certificate: UnknownIssuer"), for the operator's log.
 fn with_causes(error: &dyn std::error::Error) -> String {

@@ -28,8 +28,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
-        Client, TestApp, UserHeader, create, expect_code, expect_unavailable_within, test_settings,
-        wait_for_health,
+        Client, TestApp, UserHeader, create, expect_code, expect_unavailable_within, health,
+        test_settings, wait_for_health,
     },
 };
 
@@ -267,6 +267,118 @@ async fn postgres_restarts_are_survived_and_dead_connections_are_not_reused() {
         }
     }
     world.stop().await.expect("the server ran without error");
+}
+
+/// A call abandoned by its client (deadline passed) while its statement
+/// waits in PostgreSQL: the statement is cancelled there, and the session is
+/// not lent to the next caller, who would otherwise queue behind it. With a
+/// pool of one session, the next call is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_does_not_delay_the_next_one() {
+    let app = TestApp::spawn_with(|settings| {
+        settings.pool.max_size = 1;
+        settings.pool.lock_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut alice = app.client("alice");
+    let locked = create(&mut alice, "locked").await;
+    let free = create(&mut alice, "free").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            locked.id
+        ))
+        .await
+        .unwrap();
+    let waiting_for_the_lock = "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock' \
+           AND pid <> pg_backend_pid()";
+
+    let status = alice
+        .append_message(with_deadline(
+            append_request(&locked.id, "abandoned", "k1"),
+            Duration::from_millis(300),
+        ))
+        .await
+        .expect_err("the deadline passes while the row is locked");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // The next call gets the pool's one session without waiting 30 s.
+    let started = Instant::now();
+    alice
+        .get_conversation(with_deadline(
+            proto::GetConversationRequest {
+                conversation_id: free.id.clone(),
+            },
+            Duration::from_secs(3),
+        ))
+        .await
+        .expect("served while the abandoned append's row is still locked");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // And PostgreSQL is no longer running the abandoned statement.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.db.count(waiting_for_the_lock).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned append still waits for the lock in PostgreSQL"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    // Nothing was written by the abandoned call: the retry is its first write.
+    let stored = alice
+        .append_message(append_request(&locked.id, "abandoned", "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.sequence, 1);
+}
+
+/// Health asks the database on a session of its own: a pool whose every
+/// session is busy (here the only one waits for a row lock) is load, not an
+/// outage, and health stays SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pool_does_not_make_health_fail() {
+    let app = TestApp::spawn_with(|settings| {
+        settings.pool.max_size = 1;
+        settings.pool.lock_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut alice = app.client("alice");
+    let locked = create(&mut alice, "locked").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            locked.id
+        ))
+        .await
+        .unwrap();
+    let mut waiting = app.client("alice");
+    let id = locked.id.clone();
+    let append = tokio::spawn(async move {
+        waiting
+            .append_message(append_request(&id, "waits", "k1"))
+            .await
+    });
+    // Several health intervals (100 ms) and longer than the pool's acquire
+    // timeout (2 s), with the pool's one session taken all along.
+    sleep(Duration::from_millis(2500)).await;
+    assert!(!append.is_finished(), "the append should still wait");
+    for service in ["", "convo.v1.ConversationService"] {
+        assert_eq!(health(app.channel(), service).await, ServingStatus::Serving);
+    }
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let stored = append.await.unwrap().expect("the append goes through");
+    assert_eq!(stored.into_inner().sequence, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

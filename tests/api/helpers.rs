@@ -363,6 +363,7 @@ pub fn test_settings(database_url: &str) -> Settings {
             acquire_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(30),
             lock_timeout: Duration::from_secs(10),
+            search_timeout: Duration::from_secs(3),
         },
         health_interval: Duration::from_millis(100),
         feed: FeedSettings::default(),

@@ -399,3 +399,61 @@ async fn the_search_is_served_by_the_user_scoped_index() {
     );
     println!("search plan:\n{text}");
 }
+
+/// A query that only excludes words cannot be served by the index and would
+/// match nearly everything: refused, naming the field, with what to do.
+#[tokio::test]
+async fn a_query_of_only_excluded_words_is_refused() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "exclusions").await;
+    append(&mut alice, &chat.id, "rust and go").await;
+    for query in ["-rust", "-\"rust and\"", "go or -rust", "-rust -go"] {
+        let status = expect_invalid(alice.search_messages(search(query)).await, "query");
+        assert!(
+            status.message().contains("only excludes words"),
+            "{query:?}: {status:?}"
+        );
+    }
+    // An excluded word beside a wanted one is an ordinary query.
+    assert_eq!(hits(&mut alice, search("go -python")).await.len(), 1);
+    assert!(hits(&mut alice, search("go -rust")).await.is_empty());
+}
+
+/// Ranking is bounded in time: a query matching more of the user's messages
+/// than can be ranked within --search-timeout ends RESOURCE_EXHAUSTED with a
+/// message saying how to narrow it, and the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
+    let app = TestApp::spawn_with(|settings| {
+        settings.pool.search_timeout = std::time::Duration::from_millis(10);
+    })
+    .await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "many").await;
+    // 50,000 messages (ranking them takes PostgreSQL 30 ms or more here) that all match "common", written in the database
+    // directly: the API would take a while to take them.
+    app.db
+        .run_sql(&format!(
+            "INSERT INTO messages (user_id, conversation_id, id, sequence, role, content, \
+                                   metadata, create_time) \
+             SELECT 'alice', '{id}', gen_random_uuid(), n, 1, \
+                    'common words ' || n || ' repeated common text common', '{{}}', now() \
+               FROM generate_series(1, 50000) AS n; \
+             UPDATE conversations SET message_count = 50000 WHERE id = '{id}'; \
+             ANALYZE messages;",
+            id = chat.id
+        ))
+        .await;
+    let status = expect_code(
+        alice.search_messages(search("common")).await,
+        Code::ResourceExhausted,
+    );
+    assert!(
+        status.message().contains("rank within 10ms") && status.message().contains("narrow it"),
+        "{}",
+        status.message()
+    );
+    // A selective query under the same bound is answered.
+    assert_eq!(hits(&mut alice, search("12345")).await.len(), 1);
+}
