@@ -13,21 +13,21 @@ WITH c AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
            m.reasoning_tokens, m.answers_from
-      FROM c JOIN messages m
-        ON m.user_id = :user AND m.conversation_id = :conversation::uuid
-       AND m.sequence BETWEEN c.start AND c.message_count
+      FROM messages m
+     WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
+       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
            m.reasoning_tokens, m.answers_from
-      FROM c JOIN messages m
-        ON m.user_id = :user AND m.conversation_id = :conversation::uuid
-       AND m.sequence < c.start
+      FROM messages m
+     WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
+       AND m.sequence < (SELECT start FROM c)
        AND m.sequence >= (
            SELECT min(t.answers_from) FROM w t
             WHERE t.role = 4
               AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> 4),
-                                        c.message_count + 1))
+                                        (SELECT message_count FROM c) + 1))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,

@@ -210,6 +210,24 @@ static APPEND: LazyLock<[[Template; 2]; 2]> = LazyLock::new(|| {
     ]
 });
 
+/// The four shapes, named, for plan checks (see `store::hot_statements`).
+pub(super) fn shapes() -> Vec<(String, &'static Template)> {
+    let mut shapes = Vec::new();
+    for (request, by_request) in APPEND.iter().enumerate() {
+        for (tools, template) in by_request.iter().enumerate() {
+            shapes.push((
+                format!(
+                    "append (request_id: {}, tools: {})",
+                    request == 1,
+                    tools == 1
+                ),
+                template,
+            ));
+        }
+    }
+    shapes
+}
+
 /// One execution of [`append_sql`]: the batch as columns.
 struct AppendStatement<'a> {
     user: &'a str,

@@ -42,6 +42,23 @@ pub use migrations::{
     run_pending_migrations,
 };
 pub use pool::{HealthProbe, PoolSettings, Store};
+/// Test support: the statements of the hot paths as PostgreSQL receives
+/// them (`$1`…`$n`) with their number of parameters, for the API tests to
+/// check their plans.
+#[doc(hidden)]
+pub fn hot_statements() -> Vec<(String, String, usize)> {
+    let mut statements: Vec<(String, String, usize)> = append::shapes()
+        .into_iter()
+        .map(|(name, template)| {
+            let (sql, binds) = template.numbered();
+            (name, sql, binds)
+        })
+        .collect();
+    let (sql, binds) = resume::PARSED.numbered();
+    statements.push(("resume".to_owned(), sql, binds));
+    statements
+}
+
 /// Test support: the API tests EXPLAIN the search to see its index used.
 #[doc(hidden)]
 pub use search::{SEARCH_SQL, SearchOutcome};

@@ -8,6 +8,12 @@
 //! results whose calls lie before it, it starts instead at the earliest
 //! message holding those calls (each tool message records it in
 //! `answers_from`), so a tool exchange is never split.
+//!
+//! The window's bounds come from the conversation row as scalar subqueries,
+//! not from a join with it: evaluated once, they are parameters of the index
+//! scan, so the plan reads the key range whatever PostgreSQL knows of the
+//! tables. Written as a join, the generic plan made on a table not yet
+//! analyzed read the whole conversation and filtered it.
 
 use std::sync::LazyLock;
 
@@ -42,21 +48,21 @@ WITH c AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
            m.reasoning_tokens, m.answers_from
-      FROM c JOIN messages m
-        ON m.user_id = $user AND m.conversation_id = $conversation
-       AND m.sequence BETWEEN c.start AND c.message_count
+      FROM messages m
+     WHERE m.user_id = $user AND m.conversation_id = $conversation
+       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
            m.reasoning_tokens, m.answers_from
-      FROM c JOIN messages m
-        ON m.user_id = $user AND m.conversation_id = $conversation
-       AND m.sequence < c.start
+      FROM messages m
+     WHERE m.user_id = $user AND m.conversation_id = $conversation
+       AND m.sequence < (SELECT start FROM c)
        AND m.sequence >= (
            SELECT min(t.answers_from) FROM w t
             WHERE t.role = $tool
               AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> $tool),
-                                        c.message_count + 1))
+                                        (SELECT message_count FROM c) + 1))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,
@@ -126,9 +132,10 @@ type ResumeColumns = (
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
 
+pub(super) static PARSED: LazyLock<Template> = LazyLock::new(|| Template::parse(RESUME));
+
 impl QueryFragment<Pg> for ResumeStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        static PARSED: LazyLock<Template> = LazyLock::new(|| Template::parse(RESUME));
         PARSED.push(&mut out, |name, out| match name {
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),

@@ -86,6 +86,24 @@ impl Template {
     }
 }
 
+impl Template {
+    /// The statement as PostgreSQL receives it, `$1`…`$n`, and `n`.
+    pub(super) fn numbered(&self) -> (String, usize) {
+        let mut sql = String::new();
+        let mut binds = 0;
+        for piece in &self.pieces {
+            match piece {
+                Piece::Sql(text) | Piece::Again(text) => sql.push_str(text),
+                Piece::Bind(_) => {
+                    binds += 1;
+                    sql.push_str(&format!("${binds}"));
+                }
+            }
+        }
+        (sql, binds)
+    }
+}
+
 /// The error for a `$name` that the statement does not bind.
 pub(super) fn unknown_parameter(name: &str) -> DieselError {
     DieselError::QueryBuilderError(format!("no value for parameter ${name}").into())

@@ -14,6 +14,7 @@ mod messages;
 mod operability;
 mod operations;
 mod parts;
+mod plans;
 mod private_postgres;
 mod search;
 mod security;

@@ -1,0 +1,90 @@
+//! The hot statements read by key whatever PostgreSQL knows of the tables.
+//!
+//! convo prepares each statement once per session and runs its generic plan
+//! (`plan_cache_mode = force_generic_plan`), so a plan made when the session
+//! first ran it, on a database not yet analyzed, is the plan for as long as
+//! the session lives or until an ANALYZE. Such a plan once read every message
+//! of the user on each append (the `(user_id, id)` index looked as good as
+//! the primary key on a table thought tiny) and every message of the
+//! conversation on each resume: appends slowed as the user's history grew,
+//! and an open-loop load collapsed within seconds. These checks run on a
+//! database fresh from the migrations, never analyzed.
+
+use diesel::QueryableByName;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+
+use crate::helpers::TestDb;
+
+#[derive(QueryableByName)]
+struct PlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+    line: String,
+}
+
+/// Every scan in `plan` is an index scan bounded to one conversation: the
+/// conversation row and earlier requests by primary key, messages by a
+/// sequence range of the primary key. Tool calls may be read through either
+/// of their indexes (both lead with the conversation): before statistics
+/// exist the planner cannot tell them apart, and either reads one
+/// conversation's calls only.
+fn assert_reads_by_key(name: &str, plan: &[String]) {
+    let text = plan.join("\n");
+    let mut message_scans = 0;
+    for (at, line) in plan.iter().enumerate() {
+        let Some(table) = ["messages", "conversations", "tool_calls", "append_requests"]
+            .into_iter()
+            .find(|table| line.contains("Scan") && line.contains(&format!(" on {table} ")))
+        else {
+            continue;
+        };
+        let condition = plan.get(at + 1).map(String::as_str).unwrap_or_default();
+        assert!(
+            line.contains("Index Scan")
+                && condition.contains("Index Cond")
+                && condition.contains("user_id"),
+            "{name}: {table} read other than through an index:\n{text}"
+        );
+        match table {
+            "tool_calls" => assert!(
+                condition.contains("conversation_id"),
+                "{name}: tool calls read beyond one conversation:\n{text}"
+            ),
+            "messages" => {
+                message_scans += 1;
+                assert!(
+                    line.contains("messages_pkey")
+                        && condition.contains("conversation_id")
+                        && condition.contains("sequence"),
+                    "{name}: messages read other than by a range of one conversation:\n{text}"
+                );
+            }
+            _ => assert!(
+                line.contains(&format!("{table}_pkey")),
+                "{name}: {table} read other than by its primary key:\n{text}"
+            ),
+        }
+    }
+    assert!(message_scans > 0, "{name}: no read of messages in:\n{text}");
+}
+
+#[tokio::test]
+async fn hot_statements_read_by_key_on_a_database_never_analyzed() {
+    let db = TestDb::create().await;
+    let mut conn = db.connect().await;
+    conn.batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    for (index, (name, sql, binds)) in convo::store::hot_statements().into_iter().enumerate() {
+        conn.batch_execute(&format!("PREPARE hot_{index} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{sql}"));
+        let nulls = vec!["NULL"; binds].join(", ");
+        let plan: Vec<PlanLine> =
+            diesel::sql_query(format!("EXPLAIN EXECUTE hot_{index}({nulls})"))
+                .load(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let plan: Vec<String> = plan.into_iter().map(|l| l.line).collect();
+        assert_reads_by_key(&name, &plan);
+    }
+}
