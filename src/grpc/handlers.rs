@@ -183,8 +183,10 @@ impl ConversationService for ConversationApi {
         let watch = self.parser.watch_conversation(request.get_ref())?;
         record_conversation(watch.conversation_id);
         let messages = self.service.watch_conversation(&owner, watch).await?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(messages)
-            .map(|item| item.map(proto::Message::from).map_err(Status::from));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(messages).map(|item| {
+            item.map(|outgoing| proto::Message::from(outgoing.into_message()))
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(stream) as WatchStream))
     }
 

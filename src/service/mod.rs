@@ -23,7 +23,7 @@ mod error;
 
 pub use error::{ServiceError, WatchCap};
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::{
     domain::{
@@ -41,7 +41,40 @@ use crate::{
 
 /// What a watch stream yields: messages in sequence order, then possibly one
 /// error that ends it.
-pub type WatchStream = mpsc::Receiver<std::result::Result<Message, ServiceError>>;
+pub type WatchStream = mpsc::Receiver<std::result::Result<Outgoing, ServiceError>>;
+
+/// A message on its way to a watcher. While it waits in the stream's buffer
+/// it holds its size's share of the stream's byte budget (the max response
+/// size), so a client that stops reading holds at most that much buffered,
+/// whatever its messages weigh; taking the message out releases the share.
+#[derive(Debug)]
+pub struct Outgoing {
+    message: Message,
+    _share: OwnedSemaphorePermit,
+}
+
+impl Outgoing {
+    pub fn into_message(self) -> Message {
+        self.message
+    }
+}
+
+/// The longest prefix of `messages` whose sizes add up to at most `budget`
+/// bytes, never empty when `messages` is not, and whether anything was left
+/// out.
+fn within_budget(mut messages: Vec<Message>, budget: usize) -> (Vec<Message>, bool) {
+    let mut total = 0;
+    let keep = messages
+        .iter()
+        .position(|message| {
+            total += message.wire_size_bound();
+            total > budget
+        })
+        .map_or(messages.len(), |over| over.max(1));
+    let cut = keep < messages.len();
+    messages.truncate(keep);
+    (messages, cut)
+}
 
 /// Counts a watch stream in `convo_watch_streams` for as long as it lives.
 struct OpenWatch;
@@ -59,8 +92,9 @@ impl Drop for OpenWatch {
     }
 }
 
-/// How many messages a watcher reads per query, and buffers for its client.
-const WATCH_BATCH: PageSize = PageSize::fixed(256);
+/// How many messages a watcher reads per query; what it holds is bounded by
+/// bytes as well (see [`Outgoing`]).
+const WATCH_BATCH: PageSize = PageSize::fixed(64);
 
 /// Where a watch stream stands: the last sequence it delivered (or was asked
 /// to start after) and, once known, the id of the message there.
@@ -362,6 +396,8 @@ impl Conversations {
         let (sender, stream) = mpsc::channel(WATCH_BATCH.get() as usize);
         let store = self.store.clone();
         let owner = owner.clone();
+        let budget = self.max_response_bytes.min(u32::MAX as usize);
+        let shares = std::sync::Arc::new(Semaphore::new(budget));
         tokio::spawn(async move {
             let _slot = slot;
             let _open = OpenWatch::start();
@@ -392,7 +428,10 @@ impl Conversations {
                         };
                         let more = page.next.is_some();
                         match position.check(page.items) {
-                            Ok(fresh) => (fresh, more),
+                            Ok(fresh) => {
+                                let (fresh, cut) = within_budget(fresh, budget);
+                                (fresh, more || cut)
+                            }
                             Err(truncated) => {
                                 let _ = sender.send(Err(truncated)).await;
                                 return;
@@ -402,7 +441,19 @@ impl Conversations {
                 };
                 for message in fresh {
                     position.delivered(&message);
-                    if sender.send(Ok(message)).await.is_err() {
+                    let share = message.wire_size_bound().min(budget) as u32;
+                    let share = tokio::select! {
+                        share = shares.clone().acquire_many_owned(share) => match share {
+                            Ok(share) => share,
+                            Err(_) => return,
+                        },
+                        () = sender.closed() => return,
+                    };
+                    let outgoing = Outgoing {
+                        message,
+                        _share: share,
+                    };
+                    if sender.send(Ok(outgoing)).await.is_err() {
                         return;
                     }
                 }
@@ -566,5 +617,19 @@ mod tests {
                 .hand_off(&appended(Some(MessageId::generate()), 6..=6))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_watch_holds_messages_up_to_its_byte_budget_and_always_one() {
+        let page: Vec<Message> = (1..=5).map(message).collect();
+        let size = page[0].wire_size_bound();
+        let (kept, cut) = within_budget(page.clone(), 2 * size);
+        assert_eq!((kept.len(), cut), (2, true));
+        let (kept, cut) = within_budget(page.clone(), 10 * size);
+        assert_eq!((kept.len(), cut), (5, false));
+        // A message larger than the whole budget still goes, alone.
+        let (kept, cut) = within_budget(page, size / 2);
+        assert_eq!((kept.len(), cut), (1, true));
+        assert_eq!(within_budget(Vec::new(), size), (Vec::new(), false));
     }
 }
