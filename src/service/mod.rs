@@ -44,9 +44,10 @@ use crate::{
 pub type WatchStream = mpsc::Receiver<std::result::Result<Outgoing, ServiceError>>;
 
 /// A message on its way to a watcher. While it waits in the stream's buffer
-/// it holds its size's share of the stream's byte budget (the max response
-/// size), so a client that stops reading holds at most that much buffered,
-/// whatever its messages weigh; taking the message out releases the share.
+/// it holds its size's share of the stream's byte budget
+/// ([`WATCH_BUFFER_BYTES`]), so a client that stops reading holds about that
+/// much buffered, whatever its messages weigh; taking the message out
+/// releases the share.
 #[derive(Debug)]
 pub struct Outgoing {
     message: Message,
@@ -95,6 +96,12 @@ impl Drop for OpenWatch {
 /// How many messages a watcher reads per query; what it holds is bounded by
 /// bytes as well (see [`Outgoing`]).
 const WATCH_BATCH: PageSize = PageSize::fixed(64);
+
+/// What one watch stream may hold in messages not yet taken by the
+/// transport, and in a page read but not yet queued: a live feed needs little
+/// (a message larger than this still goes, alone), and a thousand stalled
+/// watchers must not hold gigabytes.
+const WATCH_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Where a watch stream stands: the last sequence it delivered (or was asked
 /// to start after) and, once known, the id of the message there.
@@ -396,7 +403,7 @@ impl Conversations {
         let (sender, stream) = mpsc::channel(WATCH_BATCH.get() as usize);
         let store = self.store.clone();
         let owner = owner.clone();
-        let budget = self.max_response_bytes.min(u32::MAX as usize);
+        let budget = WATCH_BUFFER_BYTES;
         let shares = std::sync::Arc::new(Semaphore::new(budget));
         tokio::spawn(async move {
             let _slot = slot;
@@ -416,7 +423,7 @@ impl Conversations {
                             order: MessageOrder::OldestFirst,
                             cursor: None,
                         };
-                        let page = match store.list_messages(&owner, &read).await {
+                        let page = match store.list_messages_for_watch(&owner, &read).await {
                             Ok(page) => page,
                             Err(error) => {
                                 // NOT_FOUND once the conversation is deleted; an

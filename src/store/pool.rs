@@ -112,6 +112,8 @@ pub struct Store {
     /// Where the pool connects, for cancel requests and the health probe.
     target: DatabaseTarget,
     pub(super) search_timeout: Duration,
+    /// Turns for watch streams' reads (see [`Store::list_messages_for_watch`]).
+    watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -154,6 +156,9 @@ impl Store {
             pool,
             target,
             search_timeout: settings.search_timeout,
+            watch_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(watch_read_turns(
+                settings.max_size,
+            ))),
         })
     }
 
@@ -221,6 +226,25 @@ impl Store {
         .await
     }
 
+    /// Lists messages for a watch stream. Watch reads take turns: at most a
+    /// quarter of the pool's sessions serve them at once, so a thousand
+    /// watchers woken together (a burst of notifications from another
+    /// replica, or the listener's resync, which wakes them all) queue among
+    /// themselves instead of taking every session from the calls.
+    pub async fn list_messages_for_watch(
+        &self,
+        owner: &crate::domain::UserId,
+        list: &crate::domain::ListMessages,
+    ) -> Result<crate::domain::Page<crate::domain::Message, crate::domain::MessageCursor>, StoreError>
+    {
+        let _turn = self
+            .watch_reads
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
+        self.list_messages(owner, list).await
+    }
+
     /// A health probe with a session of its own (see [`HealthProbe`]).
     pub fn health_probe(&self, timeout: Duration) -> HealthProbe {
         HealthProbe {
@@ -235,6 +259,12 @@ impl Store {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
             .await
     }
+}
+
+/// How many watch reads may hold pooled sessions at once: a quarter of the
+/// pool, at least one.
+fn watch_read_turns(pool_size: u32) -> usize {
+    (pool_size as usize / 4).max(1)
 }
 
 /// Asks the database whether it answers, on a session of its own: a pool
