@@ -1,0 +1,146 @@
+"""A live convo server for the tests.
+
+With CONVO_ADDR set, the tests use that server. Otherwise they start one:
+the binary at CONVO_BIN (default: the repository's target/debug/convo,
+built by `cargo build`) on a free port, with its own private PostgreSQL in a
+temporary directory, exactly as a newcomer's `convo serve` runs.
+"""
+
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process, seconds: float = 60.0) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"convo exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"convo did not listen on {port} within {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def convo_addr():
+    if os.environ.get("CONVO_ADDR"):
+        yield os.environ["CONVO_ADDR"]
+        return
+    binary = Path(
+        os.environ.get("CONVO_BIN", REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "convo")
+    )
+    if not binary.is_absolute():
+        binary = REPO / binary
+    if not binary.exists():
+        pytest.exit(f"no convo binary at {binary}: run `cargo build` or set CONVO_BIN/CONVO_ADDR")
+    data = tempfile.mkdtemp(prefix="convo-pytest-")
+    os.chmod(data, 0o755)  # as root, the private PostgreSQL runs as `postgres`
+    port = free_port()
+    log = open(Path(data) / "serve.log", "w")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
+    process = subprocess.Popen(
+        [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", f"{data}/convo-data"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        wait_for_port(port, process)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def user():
+    """A user of the test's own: tests share the server, never their data."""
+    return f"pytest-{uuid.uuid4().hex}"
+
+
+class Proxy:
+    """A TCP proxy to the server that the test can cut: every connection
+    through it is closed at once by `cut()`; new ones are accepted after."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def proxy(convo_addr):
+    proxy = Proxy(int(convo_addr.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
