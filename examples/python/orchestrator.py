@@ -18,14 +18,10 @@ import uuid
 
 import grpc
 
-from convo.v1 import convo_pb2 as pb
-from convo.v1 import convo_pb2_grpc as rpc
+from convo_client import ConvoClient, new_message, pb
 
 ADDR = os.environ.get("CONVO_ADDR", "127.0.0.1:50051")
 USER = os.environ.get("CONVO_USER", "python-example")
-METADATA = (("x-user-id", USER),)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.DEADLINE_EXCEEDED}
 MODEL = "stand-in-model-1"
 FORECASTS = {"lisbon": "21°C and sunny", "porto": "18°C and cloudy"}
 
@@ -67,24 +63,12 @@ def stand_in_model(history, turn):
     return [pb.Part(text=answer)], usage
 
 
-def call(method, request, attempts=5):
-    """Calls with retries for transient failures. Safe for appends because
-    every append carries a request_id."""
-    for attempt in range(attempts):
-        try:
-            return method(request, metadata=METADATA, timeout=10)
-        except grpc.RpcError as error:
-            if error.code() not in RETRYABLE or attempt == attempts - 1:
-                raise
-
-
-def take_turn(stub, conversation_id, turn_id, prompt, meanwhile=None):
+def take_turn(client, conversation_id, turn_id, prompt, meanwhile=None):
     """One orchestrator turn, tool calls included; returns how many messages
     it stored. `meanwhile` runs once between the first read and the first
     write, standing in for another replica."""
     while True:
-        resumed = call(stub.ResumeConversation, pb.ResumeConversationRequest(
-            conversation_id=conversation_id, max_messages=50))
+        resumed = client.resume_conversation(conversation_id, max_messages=50)
         if meanwhile:
             meanwhile()
             meanwhile = None
@@ -105,11 +89,11 @@ def take_turn(stub, conversation_id, turn_id, prompt, meanwhile=None):
                     for c in calls]
                 # Store this step: the user message (first step only), the
                 # model's message and its tool results, as one atomic batch.
-                stored = call(stub.AppendMessages, pb.AppendMessagesRequest(
-                    conversation_id=conversation_id, messages=pending,
-                    request_id=f"{turn_id}-step{step}", expected_last_sequence=last))
-                history += list(stored.messages)[1 if step == 0 else 0:]
-                last = stored.messages[-1].sequence
+                stored = client.append_messages(
+                    conversation_id, pending,
+                    request_id=f"{turn_id}-step{step}", expected_last_sequence=last)
+                history += stored[1 if step == 0 else 0:]
+                last = stored[-1].sequence
                 pending, step = [], step + 1
                 if not calls:
                     return last - resumed.conversation.message_count
@@ -139,46 +123,44 @@ def describe(message):
 
 
 def main():
-    with grpc.insecure_channel(ADDR) as channel:
-        stub = rpc.ConversationServiceStub(channel)
+    # Retries of UNAVAILABLE and RESOURCE_EXHAUSTED, with backoff, are the
+    # client's: every append carries a request_id, so none can write twice.
+    with ConvoClient(ADDR, user_id=USER, timeout=10) as client:
         run = uuid.uuid4().hex[:8]
-        conversation = call(stub.CreateConversation, pb.CreateConversationRequest(
-            title="Python tool-using orchestrator", metadata={"client": "python"},
-            request_id=f"example-{run}"))
+        conversation = client.create_conversation(
+            "Python tool-using orchestrator", metadata={"client": "python"},
+            request_id=f"example-{run}")
         print(f"conversation {conversation.id} for {USER} at {ADDR}")
 
         # Turn 1: the model calls a tool for each city; the results come
         # back; the model answers from them.
-        stored = take_turn(stub, conversation.id, f"{run}-t1",
+        stored = take_turn(client, conversation.id, f"{run}-t1",
                            "What is the weather in Lisbon and Porto?")
         assert stored == 5, f"turn 1 stored {stored} messages"
 
         # Turn 2: another replica appends between our read and our write:
         # the first attempt is ABORTED, and the retry sees its message.
         def another_replica_appends():
-            call(stub.AppendMessage, pb.AppendMessageRequest(
-                conversation_id=conversation.id, role=pb.ROLE_SYSTEM,
-                content="(another replica added a note)", request_id=f"{run}-intruder"))
+            client.append_message(
+                conversation.id, new_message(pb.ROLE_SYSTEM, "(another replica added a note)"),
+                request_id=f"{run}-intruder")
 
-        take_turn(stub, conversation.id, f"{run}-t2", "Thanks!", meanwhile=another_replica_appends)
+        take_turn(client, conversation.id, f"{run}-t2", "Thanks!", meanwhile=another_replica_appends)
 
         # A retried append with the same request_id returns the original.
-        final = call(stub.ResumeConversation, pb.ResumeConversationRequest(
-            conversation_id=conversation.id))
+        final = client.resume_conversation(conversation.id)
         first = final.messages[0]
-        again = call(stub.AppendMessages, pb.AppendMessagesRequest(
-            conversation_id=conversation.id, request_id=f"{run}-t1-step0",
-            expected_last_sequence=0, messages=[
+        again = client.append_messages(
+            conversation.id, request_id=f"{run}-t1-step0", expected_last_sequence=0, messages=[
                 pb.NewMessage(role=first.role, content=first.content),
                 pb.NewMessage(role=final.messages[1].role, parts=final.messages[1].parts,
                               model=final.messages[1].model, usage=final.messages[1].usage),
-                *[pb.NewMessage(role=m.role, name=m.name, parts=m.parts) for m in final.messages[2:4]]]))
-        assert again.messages[0].id == first.id, "a retry must not duplicate"
+                *[pb.NewMessage(role=m.role, name=m.name, parts=m.parts) for m in final.messages[2:4]]])
+        assert again[0].id == first.id, "a retry must not duplicate"
 
         # Resume with a window that would start at the second tool result:
         # it widens back to the assistant message that made the calls.
-        narrow = call(stub.ResumeConversation, pb.ResumeConversationRequest(
-            conversation_id=conversation.id, max_messages=5))
+        narrow = client.resume_conversation(conversation.id, max_messages=5)
         assert narrow.messages[0].role == pb.ROLE_ASSISTANT, "the exchange is kept whole"
         assert narrow.messages[0].sequence == 2 and narrow.has_more
 
