@@ -362,7 +362,10 @@ impl Conversations {
         owner: &UserId,
         list: ListMessages,
     ) -> Result<Page<Message, MessageCursor>> {
-        let page = self.store.list_messages(owner, &list).await?;
+        let page = self
+            .store
+            .list_messages(owner, &list, self.max_response_bytes)
+            .await?;
         Ok(
             page.fit(self.max_response_bytes, Message::wire_size_bound, |last| {
                 MessageCursor::after(list.order, last)
@@ -375,7 +378,10 @@ impl Conversations {
         owner: &UserId,
         resume: ResumeConversation,
     ) -> Result<Resumed> {
-        let resumed = self.store.resume_conversation(owner, resume).await?;
+        let resumed = self
+            .store
+            .resume_conversation(owner, resume, self.max_response_bytes)
+            .await?;
         Ok(resumed.fit(self.max_response_bytes))
     }
 
@@ -423,7 +429,8 @@ impl Conversations {
                             order: MessageOrder::OldestFirst,
                             cursor: None,
                         };
-                        let page = match store.list_messages_for_watch(&owner, &read).await {
+                        let page = match store.list_messages_for_watch(&owner, &read, budget).await
+                        {
                             Ok(page) => page,
                             Err(error) => {
                                 // NOT_FOUND once the conversation is deleted; an
@@ -503,7 +510,11 @@ impl Conversations {
         owner: &UserId,
         search: &SearchMessages,
     ) -> Result<Page<SearchHit, SearchCursor>> {
-        let page = match self.store.search_messages(owner, search).await? {
+        let page = match self
+            .store
+            .search_messages(owner, search, self.max_response_bytes)
+            .await?
+        {
             SearchOutcome::Found(page) => page,
             SearchOutcome::MatchesEverything => return Err(ServiceError::SearchMatchesEverything),
             SearchOutcome::OverBudget(budget) => {

@@ -7,13 +7,15 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, conversations, parts,
+    Store, StoreError, conversations,
+    list::ListStatement,
+    parts,
     schema::messages,
     values::{TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
 };
 use crate::domain::{
-    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
-    Name, Page, Role, TruncateConversation, Usage, UserId,
+    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Name, Page,
+    Role, TruncateConversation, Usage, UserId,
 };
 
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -100,11 +102,14 @@ pub enum TruncateOutcome {
 impl Store {
     /// A page of the conversation's messages with `sequence > after_sequence`,
     /// continuing after `cursor`. Walks the primary key from a bound, so the
-    /// cost does not grow with the conversation's length.
+    /// cost does not grow with the conversation's length; reads no more than
+    /// about `max_bytes` of messages (see `list.rs`), so the page may end
+    /// early, with a next cursor, for the caller to trim exactly.
     pub async fn list_messages(
         &self,
         owner: &UserId,
         list: &ListMessages,
+        max_bytes: usize,
     ) -> Result<Page<Message, MessageCursor>, StoreError> {
         let ListMessages {
             conversation_id,
@@ -114,28 +119,16 @@ impl Store {
             cursor,
         } = *list;
         self.with_conn(async |conn| {
-            let mut query = messages::table
-                .filter(messages::user_id.eq(owner.as_str()))
-                .filter(messages::conversation_id.eq(conversation_id.as_uuid()))
-                .filter(messages::sequence.gt(after_sequence.get()))
-                .select(MessageRow::as_select())
-                .limit(size.limit_with_lookahead())
-                .into_boxed();
-            query = match order {
-                MessageOrder::OldestFirst => {
-                    if let Some(cursor) = cursor {
-                        query = query.filter(messages::sequence.gt(cursor.sequence));
-                    }
-                    query.order(messages::sequence.asc())
-                }
-                MessageOrder::NewestFirst => {
-                    if let Some(cursor) = cursor {
-                        query = query.filter(messages::sequence.lt(cursor.sequence));
-                    }
-                    query.order(messages::sequence.desc())
-                }
+            let statement = ListStatement {
+                user: owner.as_str(),
+                conversation: conversation_id.as_uuid(),
+                order,
+                after: after_sequence.get(),
+                cursor: cursor.map(|c| c.sequence),
+                limit: size.limit_with_lookahead(),
+                budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
             };
-            let rows: Vec<MessageRow> = query.load(conn).await?;
+            let rows: Vec<MessageRow> = statement.load(conn).await?;
             // An empty page may mean "no such conversation": ask only then, so the
             // common case stays one round trip.
             if rows.is_empty() && !conversations::exists_for(conn, owner, conversation_id).await? {

@@ -19,6 +19,7 @@ mod append;
 mod changes;
 mod conversations;
 mod error;
+mod list;
 mod messages;
 mod migrations;
 mod parts;
@@ -54,6 +55,10 @@ pub fn hot_statements() -> Vec<(String, String, usize)> {
             (name, sql, binds)
         })
         .collect();
+    statements.extend(list::shapes().into_iter().map(|(name, template)| {
+        let (sql, binds) = template.numbered();
+        (name, sql, binds)
+    }));
     let (sql, binds) = resume::PARSED.numbered();
     statements.push(("resume".to_owned(), sql, binds));
     statements

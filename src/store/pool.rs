@@ -235,6 +235,7 @@ impl Store {
         &self,
         owner: &crate::domain::UserId,
         list: &crate::domain::ListMessages,
+        max_bytes: usize,
     ) -> Result<crate::domain::Page<crate::domain::Message, crate::domain::MessageCursor>, StoreError>
     {
         let _turn = self
@@ -242,7 +243,7 @@ impl Store {
             .acquire()
             .await
             .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
-        self.list_messages(owner, list).await
+        self.list_messages(owner, list, max_bytes).await
     }
 
     /// A health probe with a session of its own (see [`HealthProbe`]).

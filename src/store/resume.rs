@@ -14,6 +14,11 @@
 //! scan, so the plan reads the key range whatever PostgreSQL knows of the
 //! tables. Written as a join, the generic plan made on a table not yet
 //! analyzed read the whole conversation and filtered it.
+//!
+//! The window is bounded in bytes too: walking back from the newest message,
+//! it keeps every message that begins within `$budget` (the response limit)
+//! and one more, which tells the service to trim (see `list.rs`). So a
+//! window of 1,000 large messages is not read whole to be cut afterwards.
 
 use std::sync::LazyLock;
 
@@ -45,12 +50,22 @@ WITH c AS (
            greatest(message_count - $max_messages, 0) + 1 AS start
       FROM conversations WHERE user_id = $user AND id = $conversation
 ), w AS (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens, m.answers_from
-      FROM messages m
-     WHERE m.user_id = $user AND m.conversation_id = $conversation
-       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+    SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name,
+           model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens,
+           answers_from
+      FROM (
+        SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata,
+               m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens,
+               m.cached_input_tokens, m.reasoning_tokens, m.answers_from,
+               coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
+                            OVER (ORDER BY m.sequence DESC
+                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)
+                   AS newer_before_next
+          FROM messages m
+         WHERE m.user_id = $user AND m.conversation_id = $conversation
+           AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+      ) AS sized
+     WHERE newer_before_next < $budget
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
@@ -92,6 +107,7 @@ struct ResumeStatement<'a> {
     conversation: &'a Uuid,
     max_messages: i64,
     tool: i16,
+    budget: i64,
 }
 
 /// The columns of [`RESUME`], in order: a conversation's or a message's,
@@ -141,6 +157,7 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "max_messages" => out.push_bind_param::<BigInt, _>(&self.max_messages),
             "tool" => out.push_bind_param::<SmallInt, _>(&self.tool),
+            "budget" => out.push_bind_param::<BigInt, _>(&self.budget),
             other => Err(unknown_parameter(other)),
         })
     }
@@ -156,17 +173,20 @@ struct ResumeRow {
 impl Store {
     /// The conversation and its last `max_messages` messages in ascending
     /// order (widened to keep a tool exchange whole), and whether older ones
-    /// exist: one statement, one snapshot.
+    /// exist: one statement, one snapshot. Reads about `max_bytes` of
+    /// messages at most, for the caller to trim exactly.
     pub async fn resume_conversation(
         &self,
         owner: &UserId,
         resume: ResumeConversation,
+        max_bytes: usize,
     ) -> Result<Resumed, StoreError> {
         let statement = ResumeStatement {
             user: owner.as_str(),
             conversation: resume.conversation_id.as_uuid(),
             max_messages: i64::from(resume.max_messages.get()),
             tool: Role::Tool.number() as i16,
+            budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
         };
         let rows: Vec<ResumeRow> = self
             .with_conn(async |conn| Ok(diesel_async::RunQueryDsl::load(statement, conn).await?))
@@ -217,6 +237,7 @@ mod tests {
         let ours = RESUME
             .replace("$max_messages", "50")
             .replace("$tool", &(Role::Tool.number()).to_string())
+            .replace("$budget", "4194304")
             .replace("$user", ":user")
             .replace("$conversation", ":conversation::uuid");
         assert_eq!(script.trim_end_matches(';'), ours);

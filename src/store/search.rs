@@ -19,8 +19,14 @@ use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, User
 /// cut by keyset on (rank, conversation_id, sequence), and snippets are made
 /// only for the rows of the page. `websearch_to_tsquery` accepts any text.
 ///
+/// The page is bounded in bytes as well: in rank order, every hit that
+/// begins within $8 (the response limit) and one more are kept, which tells
+/// the service to trim, so snippets and rows are made for about one
+/// response's worth of hits (see `list.rs`).
+///
 /// Parameters: $1 user_id, $2 query text, $3 conversation filter or NULL,
-/// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit.
+/// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit,
+/// $8 the byte budget.
 pub const SEARCH_SQL: &str = "\
 SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, page.metadata, \
        page.create_time, page.parts, page.name, page.model, page.input_tokens, \
@@ -30,6 +36,13 @@ SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, pa
                    'StartSel=<mark>, StopSel=</mark>, MaxWords=24, MinWords=8, \
                     MaxFragments=2, FragmentDelimiter=\" … \"') AS snippet \
 FROM ( \
+    SELECT ranked.*, \
+           coalesce(sum(octet_length(ranked.content) + coalesce(octet_length(ranked.parts), 0)) \
+                        OVER (ORDER BY ranked.rank DESC, ranked.conversation_id DESC, \
+                                       ranked.sequence DESC \
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0) \
+               AS before_previous \
+    FROM ( \
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time, \
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens, \
            m.reasoning_tokens, \
@@ -43,8 +56,10 @@ FROM ( \
                m.conversation_id, m.sequence) < ($4::real, $5::uuid, $6::bigint)) \
     ORDER BY rank DESC, m.conversation_id DESC, m.sequence DESC \
     LIMIT $7 \
+) AS ranked \
 ) AS page \
 JOIN conversations c ON c.user_id = $1 AND c.id = page.conversation_id \
+WHERE page.before_previous < $8 \
 ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC";
 
 #[derive(QueryableByName)]
@@ -104,6 +119,7 @@ impl Store {
         &self,
         owner: &UserId,
         search: &SearchMessages,
+        max_bytes: usize,
     ) -> Result<SearchOutcome, StoreError> {
         let (query, conversation, size, after) = (
             &search.query,
@@ -131,6 +147,7 @@ impl Store {
                         .bind::<Nullable<SqlUuid>, _>(after.map(|c| *c.conversation_id.as_uuid()))
                         .bind::<Nullable<BigInt>, _>(after.map(|c| c.sequence))
                         .bind::<BigInt, _>(size.limit_with_lookahead())
+                        .bind::<BigInt, _>(i64::try_from(max_bytes).unwrap_or(i64::MAX))
                         .load(conn)
                         .await?;
                     let hits = rows

@@ -368,13 +368,13 @@ async fn the_search_is_served_by_the_user_scoped_index() {
 
     let mut conn = app.db.connect().await;
     conn.batch_execute(&format!(
-        "PREPARE search_plan (text, text, uuid, real, uuid, bigint, bigint) AS {}",
+        "PREPARE search_plan (text, text, uuid, real, uuid, bigint, bigint, bigint) AS {}",
         convo::store::SEARCH_SQL
     ))
     .await
     .unwrap();
     let plan: Vec<PlanLine> = diesel::sql_query(
-        "EXPLAIN EXECUTE search_plan('alice', 'needle', NULL, NULL, NULL, NULL, 51)",
+        "EXPLAIN EXECUTE search_plan('alice', 'needle', NULL, NULL, NULL, NULL, 51, 4194304)",
     )
     .load(&mut conn)
     .await
