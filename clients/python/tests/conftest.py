@@ -144,3 +144,60 @@ def proxy(convo_addr):
     proxy = Proxy(int(convo_addr.rsplit(":", 1)[1]))
     yield proxy
     proxy.close()
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(directory: Path) -> dict:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate
+    (X.509 v3, as rustls requires), made with the openssl command."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=directory)
+    for name, extensions in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (directory / f"{name}.ext").write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n" + extensions
+        )
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
+                 "-out", f"{name}.pem", cwd=directory)
+    return {name: (directory / name).read_bytes()
+            for name in ("ca.pem", "client.key", "client.pem")}
+
+
+@pytest.fixture(scope="session")
+def mtls_server():
+    """A second convo server that requires TLS with client certificates."""
+    binary = Path(
+        os.environ.get("CONVO_BIN", REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "convo")
+    )
+    if not binary.is_absolute():
+        binary = REPO / binary
+    data = Path(tempfile.mkdtemp(prefix="convo-pytest-tls-"))
+    os.chmod(data, 0o755)
+    pki = make_pki(data)
+    port = free_port()
+    log = open(data / "serve.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = subprocess.Popen(
+        [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", f"{data}/convo-data",
+         "--tls-cert", str(data / "server.pem"), "--tls-key", str(data / "server.key"),
+         "--tls-client-ca", str(data / "ca.pem")],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        wait_for_port(port, process)
+        yield f"127.0.0.1:{port}", pki
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
