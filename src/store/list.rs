@@ -14,11 +14,14 @@ use diesel::{
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
-    sql_types::{BigInt, Bytea, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Nullable, Text, Uuid as SqlUuid},
 };
 use uuid::Uuid;
 
-use super::statement::{Template, prepared_statement, unknown_parameter};
+use super::{
+    messages::MessageColumns,
+    statement::{Template, prepared_statement, unknown_parameter},
+};
 use crate::domain::MessageOrder;
 
 /// The page in either order. `$after` bounds it below (ListMessages'
@@ -74,24 +77,6 @@ pub(super) fn shapes() -> Vec<(String, &'static Template)> {
         ("list (newest first)".to_owned(), &LIST[1]),
     ]
 }
-
-/// The columns of a message row, in `MessageRow`'s order.
-pub(super) type MessageColumns = (
-    SqlUuid,
-    SqlUuid,
-    BigInt,
-    SmallInt,
-    Text,
-    Jsonb,
-    Timestamptz,
-    Nullable<Bytea>,
-    Text,
-    Text,
-    Nullable<BigInt>,
-    Nullable<BigInt>,
-    Nullable<BigInt>,
-    Nullable<BigInt>,
-);
 
 /// One execution of [`list_sql`].
 pub(super) struct ListStatement<'a> {

@@ -1,7 +1,7 @@
 use chrono::{DateTime, Utc};
 use diesel::{
     prelude::*,
-    sql_types::{BigInt, Text},
+    sql_types::{self as sql, BigInt, Text},
 };
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
@@ -36,6 +36,25 @@ pub(super) struct MessageRow {
     pub(super) cached_input_tokens: Option<i64>,
     pub(super) reasoning_tokens: Option<i64>,
 }
+
+/// The columns of a [`MessageRow`], in order, for statements that read
+/// rows by position.
+pub(super) type MessageColumns = (
+    sql::Uuid,
+    sql::Uuid,
+    sql::BigInt,
+    sql::SmallInt,
+    sql::Text,
+    sql::Jsonb,
+    sql::Timestamptz,
+    sql::Nullable<sql::Bytea>,
+    sql::Text,
+    sql::Text,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+);
 
 impl TryFrom<MessageRow> for Message {
     type Error = StoreError;
@@ -168,13 +187,13 @@ impl Store {
                 }
                 let removed: Tally = diesel::sql_query(format!("{REMOVE_AFTER}{TALLY_OF_ROWS}"))
                     .bind::<Text, _>(owner.as_str())
-                    .bind::<diesel::sql_types::Uuid, _>(conversation_id.as_uuid())
+                    .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                     .bind::<BigInt, _>(after)
                     .get_result(conn)
                     .await?;
                 diesel::sql_query(FORGET_REQUESTS_AFTER)
                     .bind::<Text, _>(owner.as_str())
-                    .bind::<diesel::sql_types::Uuid, _>(conversation_id.as_uuid())
+                    .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                     .bind::<BigInt, _>(after)
                     .execute(conn)
                     .await?;

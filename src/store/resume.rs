@@ -27,14 +27,14 @@ use diesel::{
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
-    sql_types::{BigInt, Bytea, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
 };
 use uuid::Uuid;
 
 use super::{
     Store, StoreError,
     conversations::ConversationRow,
-    messages::{MessageRow, messages_of},
+    messages::{MessageColumns, MessageRow, messages_of},
     statement::{Template, prepared_statement, unknown_parameter},
 };
 use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
@@ -128,22 +128,7 @@ type ResumeColumns = (
         BigInt,
         BigInt,
     )>,
-    Nullable<(
-        SqlUuid,
-        SqlUuid,
-        BigInt,
-        SmallInt,
-        Text,
-        Jsonb,
-        Timestamptz,
-        Nullable<Bytea>,
-        Text,
-        Text,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-        Nullable<BigInt>,
-    )>,
+    Nullable<MessageColumns>,
 );
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);

@@ -269,20 +269,16 @@ async fn postgres_restarts_are_survived_and_dead_connections_are_not_reused() {
     world.stop().await.expect("the server ran without error");
 }
 
-/// A call abandoned by its client (deadline passed) while its statement
-/// waits in PostgreSQL: the statement is cancelled there, and the session is
-/// not lent to the next caller, who would otherwise queue behind it. With a
-/// pool of one session, the next call is served at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancelled_call_does_not_delay_the_next_one() {
+/// A server with a pool of one session and a patient lock timeout, and a
+/// transaction of the test's own holding the row lock of one of alice's
+/// conversations (rolled back when the holder is dropped or told to).
+async fn one_session_and_a_locked_row() -> (TestApp, proto::Conversation, AsyncPgConnection) {
     let app = TestApp::spawn_with(|settings| {
         settings.pool.max_size = 1;
         settings.pool.lock_timeout = Duration::from_secs(30);
     })
     .await;
-    let mut alice = app.client("alice");
-    let locked = create(&mut alice, "locked").await;
-    let free = create(&mut alice, "free").await;
+    let locked = create(&mut app.client("alice"), "locked").await;
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
@@ -291,6 +287,18 @@ async fn a_cancelled_call_does_not_delay_the_next_one() {
         ))
         .await
         .unwrap();
+    (app, locked, holder)
+}
+
+/// A call abandoned by its client (deadline passed) while its statement
+/// waits in PostgreSQL: the statement is cancelled there, and the session is
+/// not lent to the next caller, who would otherwise queue behind it. With a
+/// pool of one session, the next call is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_does_not_delay_the_next_one() {
+    let (app, locked, mut holder) = one_session_and_a_locked_row().await;
+    let mut alice = app.client("alice");
+    let free = create(&mut alice, "free").await;
     let waiting_for_the_lock = "SELECT count(*) AS n FROM pg_stat_activity \
          WHERE datname = current_database() AND wait_event_type = 'Lock' \
            AND pid <> pg_backend_pid()";
@@ -347,21 +355,7 @@ async fn a_cancelled_call_does_not_delay_the_next_one() {
 /// outage, and health stays SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_pool_does_not_make_health_fail() {
-    let app = TestApp::spawn_with(|settings| {
-        settings.pool.max_size = 1;
-        settings.pool.lock_timeout = Duration::from_secs(30);
-    })
-    .await;
-    let mut alice = app.client("alice");
-    let locked = create(&mut alice, "locked").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
-            locked.id
-        ))
-        .await
-        .unwrap();
+    let (app, locked, mut holder) = one_session_and_a_locked_row().await;
     let mut waiting = app.client("alice");
     let id = locked.id.clone();
     let append = tokio::spawn(async move {

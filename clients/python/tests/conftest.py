@@ -6,6 +6,7 @@ built by `cargo build`) on a free port, with its own private PostgreSQL in a
 temporary directory, exactly as a newcomer's `convo serve` runs.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -39,11 +40,7 @@ def wait_for_port(port: int, process, seconds: float = 60.0) -> None:
     raise RuntimeError(f"convo did not listen on {port} within {seconds} s")
 
 
-@pytest.fixture(scope="session")
-def convo_addr():
-    if os.environ.get("CONVO_ADDR"):
-        yield os.environ["CONVO_ADDR"]
-        return
+def convo_binary() -> Path:
     binary = Path(
         os.environ.get("CONVO_BIN", REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "convo")
     )
@@ -51,27 +48,42 @@ def convo_addr():
         binary = REPO / binary
     if not binary.exists():
         pytest.exit(f"no convo binary at {binary}: run `cargo build` or set CONVO_BIN/CONVO_ADDR")
-    data = tempfile.mkdtemp(prefix="convo-pytest-")
+    return binary
+
+
+@contextlib.contextmanager
+def serve(data: Path, *args: str):
+    """`convo serve` on a free port with a private PostgreSQL in `data`; yields
+    its address and stops it afterwards."""
     os.chmod(data, 0o755)  # as root, the private PostgreSQL runs as `postgres`
     port = free_port()
-    log = open(Path(data) / "serve.log", "w")
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
-    process = subprocess.Popen(
-        [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", f"{data}/convo-data"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    with open(data / "serve.log", "w") as log:
+        process = subprocess.Popen(
+            [str(convo_binary()), "serve", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", f"{data}/convo-data", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            wait_for_port(port, process)
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture(scope="session")
+def convo_addr():
+    if os.environ.get("CONVO_ADDR"):
+        yield os.environ["CONVO_ADDR"]
+        return
+    with serve(Path(tempfile.mkdtemp(prefix="convo-pytest-"))) as addr:
+        yield addr
 
 
 @pytest.fixture
@@ -174,30 +186,12 @@ def make_pki(directory: Path) -> dict:
 @pytest.fixture(scope="session")
 def mtls_server():
     """A second convo server that requires TLS with client certificates."""
-    binary = Path(
-        os.environ.get("CONVO_BIN", REPO / os.environ.get("CARGO_TARGET_DIR", "target") / "debug" / "convo")
-    )
-    if not binary.is_absolute():
-        binary = REPO / binary
     data = Path(tempfile.mkdtemp(prefix="convo-pytest-tls-"))
-    os.chmod(data, 0o755)
     pki = make_pki(data)
-    port = free_port()
-    log = open(data / "serve.log", "w")
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    process = subprocess.Popen(
-        [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", f"{data}/convo-data",
-         "--tls-cert", str(data / "server.pem"), "--tls-key", str(data / "server.key"),
-         "--tls-client-ca", str(data / "ca.pem")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"127.0.0.1:{port}", pki
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with serve(
+        data,
+        "--tls-cert", str(data / "server.pem"),
+        "--tls-key", str(data / "server.key"),
+        "--tls-client-ca", str(data / "ca.pem"),
+    ) as addr:
+        yield addr, pki

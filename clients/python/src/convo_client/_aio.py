@@ -270,14 +270,11 @@ class AsyncConvoClient:
     # Walking pages.
     async def iter_conversations(self, *, page_size: int = 0) -> AsyncIterator[pb.Conversation]:
         """Every conversation of the user, most recently updated first."""
-        token = ""
-        while True:
-            page = await self.list_conversations(page_size=page_size, page_token=token)
-            for item in page.conversations:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+        async def fetch(token):
+            return await self.list_conversations(page_size=page_size, page_token=token)
+
+        async for item in _walk(fetch, "conversations"):
+            yield item
 
     async def iter_messages(
         self,
@@ -288,35 +285,29 @@ class AsyncConvoClient:
         page_size: int = 0,
     ) -> AsyncIterator[pb.Message]:
         """Every message of the conversation after `after_sequence`."""
-        token = ""
-        while True:
-            page = await self.list_messages(
+        async def fetch(token):
+            return await self.list_messages(
                 conversation_id,
                 page_size=page_size,
                 page_token=token,
                 after_sequence=after_sequence,
                 newest_first=newest_first,
             )
-            for item in page.messages:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+
+        async for item in _walk(fetch, "messages"):
+            yield item
 
     async def iter_search(
         self, query: str, *, conversation_id: str = "", page_size: int = 0
     ) -> AsyncIterator[pb.SearchHit]:
         """Every hit of a search, most relevant first."""
-        token = ""
-        while True:
-            page = await self.search_messages(
+        async def fetch(token):
+            return await self.search_messages(
                 query, conversation_id=conversation_id, page_size=page_size, page_token=token
             )
-            for item in page.hits:
-                yield item
-            token = page.next_page_token
-            if not token:
-                return
+
+        async for item in _walk(fetch, "hits"):
+            yield item
 
     # Watching.
     async def watch(
@@ -353,3 +344,15 @@ class AsyncConvoClient:
                 await asyncio.sleep(self.retry.delay(min(failures, self.retry.attempts)))
             finally:
                 call.cancel()
+
+
+async def _walk(fetch, field: str):
+    """The items of every page, fetching the next while a token comes back."""
+    token = ""
+    while True:
+        page = await fetch(token)
+        for item in getattr(page, field):
+            yield item
+        token = page.next_page_token
+        if not token:
+            return

@@ -263,13 +263,10 @@ class ConvoClient:
     # Walking pages.
     def iter_conversations(self, *, page_size: int = 0) -> Iterator[pb.Conversation]:
         """Every conversation of the user, most recently updated first."""
-        token = ""
-        while True:
-            page = self.list_conversations(page_size=page_size, page_token=token)
-            yield from page.conversations
-            token = page.next_page_token
-            if not token:
-                return
+        yield from _walk(
+            lambda token: self.list_conversations(page_size=page_size, page_token=token),
+            "conversations",
+        )
 
     def iter_messages(
         self,
@@ -280,33 +277,27 @@ class ConvoClient:
         page_size: int = 0,
     ) -> Iterator[pb.Message]:
         """Every message of the conversation after `after_sequence`."""
-        token = ""
-        while True:
-            page = self.list_messages(
+        yield from _walk(
+            lambda token: self.list_messages(
                 conversation_id,
                 page_size=page_size,
                 page_token=token,
                 after_sequence=after_sequence,
                 newest_first=newest_first,
-            )
-            yield from page.messages
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            "messages",
+        )
 
     def iter_search(
         self, query: str, *, conversation_id: str = "", page_size: int = 0
     ) -> Iterator[pb.SearchHit]:
         """Every hit of a search, most relevant first."""
-        token = ""
-        while True:
-            page = self.search_messages(
+        yield from _walk(
+            lambda token: self.search_messages(
                 query, conversation_id=conversation_id, page_size=page_size, page_token=token
-            )
-            yield from page.hits
-            token = page.next_page_token
-            if not token:
-                return
+            ),
+            "hits",
+        )
 
     # Watching.
     def watch(
@@ -343,3 +334,14 @@ class ConvoClient:
                 time.sleep(self.retry.delay(min(failures, self.retry.attempts)))
             finally:
                 call.cancel()
+
+
+def _walk(fetch, field: str):
+    """The items of every page, fetching the next while a token comes back."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield from getattr(page, field)
+        token = page.next_page_token
+        if not token:
+            return
