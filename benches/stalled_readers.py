@@ -125,6 +125,7 @@ def main():
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--appends", type=int, default=20)
     parser.add_argument("--hold", type=float, default=10.0)
+    parser.add_argument("--calls-per-connection", type=int, default=5)
     args = parser.parse_args()
     host, port = args.addr.rsplit(":", 1)
     port = int(port)
@@ -136,13 +137,15 @@ def main():
         user, conversation = f"stalled-list-{run}", str(uuid.uuid4())
         seed(args.database_url, user, conversation, args.messages, args.size)
         request = field_string(1, conversation) + field_varint(2, 1000)
-        # Five calls per connection, as a client with a few channels would.
         for i in range(args.lists):
-            if i % 5 == 0:
+            if i % args.calls_per_connection == 0:
                 connections.append(StalledConnection(host, port))
             connections[-1].call("ListMessages", user, request)
         time.sleep(args.hold)
-        print(f"{args.lists} unread ListMessages pages of 1,000 x {args.size} B: {memory(args.pid)}")
+        print(
+            f"{args.lists} unread ListMessages pages of 1,000 x {args.size} B, "
+            f"{args.calls_per_connection} per connection: {memory(args.pid)}"
+        )
 
     if args.watchers:
         users = []

@@ -40,6 +40,8 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// Largest page or resume answer, in bytes.
     pub max_response_bytes: usize,
+    /// Most bytes of answers one connection may leave unread.
+    pub max_unread_bytes: usize,
     /// Where to serve Prometheus metrics; `None` serves none.
     pub metrics_addr: Option<SocketAddr>,
     /// Delete conversations idle for longer than this; `None` keeps everything.
@@ -213,6 +215,13 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(2 * 1024 * 1024..=256 * 1024 * 1024))]
     pub max_response_bytes: u64,
 
+    /// Most bytes of answers one connection may hold unread: past it, a call
+    /// on that connection ends with RESOURCE_EXHAUSTED instead of adding its
+    /// answer to what the client is not reading. At least the answer limit.
+    #[arg(long, env = "CONVO_MAX_UNREAD_BYTES", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(2 * 1024 * 1024..=4096 * 1024 * 1024))]
+    pub max_unread_bytes: u64,
+
     /// Serve over TLS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "CONVO_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -341,6 +350,9 @@ impl ServeArgs {
             },
             max_request_bytes: self.max_request_bytes as usize,
             max_response_bytes: self.max_response_bytes as usize,
+            // An answer always fits an empty account; the bound is for the
+            // ones after it.
+            max_unread_bytes: self.max_unread_bytes.max(self.max_response_bytes) as usize,
             metrics_addr: self.metrics_addr,
             retention: self.retention(),
             tls: self.tls()?,

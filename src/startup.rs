@@ -271,6 +271,7 @@ impl Application {
         let options = ServerOptions {
             authenticator: self.authenticator,
             max_request_bytes: settings.max_request_bytes,
+            max_unread_bytes: settings.max_unread_bytes,
             tls: settings.tls.as_ref(),
             health_listen: settings.health_listen,
             drain_timeout: settings.drain_timeout,

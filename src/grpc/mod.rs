@@ -18,6 +18,7 @@ mod observe;
 mod page_token;
 mod parse;
 mod server;
+mod unread;
 
 /// Fuzzing support: the `fuzz/` target and a test drive request validation.
 #[doc(hidden)]

@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 
 use super::{
     Authenticator, ConversationApi, ObserveLayer, SERVICE_NAME, health::watch_database_health,
-    proto, proto::conversation_service_server::ConversationServiceServer,
+    proto, proto::conversation_service_server::ConversationServiceServer, unread::UnreadLimitLayer,
 };
 use crate::{config::TlsSettings, store::Store};
 
@@ -58,6 +58,8 @@ pub struct ServerOptions<'a> {
     pub authenticator: Authenticator,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Most bytes of answers one connection may leave unread.
+    pub max_unread_bytes: usize,
     pub tls: Option<&'a TlsSettings>,
     /// Serve health alone, in plaintext, on this address too.
     pub health_listen: Option<SocketAddr>,
@@ -105,7 +107,8 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
-    // Every call logged and counted (refused ones too), then identity (no
+    // Every call logged and counted (refused ones too), its answer held to
+    // the connection's bound on unread bytes (unread.rs), then identity (no
     // identity, no work); the in-flight bound is taken by each handler, once
     // the request has been decoded.
     let server = ConversationServiceServer::new(api)
@@ -116,7 +119,10 @@ pub async fn serve(
         .send_compressed(CompressionEncoding::Zstd);
     let conversations = tower::Layer::layer(
         &ObserveLayer,
-        tonic::service::interceptor::InterceptedService::new(server, options.authenticator),
+        tower::Layer::layer(
+            &UnreadLimitLayer::new(options.max_unread_bytes),
+            tonic::service::interceptor::InterceptedService::new(server, options.authenticator),
+        ),
     );
 
     // TLS is ours rather than tonic's, so that a failed handshake (a client

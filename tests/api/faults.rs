@@ -1016,3 +1016,89 @@ async fn streams_that_never_send_their_body_do_not_block_other_callers() {
     }
     drop(held);
 }
+
+/// A client that asks for large answers and never reads them holds at most
+/// --max-unread-bytes of them on its connection: past it, its calls end with
+/// RESOURCE_EXHAUSTED instead of adding to what it does not read, and other
+/// connections are served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_read_holds_a_bounded_amount_of_answers() {
+    use prost::Message as _;
+
+    let app = TestApp::spawn_with(|settings| settings.max_unread_bytes = 8 * 1024 * 1024).await;
+    let mut alice = app.client("alice");
+    let big = create(&mut alice, "big").await;
+    // 60 messages of 100 KB: a page of 1,000 is cut at the 4 MiB answer limit.
+    app.db
+        .run_sql(&format!(
+            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, \
+                                   create_time) \
+             SELECT 'alice', '{id}', s, gen_random_uuid(), 1, repeat('x', 100000), now() \
+               FROM generate_series(1, 60) AS s; \
+             UPDATE conversations SET message_count = 60 WHERE id = '{id}'",
+            id = big.id
+        ))
+        .await;
+    let page = proto::ListMessagesRequest {
+        conversation_id: big.id.clone(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let mut framed = vec![0u8];
+    framed.extend((page.encoded_len() as u32).to_be_bytes());
+    framed.extend(page.encode_to_vec());
+
+    // A connection whose windows stay at 1 KiB: it never reads past them.
+    let tcp = tokio::net::TcpStream::connect(app.addr()).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .initial_connection_window_size(1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut bodies = Vec::new();
+    for _ in 0..6 {
+        let request = http::Request::post(format!(
+            "http://{}/convo.v1.ConversationService/ListMessages",
+            app.addr()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-user-id", "alice")
+        .body(())
+        .unwrap();
+        let mut ready = client.clone().ready().await.unwrap();
+        let (response, mut stream) = ready.send_request(request, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from(framed.clone()), true)
+            .unwrap();
+        bodies.push(response.await.unwrap().into_body());
+    }
+    let (mut answered, mut refused) = (0, 0);
+    for mut body in bodies {
+        match timeout(Duration::from_secs(5), body.data()).await {
+            // The start of an answer; the rest waits for a read that never comes.
+            Ok(Some(Ok(_))) => answered += 1,
+            Ok(None) => {
+                let trailers = body.trailers().await.unwrap().expect("trailers");
+                assert_eq!(trailers["grpc-status"], "8", "{trailers:?}");
+                assert!(
+                    trailers["grpc-message"]
+                        .to_str()
+                        .unwrap()
+                        .contains("has not read"),
+                    "{trailers:?}"
+                );
+                refused += 1;
+            }
+            other => panic!("neither an answer nor a refusal: {other:?}"),
+        }
+    }
+    // 8 MiB holds two answers of about 4 MiB.
+    assert_eq!((answered, refused), (2, 4));
+
+    // Another connection is served the same page.
+    let served = alice.list_messages(page).await.expect("served elsewhere");
+    assert!(!served.into_inner().next_page_token.is_empty());
+}

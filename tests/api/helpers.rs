@@ -377,6 +377,7 @@ pub fn test_settings(database_url: &str) -> Settings {
         },
         max_request_bytes: 4 * 1024 * 1024,
         max_response_bytes: 4 * 1024 * 1024,
+        max_unread_bytes: 64 * 1024 * 1024,
         metrics_addr: None,
         retention: None,
         tls: None,

@@ -96,7 +96,9 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     let before = metric(&first, created_ok).unwrap();
     create(&mut alice, "another").await;
     let second = scrape(metrics_addr).await;
-    assert_eq!(metric(&second, created_ok).unwrap(), before + 1.0);
+    // At least: the recorder is the process's, and other tests may create
+    // conversations at the same moment.
+    assert!(metric(&second, created_ok).unwrap() >= before + 1.0);
     drop(watch);
 }
 
