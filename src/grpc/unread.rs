@@ -9,7 +9,8 @@
 //! which it does only once the client's flow-control window has room for
 //! it. An answer that would take a connection past its bound is not sent:
 //! the call ends with RESOURCE_EXHAUSTED instead, and the connection stays
-//! open for the answers it reads.
+//! open for the answers it reads. Only reads are refused this way (see
+//! [`reads`]).
 
 use std::{
     collections::HashMap,
@@ -103,6 +104,24 @@ impl<S: NamedService> NamedService for UnreadLimit<S> {
     const NAME: &'static str = S::NAME;
 }
 
+/// Whether the call only reads. Only reads are held to the bound: refusing
+/// a write's answer would report RESOURCE_EXHAUSTED, which says "not done,
+/// retry", for a write that was done. A write's answer is small anyway (what
+/// the request carried, at most).
+fn reads(path: &str) -> bool {
+    const READS: [&str; 6] = [
+        "GetConversation",
+        "ListConversations",
+        "ListMessages",
+        "ResumeConversation",
+        "SearchMessages",
+        "WatchConversation",
+    ];
+    path.rsplit('/')
+        .next()
+        .is_some_and(|method| READS.contains(&method))
+}
+
 /// The connection a request came on, plaintext or TLS.
 fn connection_of(extensions: &http::Extensions) -> Option<Connection> {
     let tcp = match extensions.get::<TcpConnectInfo>() {
@@ -131,11 +150,14 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let account = connection_of(request.extensions()).map(|connection| Account {
-            accounts: self.accounts.clone(),
-            connection,
-            owed: 0,
-        });
+        let account = reads(request.uri().path())
+            .then(|| connection_of(request.extensions()))
+            .flatten()
+            .map(|connection| Account {
+                accounts: self.accounts.clone(),
+                connection,
+                owed: 0,
+            });
         let limit = self.limit;
         let call = self.inner.call(request);
         async move {
@@ -314,5 +336,13 @@ mod tests {
             accounts.0.lock().unwrap().is_empty(),
             "settled accounts are forgotten"
         );
+    }
+
+    #[test]
+    fn only_reads_are_held_to_the_bound() {
+        assert!(reads("/convo.v1.ConversationService/ListMessages"));
+        assert!(reads("/convo.v1.ConversationService/WatchConversation"));
+        assert!(!reads("/convo.v1.ConversationService/AppendMessages"));
+        assert!(!reads("/convo.v1.ConversationService/DeleteUserData"));
     }
 }
