@@ -61,20 +61,15 @@ impl Outgoing {
 }
 
 /// The longest prefix of `messages` whose sizes add up to at most `budget`
-/// bytes, never empty when `messages` is not, and whether anything was left
-/// out.
-fn within_budget(mut messages: Vec<Message>, budget: usize) -> (Vec<Message>, bool) {
-    let mut total = 0;
-    let keep = messages
-        .iter()
-        .position(|message| {
-            total += message.wire_size_bound();
-            total > budget
-        })
-        .map_or(messages.len(), |over| over.max(1));
-    let cut = keep < messages.len();
-    messages.truncate(keep);
-    (messages, cut)
+/// bytes, never empty when `messages` is not (the rule of [`Page::fit`]),
+/// and whether anything was left out.
+fn within_budget(messages: Vec<Message>, budget: usize) -> (Vec<Message>, bool) {
+    let page = Page {
+        items: messages,
+        next: None,
+    }
+    .fit(budget, Message::wire_size_bound, |_| ());
+    (page.items, page.next.is_some())
 }
 
 /// Counts a watch stream in `convo_watch_streams` for as long as it lives.
