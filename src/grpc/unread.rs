@@ -22,7 +22,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body::Frame;
 use tonic::{
     server::NamedService,
@@ -162,6 +162,10 @@ where
         let call = self.inner.call(request);
         async move {
             let response = call.await?;
+            // Writes (and calls whose connection is unknown) pass as they are.
+            let Some(account) = account else {
+                return Ok(response.map(tonic::body::Body::new));
+            };
             Ok(response.map(|inner| {
                 tonic::body::Body::new(Unread {
                     inner,
@@ -211,7 +215,7 @@ impl Drop for Account {
 
 struct Unread<R> {
     inner: R,
-    account: Option<Account>,
+    account: Account,
     limit: usize,
     refused: bool,
     /// What is left of the message being handed over.
@@ -230,19 +234,14 @@ impl<R> Unread<R> {
 
 /// The trailers of an answer the connection had no room for.
 fn refusal(limit: usize) -> HeaderMap {
-    let mut trailers = HeaderMap::new();
-    trailers.insert(
-        "grpc-status",
-        HeaderValue::from(tonic::Code::ResourceExhausted as i32),
-    );
-    let message = format!(
+    let status = tonic::Status::resource_exhausted(format!(
         "this connection holds answers it has not read, {} MiB or more; read them \
          (or open another connection) and retry",
         limit / (1024 * 1024)
-    );
-    if let Ok(value) = HeaderValue::from_str(&message) {
-        trailers.insert("grpc-message", value);
-    }
+    ));
+    let mut trailers = HeaderMap::new();
+    // Only fails for a message that cannot be a header, which this one can.
+    let _ = status.add_header(&mut trailers);
     trailers
 }
 
@@ -263,9 +262,7 @@ where
         // HTTP/2 asks for another chunk only once the client's window has
         // room for the last one: that one is on its way.
         let handed = std::mem::take(&mut self.handed);
-        if let Some(account) = self.account.as_mut() {
-            account.credit(handed);
-        }
+        self.account.credit(handed);
         if !self.rest.is_empty() {
             return Poll::Ready(Some(Ok(self.next_chunk())));
         }
@@ -278,9 +275,7 @@ where
             Err(frame) => return Poll::Ready(Some(Ok(frame))),
         };
         let limit = self.limit;
-        if let Some(account) = self.account.as_mut()
-            && !account.charge(data.len(), limit)
-        {
+        if !self.account.charge(data.len(), limit) {
             self.refused = true;
             return Poll::Ready(Some(Ok(Frame::trailers(refusal(limit)))));
         }

@@ -161,6 +161,25 @@ impl Store {
         .await
     }
 
+    /// Lists messages for a watch stream. Watch reads take turns: at most a
+    /// quarter of the pool's sessions serve them at once, so a thousand
+    /// watchers woken together (a burst of notifications from another
+    /// replica, or the listener's resync, which wakes them all) queue among
+    /// themselves instead of taking every session from the calls.
+    pub async fn list_messages_for_watch(
+        &self,
+        owner: &UserId,
+        list: &ListMessages,
+        max_bytes: usize,
+    ) -> Result<Page<Message, MessageCursor>, StoreError> {
+        let _turn = self
+            .watch_reads
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
+        self.list_messages(owner, list, max_bytes).await
+    }
+
     /// Removes every message after `after_sequence`, in one transaction under
     /// the conversation's lock: the cut messages, their tool calls (by
     /// cascade) and the request_ids that wrote them go; the conversation's

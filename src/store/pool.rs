@@ -113,7 +113,7 @@ pub struct Store {
     target: DatabaseTarget,
     pub(super) search_timeout: Duration,
     /// Turns for watch streams' reads (see [`Store::list_messages_for_watch`]).
-    watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
+    pub(super) watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -224,26 +224,6 @@ impl Store {
             Ok(keys.into_iter().map(|k| k.secret).collect())
         })
         .await
-    }
-
-    /// Lists messages for a watch stream. Watch reads take turns: at most a
-    /// quarter of the pool's sessions serve them at once, so a thousand
-    /// watchers woken together (a burst of notifications from another
-    /// replica, or the listener's resync, which wakes them all) queue among
-    /// themselves instead of taking every session from the calls.
-    pub async fn list_messages_for_watch(
-        &self,
-        owner: &crate::domain::UserId,
-        list: &crate::domain::ListMessages,
-        max_bytes: usize,
-    ) -> Result<crate::domain::Page<crate::domain::Message, crate::domain::MessageCursor>, StoreError>
-    {
-        let _turn = self
-            .watch_reads
-            .acquire()
-            .await
-            .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
-        self.list_messages(owner, list, max_bytes).await
     }
 
     /// A health probe with a session of its own (see [`HealthProbe`]).

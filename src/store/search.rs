@@ -127,12 +127,12 @@ impl Store {
             search.size,
             search.cursor,
         );
-        let budget = self.search_timeout;
+        let timeout = self.search_timeout;
         let searched = self
             .with_conn(async |conn| {
                 conn.transaction(async |conn| {
                     let gate: Gate = diesel::sql_query(SEARCH_GATE_SQL)
-                        .bind::<Text, _>(format!("{}ms", budget.as_millis()))
+                        .bind::<Text, _>(format!("{}ms", timeout.as_millis()))
                         .bind::<Text, _>(query.as_str())
                         .get_result(conn)
                         .await?;
@@ -165,7 +165,7 @@ impl Store {
             .await;
         match searched {
             Err(StoreError::TimedOut(message)) if is_statement_timeout(&message) => {
-                Ok(SearchOutcome::OverBudget(budget))
+                Ok(SearchOutcome::OverBudget(timeout))
             }
             other => other,
         }

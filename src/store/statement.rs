@@ -84,9 +84,7 @@ impl Template {
         }
         Ok(())
     }
-}
 
-impl Template {
     /// The statement as PostgreSQL receives it, `$1`…`$n`, and `n`.
     pub(super) fn numbered(&self) -> (String, usize) {
         let mut sql = String::new();

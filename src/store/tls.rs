@@ -148,9 +148,7 @@ impl DatabaseTarget {
             .map_err(|e| ConnectionError::BadConnection(with_causes(&e)))?;
         AsyncPgConnection::try_from_client_and_connection(client, connection).await
     }
-}
 
-impl DatabaseTarget {
     /// Asks PostgreSQL to cancel what the session of `token` is running, over
     /// the same kind of channel the session was opened on.
     pub async fn cancel(&self, token: &tokio_postgres::CancelToken) -> Result<(), String> {
