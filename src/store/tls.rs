@@ -222,6 +222,25 @@ struct Lenient {
     chain: Option<Arc<WebPkiServerVerifier>>,
 }
 
+impl Lenient {
+    /// Without a chain to check (`prefer`, `require`), a certificate webpki
+    /// cannot read is accepted as libpq accepts it: Citus, for one, makes
+    /// every node an X.509 v1 self-signed certificate, which webpki refuses
+    /// ("UnsupportedCertVersion"). Nothing is lost: in these modes any
+    /// certificate is taken, so its key proves nothing about who answers.
+    fn unchecked_identity(
+        &self,
+        verified: Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match verified {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::BadEncoding | rustls::CertificateError::Other(_),
+            )) if self.chain.is_none() => Ok(HandshakeSignatureValid::assertion()),
+            other => other,
+        }
+    }
+}
+
 impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
@@ -249,12 +268,12 @@ impl ServerCertVerifier for Lenient {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
+        self.unchecked_identity(rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
             &self.provider.signature_verification_algorithms,
-        )
+        ))
     }
 
     fn verify_tls13_signature(
@@ -263,12 +282,12 @@ impl ServerCertVerifier for Lenient {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
+        self.unchecked_identity(rustls::crypto::verify_tls13_signature(
             message,
             cert,
             dss,
             &self.provider.signature_verification_algorithms,
-        )
+        ))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
