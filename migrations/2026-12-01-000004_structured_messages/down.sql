@@ -25,9 +25,7 @@ ALTER TABLE messages
     DROP CONSTRAINT messages_name_length,
     DROP CONSTRAINT messages_parts_size,
     DROP CONSTRAINT messages_content_size,
-    ADD CONSTRAINT messages_content_size CHECK (octet_length(content) BETWEEN 1 AND 1048576),
     DROP CONSTRAINT messages_role_known,
-    ADD CONSTRAINT messages_role_known CHECK (role BETWEEN 1 AND 4),
     DROP COLUMN answers_from,
     DROP COLUMN reasoning_tokens,
     DROP COLUMN cached_input_tokens,
@@ -36,3 +34,8 @@ ALTER TABLE messages
     DROP COLUMN model,
     DROP COLUMN name,
     DROP COLUMN parts;
+
+-- Apart: Citus refuses ADD CONSTRAINT beside other subcommands.
+ALTER TABLE messages
+    ADD CONSTRAINT messages_content_size CHECK (octet_length(content) BETWEEN 1 AND 1048576);
+ALTER TABLE messages ADD CONSTRAINT messages_role_known CHECK (role BETWEEN 1 AND 4);

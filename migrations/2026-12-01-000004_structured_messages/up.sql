@@ -23,40 +23,43 @@ ALTER TABLE messages
     -- without a lookup.
     ADD COLUMN answers_from        bigint;
 
+-- One constraint per ALTER TABLE: Citus refuses ADD CONSTRAINT beside other
+-- subcommands, and this schema must migrate on a distributed cluster too.
+ALTER TABLE messages DROP CONSTRAINT messages_role_known;
+-- 1 = user, 2 = assistant, 3 = system, 4 = tool, 5 = developer (convo.v1.Role).
+ALTER TABLE messages ADD CONSTRAINT messages_role_known CHECK (role BETWEEN 1 AND 5);
+ALTER TABLE messages DROP CONSTRAINT messages_content_size;
+ALTER TABLE messages ADD CONSTRAINT messages_content_size CHECK (
+    octet_length(content) <= 1048576
+    AND (octet_length(content) >= 1 OR parts IS NOT NULL)
+);
+-- The parts' strings and bytes are at most 1 MiB; this bounds their
+-- encoding with room for its framing.
 ALTER TABLE messages
-    DROP CONSTRAINT messages_role_known,
-    -- 1 = user, 2 = assistant, 3 = system, 4 = tool, 5 = developer (convo.v1.Role).
-    ADD CONSTRAINT messages_role_known CHECK (role BETWEEN 1 AND 5),
-    DROP CONSTRAINT messages_content_size,
-    ADD CONSTRAINT messages_content_size CHECK (
-        octet_length(content) <= 1048576
-        AND (octet_length(content) >= 1 OR parts IS NOT NULL)
-    ),
-    -- The parts' strings and bytes are at most 1 MiB; this bounds their
-    -- encoding with room for its framing.
-    ADD CONSTRAINT messages_parts_size CHECK (octet_length(parts) BETWEEN 1 AND 8388608),
-    ADD CONSTRAINT messages_name_length CHECK (char_length(name) <= 256),
-    ADD CONSTRAINT messages_model_length CHECK (char_length(model) <= 256),
-    ADD CONSTRAINT messages_usage_whole CHECK (
-        (input_tokens IS NULL) = (output_tokens IS NULL)
-        AND (input_tokens IS NULL) = (cached_input_tokens IS NULL)
-        AND (input_tokens IS NULL) = (reasoning_tokens IS NULL)
-    ),
-    ADD CONSTRAINT messages_usage_nonnegative CHECK (
-        input_tokens >= 0 AND output_tokens >= 0
-        AND cached_input_tokens >= 0 AND reasoning_tokens >= 0
-    ),
+    ADD CONSTRAINT messages_parts_size CHECK (octet_length(parts) BETWEEN 1 AND 8388608);
+ALTER TABLE messages ADD CONSTRAINT messages_name_length CHECK (char_length(name) <= 256);
+ALTER TABLE messages ADD CONSTRAINT messages_model_length CHECK (char_length(model) <= 256);
+ALTER TABLE messages ADD CONSTRAINT messages_usage_whole CHECK (
+    (input_tokens IS NULL) = (output_tokens IS NULL)
+    AND (input_tokens IS NULL) = (cached_input_tokens IS NULL)
+    AND (input_tokens IS NULL) = (reasoning_tokens IS NULL)
+);
+ALTER TABLE messages ADD CONSTRAINT messages_usage_nonnegative CHECK (
+    input_tokens >= 0 AND output_tokens >= 0
+    AND cached_input_tokens >= 0 AND reasoning_tokens >= 0
+);
+ALTER TABLE messages
     ADD CONSTRAINT messages_answers_earlier CHECK (answers_from >= 1 AND answers_from < sequence);
 
 ALTER TABLE conversations
     ADD COLUMN usage_input_tokens        bigint NOT NULL DEFAULT 0,
     ADD COLUMN usage_output_tokens       bigint NOT NULL DEFAULT 0,
     ADD COLUMN usage_cached_input_tokens bigint NOT NULL DEFAULT 0,
-    ADD COLUMN usage_reasoning_tokens    bigint NOT NULL DEFAULT 0,
-    ADD CONSTRAINT conversations_usage_nonnegative CHECK (
-        usage_input_tokens >= 0 AND usage_output_tokens >= 0
-        AND usage_cached_input_tokens >= 0 AND usage_reasoning_tokens >= 0
-    );
+    ADD COLUMN usage_reasoning_tokens    bigint NOT NULL DEFAULT 0;
+ALTER TABLE conversations ADD CONSTRAINT conversations_usage_nonnegative CHECK (
+    usage_input_tokens >= 0 AND usage_output_tokens >= 0
+    AND usage_cached_input_tokens >= 0 AND usage_reasoning_tokens >= 0
+);
 
 -- Every tool call made in a conversation, by id: the primary key makes ids
 -- unique per conversation, and is the index a tool result's check reads.

@@ -1,4 +1,3 @@
--- One statement, as a distributed (Citus) cluster requires of a migration.
-ALTER TABLE messages
-    DROP CONSTRAINT messages_id_key,
-    ADD CONSTRAINT messages_id_key UNIQUE (user_id, id);
+-- Citus refuses ADD CONSTRAINT beside other subcommands of one ALTER TABLE.
+ALTER TABLE messages DROP CONSTRAINT messages_id_key;
+ALTER TABLE messages ADD CONSTRAINT messages_id_key UNIQUE (user_id, id);

@@ -7,7 +7,6 @@
 -- (found under load on a fresh database: each append scanned the whole
 -- user). Led by id, it serves no query that names a user and not an id.
 -- The constraint still holds user_id, the distribution column (scale-out.md).
--- One statement, as a distributed (Citus) cluster requires of a migration.
-ALTER TABLE messages
-    DROP CONSTRAINT messages_id_key,
-    ADD CONSTRAINT messages_id_key UNIQUE (id, user_id);
+-- Two statements: Citus refuses ADD CONSTRAINT beside other subcommands.
+ALTER TABLE messages DROP CONSTRAINT messages_id_key;
+ALTER TABLE messages ADD CONSTRAINT messages_id_key UNIQUE (id, user_id);

@@ -1,11 +1,88 @@
+use diesel::{
+    connection::BoxableConnection,
+    migration::{Migration, MigrationMetadata, MigrationName, MigrationSource},
+    pg::Pg,
+};
 use diesel_async::{
     AsyncPgConnection, RunQueryDsl, async_connection_wrapper::AsyncConnectionWrapper,
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 /// The schema, compiled into the binary so `convo serve` and `convo migrate`
-/// need nothing but a database URL.
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+/// need nothing but a database URL. Diesel's harness keeps the books
+/// (`__diesel_schema_migrations`, one transaction per migration); the SQL is
+/// sent by [`ByStatement`].
+const EMBEDDED: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Every migration's directory name, up SQL and down SQL (from `build.rs`).
+pub(super) const SCRIPTS: &[(&str, &str, Option<&str>)] =
+    include!(concat!(env!("OUT_DIR"), "/migration_scripts.rs"));
+
+/// The embedded migrations, each sending its script one statement at a time
+/// (`store/script.rs` says why: a Citus cluster refuses several DDL
+/// statements in one message).
+struct Migrations;
+
+impl MigrationSource<Pg> for Migrations {
+    fn migrations(&self) -> diesel::migration::Result<Vec<Box<dyn Migration<Pg>>>> {
+        MigrationSource::<Pg>::migrations(&EMBEDDED)?
+            .into_iter()
+            .map(|inner| {
+                let name = inner.name().to_string();
+                let (_, up, down) = SCRIPTS
+                    .iter()
+                    .find(|(script, _, _)| *script == name)
+                    .ok_or_else(|| format!("migration {name} has no script"))?;
+                Ok(Box::new(ByStatement {
+                    inner,
+                    up,
+                    down: *down,
+                }) as Box<dyn Migration<Pg>>)
+            })
+            .collect()
+    }
+}
+
+struct ByStatement {
+    inner: Box<dyn Migration<Pg>>,
+    up: &'static str,
+    down: Option<&'static str>,
+}
+
+impl ByStatement {
+    fn execute(
+        &self,
+        conn: &mut dyn BoxableConnection<Pg>,
+        script: &str,
+    ) -> diesel::migration::Result<()> {
+        for statement in super::script::statements(script) {
+            conn.batch_execute(statement)
+                .map_err(|e| format!("{}: {e}", self.inner.name()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Migration<Pg> for ByStatement {
+    fn run(&self, conn: &mut dyn BoxableConnection<Pg>) -> diesel::migration::Result<()> {
+        self.execute(conn, self.up)
+    }
+
+    fn revert(&self, conn: &mut dyn BoxableConnection<Pg>) -> diesel::migration::Result<()> {
+        match self.down {
+            Some(down) => self.execute(conn, down),
+            None => Err(diesel_migrations::MigrationError::NoMigrationRevertFile.into()),
+        }
+    }
+
+    fn metadata(&self) -> &dyn MigrationMetadata {
+        self.inner.metadata()
+    }
+
+    fn name(&self) -> &dyn MigrationName {
+        self.inner.name()
+    }
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -15,7 +92,7 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// One connection as the URL asks (TLS included; see `store/tls.rs`).
-async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
+pub(super) async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
     Ok(super::tls::DatabaseTarget::parse(database_url)?
         .connect()
         .await?)
@@ -30,7 +107,7 @@ const MIGRATION_LOCK: i64 = 0x636f_6e76_6f01;
 /// (which also keeps it usable from a current-thread runtime).
 pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, BoxError> {
     let conn = connect(database_url).await?;
-    tokio::task::spawn_blocking(move || {
+    let applied = tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         // Replicas started together migrate one at a time: the others wait
         // here, then find nothing pending. Released with the session.
@@ -38,10 +115,35 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
             &mut conn,
             &format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"),
         )?;
-        let applied = conn.run_pending_migrations(MIGRATIONS)?;
-        Ok(applied.iter().map(ToString::to_string).collect())
+        let applied = conn.run_pending_migrations(Migrations)?;
+        Ok::<_, BoxError>(applied.iter().map(ToString::to_string).collect::<Vec<_>>())
     })
-    .await?
+    .await??;
+    // On a distributed cluster, a table a migration added is distributed
+    // before any call can write it on the coordinator alone.
+    let mut conn = connect(database_url).await?;
+    if super::distribute::topology(&mut conn).await? == super::Topology::Distributed {
+        let added = super::distribute::distribute(&mut conn, None).await?;
+        for table in added.distributed.iter().chain(&added.reference) {
+            tracing::info!(%table, "distributed a table a migration added");
+        }
+    }
+    Ok(applied)
+}
+
+/// `convo distribute`: applies pending migrations, then distributes convo's
+/// tables over the Citus cluster whose coordinator `database_url` names.
+pub async fn distribute(
+    database_url: &str,
+    shard_count: Option<u32>,
+) -> Result<super::Distribution, BoxError> {
+    let mut conn = connect(database_url).await?;
+    if super::distribute::topology(&mut conn).await? == super::Topology::Plain {
+        // Refuse before migrating anything.
+        return super::distribute::distribute(&mut conn, shard_count).await;
+    }
+    run_pending_migrations(database_url).await?;
+    super::distribute::distribute(&mut conn, shard_count).await
 }
 
 /// Gives `role` (created if missing, with LOGIN and nothing else) what the
@@ -76,7 +178,7 @@ pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxErro
     let conn = connect(database_url).await?;
     tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
-        let reverted = conn.revert_last_migration(MIGRATIONS)?;
+        let reverted = conn.revert_last_migration(Migrations)?;
         Ok(reverted.to_string())
     })
     .await?
@@ -132,8 +234,6 @@ fn percent_decode(text: &str) -> Result<String, BoxError> {
 /// Checks, without changing anything, that every embedded migration has been
 /// applied: for a server whose role may read and write but not migrate.
 pub async fn ensure_schema_current(database_url: &str) -> Result<(), BoxError> {
-    use diesel::migration::MigrationSource;
-
     #[derive(diesel::QueryableByName)]
     struct Applied {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -148,7 +248,7 @@ pub async fn ensure_schema_current(database_url: &str) -> Result<(), BoxError> {
         })?;
     let applied: std::collections::HashSet<String> =
         applied.into_iter().map(|a| a.version).collect();
-    let missing: Vec<String> = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)?
+    let missing: Vec<String> = MigrationSource::<Pg>::migrations(&EMBEDDED)?
         .iter()
         .map(|m| m.name().version().to_string())
         .filter(|version| !applied.contains(version))
