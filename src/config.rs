@@ -126,6 +126,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending migrations (or revert the last one) and exit.
     Migrate(MigrateArgs),
+    /// On a Citus coordinator: apply pending migrations, then distribute convo's
+    /// tables by user_id (co-located), and exit. Running it again changes nothing;
+    /// on plain PostgreSQL it refuses.
+    Distribute(DistributeArgs),
 }
 
 /// Where the database is: a URL, or else a private cluster in a data directory.
@@ -434,6 +438,18 @@ pub struct MigrateArgs {
     /// Revert the most recently applied migration instead of applying.
     #[arg(long)]
     pub revert: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DistributeArgs {
+    /// PostgreSQL URL of the Citus coordinator's database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Shards per table [default: Citus's citus.shard_count, 32]. Fixed once
+    /// the tables are distributed.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64000))]
+    pub shard_count: Option<u32>,
 }
 
 /// An interval between periodic checks: at least 10 ms (0 would spin, and

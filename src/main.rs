@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use convo::{
-    config::{Cli, Command, MigrateArgs, ServeArgs},
+    config::{Cli, Command, DistributeArgs, MigrateArgs, ServeArgs},
     startup::{self, Application, Database, StartupError},
     store, telemetry,
 };
@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::Distribute(args) => distribute(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,4 +56,20 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
     .await;
     database.close().await;
     migrated
+}
+
+async fn distribute(args: DistributeArgs) -> Result<(), StartupError> {
+    let done = store::distribute(&args.database_url, args.shard_count)
+        .await
+        .map_err(|e| StartupError::Distribute(e.to_string()))?;
+    if done.distributed.is_empty() && done.reference.is_empty() {
+        tracing::info!("every table was already distributed");
+    }
+    for table in &done.distributed {
+        tracing::info!(%table, "distributed by user_id");
+    }
+    for table in &done.reference {
+        tracing::info!(%table, "made a reference table");
+    }
+    Ok(())
 }

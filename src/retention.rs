@@ -1,7 +1,7 @@
 //! The optional retention policy: conversations idle for longer than the
 //! period are deleted by a background sweeper, in small batches. Several
-//! replicas may sweep at once; `FOR UPDATE SKIP LOCKED` keeps them off each
-//! other's rows.
+//! replicas may sweep at once: each row is deleted once, by whichever
+//! sweeper locks it first (`store/retention.rs`).
 
 use std::time::Duration;
 

@@ -22,6 +22,8 @@ pub enum StartupError {
     DatabaseUrl(String),
     #[error("could not prepare the database: {0}")]
     Migrations(String),
+    #[error("could not distribute the tables: {0}")]
+    Distribute(String),
     #[error("the database is unreachable: {0}")]
     Database(#[source] StoreError),
     #[error("could not listen on {addr}: {source}")]

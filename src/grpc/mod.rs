@@ -24,6 +24,7 @@ mod unread;
 #[doc(hidden)]
 pub use fuzzing::{REQUEST_KINDS, validate_encoded_request};
 pub use handlers::ConversationApi;
+pub use health::DATABASE_HEALTH_NAME;
 pub use identity::{Authenticator, USER_ID_HEADER};
 pub use jwt::JwtVerifier;
 pub use observe::{ObserveLayer, REQUEST_ID_HEADER};

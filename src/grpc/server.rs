@@ -11,8 +11,11 @@ use tonic::{codec::CompressionEncoding, transport::Server};
 use tonic_health::ServingStatus;
 
 use super::{
-    Authenticator, ConversationApi, ObserveLayer, SERVICE_NAME, health::watch_database_health,
-    proto, proto::conversation_service_server::ConversationServiceServer, unread::UnreadLimitLayer,
+    Authenticator, ConversationApi, ObserveLayer, SERVICE_NAME,
+    health::{self, watch_database_health},
+    proto,
+    proto::conversation_service_server::ConversationServiceServer,
+    unread::UnreadLimitLayer,
 };
 use crate::{config::TlsSettings, store::Store};
 
@@ -86,6 +89,9 @@ pub async fn serve(
         .await;
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(health::DATABASE_HEALTH_NAME, ServingStatus::Serving)
         .await;
     let health_watch = tokio::spawn(watch_database_health(
         options.health_of,

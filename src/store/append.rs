@@ -210,6 +210,26 @@ static APPEND: LazyLock<[[Template; 2]; 2]> = LazyLock::new(|| {
     ]
 });
 
+/// The append on a Citus cluster: a call of `sql/citus_append.sql`'s
+/// function, which Citus runs on the worker holding the user's shard.
+static BY_FUNCTION: LazyLock<Template> = LazyLock::new(|| {
+    Template::parse(
+        "SELECT convo_append_v1($lock_timeout, $user, $conversation, $request_id, $expected, $count, $now, \
+         $input_tokens, $output_tokens, $cached_input_tokens, $reasoning_tokens, $ids, $roles, \
+         $contents, $metadata, $parts, $names, $models, $inputs, $outputs, $cached, $reasoning, \
+         $call_ids, $call_at, $answered_ids, $answered_at) AS report",
+    )
+});
+
+/// The function behind [`BY_FUNCTION`], created by `convo distribute`.
+pub(super) const APPEND_FUNCTION: &str = include_str!("sql/citus_append.sql");
+
+/// The append as `convo distribute` leaves it on Citus, named, for the plan
+/// checks (see `store::hot_statements`).
+pub(super) fn by_function() -> (String, &'static Template) {
+    ("append (Citus function)".to_owned(), &BY_FUNCTION)
+}
+
 /// The four shapes, named, for plan checks (see `store::hot_statements`).
 pub(super) fn shapes() -> Vec<(String, &'static Template)> {
     let mut shapes = Vec::new();
@@ -230,6 +250,11 @@ pub(super) fn shapes() -> Vec<(String, &'static Template)> {
 
 /// One execution of [`append_sql`]: the batch as columns.
 struct AppendStatement<'a> {
+    /// Call the Citus function instead of running the statement.
+    by_function: bool,
+    /// The store's lock_timeout (`"300ms"`), for the function to apply where
+    /// it runs.
+    lock_timeout: String,
     user: &'a str,
     conversation: &'a Uuid,
     request_id: Option<&'a str>,
@@ -263,8 +288,13 @@ prepared_statement!(
 impl QueryFragment<Pg> for AppendStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let tools = !(self.call_ids.is_empty() && self.answered_ids.is_empty());
-        let shape = &APPEND[usize::from(self.request_id.is_some())][usize::from(tools)];
+        let shape = if self.by_function {
+            &BY_FUNCTION
+        } else {
+            &APPEND[usize::from(self.request_id.is_some())][usize::from(tools)]
+        };
         shape.push(&mut out, |name, out| match name {
+            "lock_timeout" => out.push_bind_param::<Text, _>(&self.lock_timeout),
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "request_id" => out.push_bind_param::<Nullable<Text>, _>(&self.request_id),
@@ -322,6 +352,61 @@ struct AppendReport {
     snapshot_count: Option<i64>,
 }
 
+/// The Citus function's record: an [`AppendReport`] as one value.
+#[derive(QueryableByName)]
+struct FunctionReport {
+    #[diesel(sql_type = diesel::sql_types::Record<(
+        Nullable<BigInt>,
+        Nullable<Timestamptz>,
+        BigInt,
+        Nullable<SqlUuid>,
+        Nullable<BigInt>,
+        Nullable<Integer>,
+        Nullable<Text>,
+        Nullable<Text>,
+        Nullable<BigInt>,
+    )>)]
+    #[allow(clippy::type_complexity)]
+    report: (
+        Option<i64>,
+        Option<DateTime<Utc>>,
+        i64,
+        Option<Uuid>,
+        Option<i64>,
+        Option<i32>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    ),
+}
+
+impl From<FunctionReport> for AppendReport {
+    fn from(FunctionReport { report }: FunctionReport) -> Self {
+        let (
+            base,
+            create_time,
+            written,
+            follows,
+            replay_first,
+            replay_count,
+            taken,
+            unanswered,
+            snapshot_count,
+        ) = report;
+        Self {
+            base,
+            create_time,
+            written,
+            follows,
+            replay_first,
+            replay_count,
+            taken,
+            unanswered,
+            snapshot_count,
+        }
+    }
+}
+
 /// How many times an append runs when races with concurrent writers send it
 /// back (see the module's comment); each retry sees what the previous one
 /// waited for, so more than one is already rare.
@@ -335,7 +420,13 @@ enum Attempt {
 }
 
 impl<'a> AppendStatement<'a> {
-    fn new(owner: &'a UserId, append: &'a AppendMessages, messages: &'a [Message]) -> Self {
+    fn new(
+        owner: &'a UserId,
+        append: &'a AppendMessages,
+        messages: &'a [Message],
+        by_function: bool,
+        lock_timeout: std::time::Duration,
+    ) -> Self {
         let batch = &append.messages;
         let usage = batch
             .iter()
@@ -363,6 +454,8 @@ impl<'a> AppendStatement<'a> {
             batch.iter().map(|m| m.usage.as_ref().map(of)).collect()
         };
         Self {
+            by_function,
+            lock_timeout: format!("{}ms", lock_timeout.as_millis()),
             user: owner.as_str(),
             conversation: append.conversation_id.as_uuid(),
             request_id: append.request_id.as_ref().map(|r| r.as_str()),
@@ -427,11 +520,35 @@ fn lost_a_race(error: &DieselError) -> bool {
     matches!(
         error,
         DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
-            if matches!(info.constraint_name(), Some("append_requests_pkey" | "tool_calls_pkey"))
+            if matches!(
+                super::error::violated_constraint(info.as_ref()).as_deref(),
+                Some("append_requests_pkey" | "tool_calls_pkey")
+            )
     )
 }
 
+#[derive(QueryableByName)]
+struct Distributed {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    distributed: bool,
+}
+
 impl Store {
+    /// Whether appends call the Citus function: once `convo distribute` made
+    /// it (asked once per replica; a cluster distributed while replicas run
+    /// needs them restarted).
+    async fn append_by_function(&self, conn: &mut AsyncPgConnection) -> Result<bool, StoreError> {
+        if let Some(known) = self.append_by_function.get() {
+            return Ok(*known);
+        }
+        let found: Distributed = diesel::sql_query(
+            "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'convo_append_v1') AS distributed",
+        )
+        .get_result(conn)
+        .await?;
+        Ok(*self.append_by_function.get_or_init(|| found.distributed))
+    }
+
     /// Appends the batch at the end of the conversation, all or nothing, in
     /// one statement (see the module's comment for how it stays correct
     /// under concurrency).
@@ -442,9 +559,19 @@ impl Store {
     ) -> Result<AppendOutcome, StoreError> {
         let mut messages = unnumbered(append);
         self.with_conn(async |conn| {
+            let by_function = self.append_by_function(conn).await?;
             for _ in 0..APPEND_ATTEMPTS {
-                let statement = AppendStatement::new(owner, append, &messages);
-                let report: AppendReport = match statement.get_result(conn).await {
+                let statement =
+                    AppendStatement::new(owner, append, &messages, by_function, self.lock_timeout);
+                let reported = if by_function {
+                    statement
+                        .get_result::<FunctionReport>(conn)
+                        .await
+                        .map(AppendReport::from)
+                } else {
+                    statement.get_result::<AppendReport>(conn).await
+                };
+                let report = match reported {
                     Ok(report) => report,
                     Err(error) if lost_a_race(&error) => continue,
                     Err(error) => return Err(error.into()),

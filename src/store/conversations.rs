@@ -526,7 +526,7 @@ impl Store {
         let owners: Vec<&str> = watched.iter().map(|(owner, _)| owner.as_str()).collect();
         let ids: Vec<&Uuid> = watched.iter().map(|(_, id)| id.as_uuid()).collect();
         let rows: Vec<VersionRow> = self
-            .with_conn(async |conn| {
+            .across_owners(async |conn| {
                 Ok(diesel::sql_query(VERSIONS)
                     .bind::<diesel::sql_types::Array<Text>, _>(&owners)
                     .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)

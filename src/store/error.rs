@@ -7,7 +7,8 @@
 //! names but not the SQLSTATE (`src/pg/error_helper.rs` in diesel-async).
 //! There is no supported way to read the code through it, so what has a kind
 //! is classified by kind (serialization failures), and the rest, timeouts
-//! (55P03, 57014), ended sessions (57P*) and deadlocks (40P01), by
+//! (55P03, 57014), ended sessions (57P*), deadlocks (40P01) and a Citus
+//! coordinator's lost workers (08*), by
 //! PostgreSQL's English message. English is made sure of where possible:
 //! pooled sessions `SET lc_messages = 'C'` (allowed to superusers), the
 //! private cluster's application role has `lc_messages = 'C'` set on it, and
@@ -80,6 +81,13 @@ impl From<DieselError> for StoreError {
             {
                 Self::Unavailable(info.message().to_owned())
             }
+            // Citus: a worker holding this user's shards cannot be reached
+            // (08xxx raised by the coordinator on a healthy session).
+            DieselError::DatabaseError(DatabaseErrorKind::Unknown, ref info)
+                if is_node_unreachable(info.message()) =>
+            {
+                Self::Unavailable(info.message().to_owned())
+            }
             DieselError::BrokenTransactionManager => {
                 Self::Unavailable("the connection's transaction state was lost".to_owned())
             }
@@ -121,9 +129,72 @@ fn is_session_ended(message: &str) -> bool {
     message.starts_with("terminating connection") || message.starts_with("the database system is")
 }
 
+/// The constraint a violation names. A Citus worker's error carries no
+/// constraint name, only a message naming the shard's copy of it
+/// (`"append_requests_pkey_102030"`): the name is then read from the message
+/// and the shard's suffix dropped (convo's constraint names never end in
+/// digits).
+pub(super) fn violated_constraint(
+    info: &dyn diesel::result::DatabaseErrorInformation,
+) -> Option<String> {
+    if let Some(name) = info.constraint_name() {
+        return Some(name.to_owned());
+    }
+    let quoted = info.message().split('"').nth(1)?;
+    let name = match quoted.rsplit_once('_') {
+        Some((base, shard)) if !shard.is_empty() && shard.bytes().all(|b| b.is_ascii_digit()) => {
+            base
+        }
+        _ => quoted,
+    };
+    Some(name.to_owned())
+}
+
+/// Citus's connection failures to a worker (class 08, raised on the
+/// coordinator): "connection to the remote node …", "connection
+/// establishment for node … failed", "could not establish any connections
+/// to the node …".
+fn is_node_unreachable(message: &str) -> bool {
+    message.starts_with("connection to the remote node")
+        || message.starts_with("connection establishment for node")
+        || message.starts_with("could not establish any connections to the node")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shard_constraint_is_known_by_its_table_constraint() {
+        struct Worker;
+        impl diesel::result::DatabaseErrorInformation for Worker {
+            fn message(&self) -> &str {
+                "duplicate key value violates unique constraint \"append_requests_pkey_102030\""
+            }
+            fn details(&self) -> Option<&str> {
+                None
+            }
+            fn hint(&self) -> Option<&str> {
+                None
+            }
+            fn table_name(&self) -> Option<&str> {
+                None
+            }
+            fn column_name(&self) -> Option<&str> {
+                None
+            }
+            fn constraint_name(&self) -> Option<&str> {
+                None
+            }
+            fn statement_position(&self) -> Option<i32> {
+                None
+            }
+        }
+        assert_eq!(
+            violated_constraint(&Worker).as_deref(),
+            Some("append_requests_pkey")
+        );
+    }
 
     #[test]
     fn postgres_messages_are_classified() {
@@ -140,6 +211,14 @@ mod tests {
         assert!(!is_session_ended(
             "duplicate key value violates unique constraint"
         ));
+        assert!(is_node_unreachable(
+            "connection to the remote node postgres@127.0.0.1:9702 failed with the following \
+             error: Connection refused"
+        ));
+        assert!(is_node_unreachable(
+            "connection establishment for node 127.0.0.1:9702 failed"
+        ));
+        assert!(!is_node_unreachable("relation \"messages\" does not exist"));
         assert!(is_deadlock("deadlock detected"));
         assert!(!is_deadlock(
             "duplicate key value violates unique constraint"

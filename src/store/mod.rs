@@ -18,6 +18,7 @@
 mod append;
 mod changes;
 mod conversations;
+mod distribute;
 mod error;
 mod list;
 mod messages;
@@ -27,6 +28,7 @@ mod pool;
 mod resume;
 mod retention;
 pub mod schema;
+mod script;
 mod search;
 mod statement;
 mod tls;
@@ -36,19 +38,27 @@ mod values;
 pub use append::AppendOutcome;
 pub use changes::{Appended, ChangeFeed, FeedSettings, Subscription, Wake};
 pub use conversations::ForkOutcome;
+pub use distribute::{Distribution, Topology};
 pub use error::StoreError;
 pub use messages::TruncateOutcome;
 pub use migrations::{
-    create_database_if_missing, ensure_schema_current, grant_app_role, revert_last_migration,
-    run_pending_migrations,
+    create_database_if_missing, distribute, ensure_schema_current, grant_app_role,
+    revert_last_migration, run_pending_migrations,
 };
-pub use pool::{HealthProbe, PoolSettings, Store};
+pub use pool::{DatabaseHealth, HealthProbe, PoolSettings, Store};
 /// Test support: the statements of the hot paths as PostgreSQL receives
 /// them (`$1`…`$n`) with their number of parameters, for the API tests to
 /// check their plans.
 #[doc(hidden)]
-pub fn hot_statements() -> Vec<(String, String, usize)> {
-    let mut statements: Vec<(String, String, usize)> = append::shapes()
+///
+/// On a Citus cluster (`citus`), the append is the call of its function.
+pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
+    let appends = if citus {
+        vec![append::by_function()]
+    } else {
+        append::shapes()
+    };
+    let mut statements: Vec<(String, String, usize)> = appends
         .into_iter()
         .map(|(name, template)| {
             let (sql, binds) = template.numbered();

@@ -112,8 +112,13 @@ pub struct Store {
     /// Where the pool connects, for cancel requests and the health probe.
     target: DatabaseTarget,
     pub(super) search_timeout: Duration,
+    /// Set by statements that run on a Citus worker, where the session's own
+    /// setting does not reach.
+    pub(super) lock_timeout: Duration,
     /// Turns for watch streams' reads (see [`Store::list_messages_for_watch`]).
     pub(super) watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Whether appends call the Citus function (`append.rs`), once known.
+    pub(super) append_by_function: std::sync::Arc<std::sync::OnceLock<bool>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,11 +145,16 @@ impl Store {
             // plan does not depend on the values bound: one generic plan per
             // session, never re-planned at each call (PostgreSQL otherwise may
             // keep planning the append and resume anew, about 0.3 ms each,
-            // when a custom plan looks cheaper on paper).
+            // when a custom plan looks cheaper on paper). Except on a Citus
+            // coordinator: it cannot plan the append's data-modifying CTEs
+            // for unknown parameters ("could not create distributed plan"),
+            // so there each call is planned with its values.
             setup: format!(
                 "SET statement_timeout = {statement_timeout_ms}; \
                  SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'; \
-                 SET plan_cache_mode = force_generic_plan"
+                 SELECT set_config('plan_cache_mode', \
+                     CASE WHEN EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') \
+                          THEN 'force_custom_plan' ELSE 'force_generic_plan' END, false)"
             ),
         };
         let pool = bb8::Pool::builder()
@@ -156,9 +166,11 @@ impl Store {
             pool,
             target,
             search_timeout: settings.search_timeout,
+            lock_timeout: settings.lock_timeout,
             watch_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(watch_read_turns(
                 settings.max_size,
             ))),
+            append_by_function: std::sync::Arc::default(),
         })
     }
 
@@ -188,6 +200,35 @@ impl Store {
             }
             other => other,
         }
+    }
+
+    /// Runs `operation` in a transaction of its own in which a Citus cluster
+    /// may spread it over every shard. The store's statements that span
+    /// owners (the retention sweep, the watch catch-up) are multi-shard by
+    /// design; a deployment, or the test suite, that turns multi-shard
+    /// statements into errors (`citus.multi_task_query_log_level`) lifts
+    /// that here and nowhere else. On plain PostgreSQL the setting is an
+    /// unused placeholder.
+    pub(super) async fn across_owners<T>(
+        &self,
+        operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // BEGIN and COMMIT by hand: diesel-async's `transaction` wants a
+        // `Send` future, which a generic async closure cannot promise. A
+        // session dropped mid-way is closed, not lent again (`Lent`).
+        self.with_conn(async |conn| {
+            conn.batch_execute("BEGIN; SET LOCAL citus.multi_task_query_log_level = 'off'")
+                .await?;
+            let outcome = operation(conn).await;
+            let end = if outcome.is_ok() {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            };
+            conn.batch_execute(end).await?;
+            outcome
+        })
+        .await
     }
 
     /// Publishes the pool's state as metrics: connections open and idle,
@@ -232,6 +273,7 @@ impl Store {
             target: self.target.clone(),
             timeout,
             session: None,
+            citus: None,
         }
     }
 
@@ -256,13 +298,46 @@ pub struct HealthProbe {
     target: DatabaseTarget,
     timeout: Duration,
     session: Option<AsyncPgConnection>,
+    /// Whether the database is a Citus coordinator, once known.
+    citus: Option<bool>,
+}
+
+/// What the health probe saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseHealth {
+    /// The database, and every Citus worker if there are any, answer.
+    Whole,
+    /// The coordinator answers but these workers (`host:port`) do not: the
+    /// users whose shards they hold get UNAVAILABLE, the others are served.
+    Degraded { unreachable: Vec<String> },
+}
+
+/// The active Citus workers a new connection cannot reach. A coordinator's
+/// `SELECT 1` succeeds while a worker is down; this asks each worker.
+const UNREACHABLE_WORKERS: &str = "\
+    SELECT nodename || ':' || nodeport AS node FROM pg_dist_node \
+    WHERE isactive AND noderole = 'primary' AND groupid <> 0 \
+      AND NOT citus_check_connection_to_node(nodename, nodeport) \
+    ORDER BY nodename, nodeport";
+
+#[derive(diesel::QueryableByName)]
+struct Node {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    node: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct HasCitus {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    citus: bool,
 }
 
 impl HealthProbe {
-    /// Succeeds when the database answers `SELECT 1` within the timeout.
-    pub async fn check(&mut self) -> Result<(), StoreError> {
+    /// How the database answers within the timeout: whole, or (on Citus)
+    /// with workers missing; an error when it does not answer at all.
+    pub async fn check(&mut self) -> Result<DatabaseHealth, StoreError> {
         match tokio::time::timeout(self.timeout, self.ask()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(health)) => Ok(health),
             Ok(Err(error)) => {
                 self.session = None;
                 Err(error)
@@ -277,7 +352,8 @@ impl HealthProbe {
         }
     }
 
-    async fn ask(&mut self) -> Result<(), StoreError> {
+    async fn ask(&mut self) -> Result<DatabaseHealth, StoreError> {
+        use diesel_async::RunQueryDsl;
         let session = match &mut self.session {
             Some(session) => session,
             None => {
@@ -287,10 +363,37 @@ impl HealthProbe {
                 self.session.insert(opened)
             }
         };
-        session
-            .batch_execute("SELECT 1")
+        let unavailable = |e: diesel::result::Error| StoreError::Unavailable(e.to_string());
+        let citus = match self.citus {
+            Some(citus) => citus,
+            None => {
+                let found: HasCitus = diesel::sql_query(
+                    "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus",
+                )
+                .get_result(session)
+                .await
+                .map_err(unavailable)?;
+                *self.citus.insert(found.citus)
+            }
+        };
+        if !citus {
+            session
+                .batch_execute("SELECT 1")
+                .await
+                .map_err(unavailable)?;
+            return Ok(DatabaseHealth::Whole);
+        }
+        let unreachable: Vec<Node> = diesel::sql_query(UNREACHABLE_WORKERS)
+            .load(session)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .map_err(unavailable)?;
+        Ok(if unreachable.is_empty() {
+            DatabaseHealth::Whole
+        } else {
+            DatabaseHealth::Degraded {
+                unreachable: unreachable.into_iter().map(|n| n.node).collect(),
+            }
+        })
     }
 }
 

@@ -15,18 +15,22 @@ struct Deleted {
     id: Uuid,
 }
 
-/// Deletes up to `$2` conversations idle since before `$1`, oldest first. Rows
-/// another sweeper (another replica) has locked are skipped, not waited for.
+/// Deletes up to `$2` conversations idle since before `$1`, oldest first.
+///
+/// Safe with several sweepers (replicas) at once, and accepted by Citus (which
+/// refuses `FOR UPDATE SKIP LOCKED` across shards): the candidates are read
+/// without locks, and the DELETE checks the idle time again on each row it
+/// locks, so a conversation written to since is kept, and a row another
+/// sweeper deleted first is simply not found (each id is reported once).
 const DELETE_IDLE: &str = "\
-    WITH doomed AS ( \
+    DELETE FROM conversations c \
+    WHERE (c.user_id, c.id) IN ( \
         SELECT user_id, id FROM conversations \
         WHERE update_time < $1 \
         ORDER BY update_time \
         LIMIT $2 \
-        FOR UPDATE SKIP LOCKED \
     ) \
-    DELETE FROM conversations c USING doomed d \
-    WHERE c.user_id = d.user_id AND c.id = d.id \
+    AND c.update_time < $1 \
     RETURNING c.id";
 
 impl Store {
@@ -34,15 +38,14 @@ impl Store {
     /// cascade, their messages) not updated since `idle_before`, and returns
     /// the ids deleted, so the caller can tell their watchers.
     ///
-    /// The one query that is not scoped by an owner: retention is the
-    /// operator's policy over all users. Under Citus it is a multi-shard
-    /// statement, to be run per shard or replaced by a per-user sweep.
+    /// Not scoped by an owner: retention is the operator's policy over all
+    /// users, and under Citus a multi-shard statement ([`Store::across_owners`]).
     pub async fn delete_idle_conversations(
         &self,
         idle_before: DateTime<Utc>,
         batch: u32,
     ) -> Result<Vec<ConversationId>, StoreError> {
-        self.with_conn(async |conn| {
+        self.across_owners(async |conn| {
             let deleted: Vec<Deleted> = diesel::sql_query(DELETE_IDLE)
                 .bind::<Timestamptz, _>(idle_before)
                 .bind::<BigInt, _>(i64::from(batch))

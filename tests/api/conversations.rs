@@ -448,8 +448,9 @@ async fn list_pagination_sees_every_conversation_exactly_once() {
     app.db
         .run_sql(
             "UPDATE conversations SET (create_time, update_time) = \
-             (SELECT create_time, create_time FROM conversations WHERE title = 'c3') \
-             WHERE title IN ('c4', 'c5', 'c6')",
+             (SELECT create_time, create_time FROM conversations \
+               WHERE user_id = 'alice' AND title = 'c3') \
+             WHERE user_id = 'alice' AND title IN ('c4', 'c5', 'c6')",
         )
         .await;
     let full = alice

@@ -282,7 +282,7 @@ async fn one_session_and_a_locked_row() -> (TestApp, proto::Conversation, AsyncP
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             locked.id
         ))
         .await
@@ -385,7 +385,7 @@ async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await
@@ -418,7 +418,7 @@ async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
     let mut holder = patient.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await
@@ -709,7 +709,7 @@ async fn a_flood_is_refused_fast_instead_of_queued() {
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await
@@ -804,7 +804,7 @@ async fn shutdown_lets_in_flight_calls_finish_and_loses_no_acknowledged_message(
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await
@@ -901,7 +901,7 @@ async fn the_drain_timeout_bounds_how_long_shutdown_waits() {
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await
@@ -1035,7 +1035,7 @@ async fn a_connection_that_does_not_read_holds_a_bounded_amount_of_answers() {
                                    create_time) \
              SELECT 'alice', '{id}', s, gen_random_uuid(), 1, repeat('x', 100000), now() \
                FROM generate_series(1, 60) AS s; \
-             UPDATE conversations SET message_count = 60 WHERE id = '{id}'",
+             UPDATE conversations SET message_count = 60 WHERE user_id = 'alice' AND id = '{id}'",
             id = big.id
         ))
         .await;

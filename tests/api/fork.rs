@@ -263,7 +263,7 @@ async fn a_fork_in_progress_does_not_hold_back_appends_to_its_source() {
     // copy would.
     let mut fork = app.db.connect().await;
     fork.batch_execute(&format!(
-        "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR KEY SHARE",
+        "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR KEY SHARE",
         source.id
     ))
     .await

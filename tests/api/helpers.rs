@@ -38,6 +38,21 @@ struct TestCluster {
     /// A URL to the server's `postgres` database, for CREATE/DROP DATABASE.
     admin_url: String,
     template: String,
+    /// Under Citus (`CONVO_TEST_CITUS_URL`), the workers' `postgres` URLs:
+    /// each test database is cloned on every node (see [`start_citus`]).
+    workers: Vec<String>,
+}
+
+/// The Citus coordinator the tests run against, when one is given.
+pub fn citus_url() -> Option<String> {
+    std::env::var("CONVO_TEST_CITUS_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// True when the suite runs against a Citus coordinator.
+pub fn on_citus() -> bool {
+    citus_url().is_some()
 }
 
 static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
@@ -66,6 +81,9 @@ pub fn init_test_logs() {
 
 async fn start_cluster() -> TestCluster {
     init_test_logs();
+    if let Some(url) = citus_url() {
+        return start_citus(&url).await;
+    }
     let server_url =
         match std::env::var("TEST_DATABASE_URL").or_else(|_| std::env::var("DATABASE_URL")) {
             Ok(url) if !url.is_empty() => url,
@@ -145,15 +163,151 @@ async fn start_cluster() -> TestCluster {
     TestCluster {
         admin_url,
         template,
+        workers: Vec::new(),
     }
+}
+
+/// Runs SQL on the database at `url`, or panics naming both.
+pub async fn execute_on(url: &str, sql: &str) {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    conn.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {sql}: {e}"));
+}
+
+#[derive(QueryableByName)]
+struct Node {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    nodename: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    nodeport: i32,
+}
+
+/// The template under Citus: a database of the same name on the coordinator
+/// and on every worker, with the nodes added, migrated and distributed (8
+/// shards, so a test's users spread over both workers). A clone made on every
+/// node under one name is a cluster of its own: Citus reaches the workers'
+/// databases by the coordinator's database name.
+async fn start_citus(coordinator_url: &str) -> TestCluster {
+    let admin_url = with_database(coordinator_url, "postgres");
+    let mut conn = AsyncPgConnection::establish(coordinator_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to CONVO_TEST_CITUS_URL: {e}"));
+    let nodes: Vec<Node> = diesel::sql_query(
+        "SELECT nodename::text AS nodename, nodeport FROM pg_dist_node \
+         WHERE groupid <> 0 AND isactive ORDER BY nodeport",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap_or_else(|e| panic!("CONVO_TEST_CITUS_URL is not a Citus coordinator: {e}"));
+    assert!(!nodes.is_empty(), "the Citus coordinator has no workers");
+    let coordinator = url::Url::parse(coordinator_url).expect("CONVO_TEST_CITUS_URL is a URL");
+    let workers: Vec<String> = nodes
+        .iter()
+        .map(|node| {
+            let mut url = coordinator.clone();
+            url.set_host(Some(&node.nodename)).expect("worker host");
+            url.set_port(Some(node.nodeport as u16))
+                .expect("worker port");
+            url.set_path("/postgres");
+            url.to_string()
+        })
+        .collect();
+    let everywhere: Vec<&String> = std::iter::once(&admin_url).chain(&workers).collect();
+    // Distribution adds the append's function: its changes need a new template.
+    let template = format!(
+        "convo_citus_template_{}",
+        fingerprint(&["migrations", "src/store/sql", "src/store/distribute.rs"])
+    );
+    let mut admin = AsyncPgConnection::establish(&admin_url)
+        .await
+        .expect("admin");
+    admin
+        .batch_execute("SELECT pg_advisory_lock(7243002)")
+        .await
+        .expect("lock");
+    let ready = count_on(
+        &admin_url,
+        &format!(
+            "SELECT count(*) AS n FROM pg_database WHERE datname = '{template}' AND datistemplate"
+        ),
+    )
+    .await
+        > 0;
+    if !ready {
+        for node in &everywhere {
+            execute_on(
+                node,
+                &format!("DROP DATABASE IF EXISTS {template} WITH (FORCE)"),
+            )
+            .await;
+            execute_on(node, &format!("CREATE DATABASE {template}")).await;
+            execute_on(&with_database(node, &template), "CREATE EXTENSION citus").await;
+        }
+        let host = coordinator.host_str().expect("coordinator host");
+        let port = coordinator.port().unwrap_or(5432);
+        let mut add = format!("SELECT citus_set_coordinator_host('{host}', {port});");
+        for node in &nodes {
+            add += &format!(
+                "SELECT citus_add_node('{}', {});",
+                node.nodename, node.nodeport
+            );
+        }
+        let template_url = with_database(coordinator_url, &template);
+        execute_on(&template_url, &add).await;
+        store::distribute(&template_url, Some(8))
+            .await
+            .expect("migrate and distribute the template database");
+        for node in everywhere.iter().rev() {
+            close_template(node, &template).await;
+        }
+    }
+    admin
+        .batch_execute("SELECT pg_advisory_unlock(7243002)")
+        .await
+        .expect("unlock");
+    TestCluster {
+        admin_url,
+        template,
+        workers,
+    }
+}
+
+/// Makes `template` on this node a template no session holds open: Citus
+/// keeps a maintenance daemon connected to every database it is used in,
+/// and a database being accessed cannot be cloned.
+async fn close_template(node_admin_url: &str, template: &str) {
+    execute_on(
+        node_admin_url,
+        &format!(
+            "ALTER DATABASE {template} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{template}'"
+        ),
+    )
+    .await;
 }
 
 /// A short hash of the migration files, so a changed schema gets a new template.
 fn migrations_fingerprint() -> String {
-    let mut files: Vec<_> = walk(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/migrations"
-    )));
+    fingerprint(&["migrations"])
+}
+
+/// A short hash of these files and folders (relative to the crate).
+fn fingerprint(paths: &[&str]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = paths
+        .iter()
+        .flat_map(|path| {
+            let path = root.join(path);
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect();
     files.sort();
     let mut hash: u64 = 0xcbf29ce484222325;
     for path in files {
@@ -222,6 +376,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     admin_url: String,
+    /// Under Citus, the workers' `postgres` URLs: the database is on each.
+    workers: Vec<String>,
     /// Roles a test created, dropped after the database.
     roles: std::sync::Mutex<Vec<String>>,
 }
@@ -230,33 +386,40 @@ impl TestDb {
     pub async fn create() -> Self {
         let cluster = cluster().await;
         let name = format!("convo_test_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = AsyncPgConnection::establish(&cluster.admin_url)
-            .await
-            .expect("admin connection");
-        let statement = format!(
-            "CREATE DATABASE {name} TEMPLATE {} STRATEGY FILE_COPY",
-            cluster.template
-        );
-        // Clones of one template can briefly contend; retry a few times.
-        let mut attempt = 0;
-        loop {
-            match admin.batch_execute(&statement).await {
-                Ok(()) => break,
-                Err(e)
-                    if attempt < 50 && e.to_string().contains("being accessed by other users") =>
-                {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("cannot clone the template database: {e}"),
-            }
+        for node in std::iter::once(&cluster.admin_url).chain(&cluster.workers) {
+            clone_template(node, &cluster.template, &name).await;
         }
+        let url = with_database(&cluster.admin_url, &name);
         Self {
-            url: with_database(&cluster.admin_url, &name),
+            url,
             name,
             admin_url: cluster.admin_url.clone(),
+            workers: cluster.workers.clone(),
             roles: std::sync::Mutex::default(),
         }
+    }
+
+    /// The URL a test server connects with. Under Citus its sessions turn
+    /// any statement that spans several shards into an error, so the whole
+    /// suite checks that every call is a single-shard query; the store's
+    /// deliberate exceptions (retention, the watch catch-up) lift it locally.
+    pub fn server_url(&self) -> String {
+        if self.workers.is_empty() {
+            return self.url.clone();
+        }
+        let mut url = url::Url::parse(&self.url).expect("test database URL");
+        url.query_pairs_mut()
+            .append_pair("options", "-ccitus.multi_task_query_log_level=error");
+        url.to_string()
+    }
+
+    /// Under Citus, the `postgres` URL of the worker listening on `port`.
+    pub fn worker_admin_url(&self, port: i32) -> String {
+        self.workers
+            .iter()
+            .find(|url| url::Url::parse(url).ok().and_then(|u| u.port()) == Some(port as u16))
+            .unwrap_or_else(|| panic!("no worker on port {port}"))
+            .clone()
     }
 
     /// A direct connection to this test's database, for checks behind the API.
@@ -320,11 +483,39 @@ impl TestDb {
     }
 }
 
+/// `CREATE DATABASE name TEMPLATE template` on one node. Clones of one
+/// template can briefly contend, and under Citus a maintenance daemon may
+/// have reached the template: retry, ending such sessions.
+async fn clone_template(node_admin_url: &str, template: &str, name: &str) {
+    let mut admin = AsyncPgConnection::establish(node_admin_url)
+        .await
+        .expect("admin connection");
+    let statement = format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY");
+    let mut attempt = 0;
+    loop {
+        match admin.batch_execute(&statement).await {
+            Ok(()) => return,
+            Err(e) if attempt < 50 && e.to_string().contains("being accessed by other users") => {
+                attempt += 1;
+                let _ = admin
+                    .batch_execute(&format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                         WHERE datname = '{template}' AND backend_type <> 'client backend'"
+                    ))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot clone the template database: {e}"),
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
         let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|p| p.into_inner()));
+        let workers = self.workers.clone();
         // Drop cannot await; a short-lived runtime on its own thread can.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -332,6 +523,12 @@ impl Drop for TestDb {
                 .build()
                 .ok()?;
             runtime.block_on(async {
+                for worker in &workers {
+                    let mut node = AsyncPgConnection::establish(worker).await.ok()?;
+                    node.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .ok()?;
+                }
                 let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
                 admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -423,7 +620,7 @@ impl TestApp {
     }
 
     async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = test_settings(&db.url);
+        let mut settings = test_settings(&db.server_url());
         adjust(&mut settings);
         let app = Application::build(settings)
             .await

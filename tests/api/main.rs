@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod citus;
 mod concurrency;
 mod conversations;
 mod erasure;

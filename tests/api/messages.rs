@@ -111,7 +111,8 @@ async fn create_time_never_decreases_even_when_update_time_is_ahead_of_the_clock
     // Another replica with a clock one hour ahead touched the conversation.
     app.db
         .run_sql(&format!(
-            "UPDATE conversations SET update_time = update_time + interval '1 hour' WHERE id = '{}'",
+            "UPDATE conversations SET update_time = now() + interval '1 hour' \
+             WHERE user_id = 'alice' AND id = '{}'",
             created.id
         ))
         .await;

@@ -319,7 +319,7 @@ async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
     let mut holder = app.db.connect().await;
     holder
         .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE id = '{}' FOR UPDATE",
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
             created.id
         ))
         .await

@@ -69,12 +69,18 @@ fn assert_reads_by_key(name: &str, plan: &[String]) {
 
 #[tokio::test]
 async fn hot_statements_read_by_key_on_a_database_never_analyzed() {
+    if crate::helpers::on_citus() {
+        // A Citus coordinator plans each call with its values (store/pool.rs);
+        // citus.rs checks those plans stay on one shard.
+        eprintln!("skipped on Citus: sessions there use custom plans");
+        return;
+    }
     let db = TestDb::create().await;
     let mut conn = db.connect().await;
     conn.batch_execute("SET plan_cache_mode = force_generic_plan")
         .await
         .unwrap();
-    for (index, (name, sql, binds)) in convo::store::hot_statements().into_iter().enumerate() {
+    for (index, (name, sql, binds)) in convo::store::hot_statements(false).into_iter().enumerate() {
         conn.batch_execute(&format!("PREPARE hot_{index} AS {sql}"))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}\n{sql}"));

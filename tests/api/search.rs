@@ -5,7 +5,7 @@ use diesel::QueryableByName;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use tonic::Code;
 
-use crate::helpers::{Client, TestApp, append, create, expect_code, expect_invalid};
+use crate::helpers::{Client, TestApp, append, create, expect_code, expect_invalid, on_citus};
 
 fn search(query: &str) -> SearchMessagesRequest {
     SearchMessagesRequest {
@@ -381,6 +381,14 @@ async fn the_search_is_served_by_the_user_scoped_index() {
     .unwrap();
     let plan: Vec<_> = plan.into_iter().map(|l| l.line).collect();
     let text = plan.join("\n");
+    if on_citus() {
+        // One shard holds alice's rows, and in it hers are most of the rows:
+        // the planner may rightly scan it. What must hold is that only her
+        // shard is read.
+        assert!(text.contains("Task Count: 1"), "one shard is read:\n{text}");
+        eprintln!("on Citus: the index choice inside the shard is not checked");
+        return;
+    }
     assert!(
         text.contains("messages_search"),
         "the GIN index is used:\n{text}"
@@ -425,8 +433,15 @@ async fn a_query_of_only_excluded_words_is_refused() {
 /// message saying how to narrow it, and the server serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
+    // Under Citus every statement also crosses to a worker and is planned
+    // for its values: a wider bound, and more rows to exceed it.
+    let (bound_ms, rows) = if on_citus() {
+        (60, 250_000)
+    } else {
+        (10, 50_000)
+    };
     let app = TestApp::spawn_with(|settings| {
-        settings.pool.search_timeout = std::time::Duration::from_millis(10);
+        settings.pool.search_timeout = std::time::Duration::from_millis(bound_ms);
     })
     .await;
     let mut alice = app.client("alice");
@@ -439,8 +454,9 @@ async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
                                    metadata, create_time) \
              SELECT 'alice', '{id}', gen_random_uuid(), n, 1, \
                     'common words ' || n || ' repeated common text common', '{{}}', now() \
-               FROM generate_series(1, 50000) AS n; \
-             UPDATE conversations SET message_count = 50000 WHERE id = '{id}'; \
+               FROM generate_series(1, {rows}) AS n; \
+             UPDATE conversations SET message_count = {rows} \
+              WHERE user_id = 'alice' AND id = '{id}'; \
              ANALYZE messages;",
             id = chat.id
         ))
@@ -450,7 +466,10 @@ async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
         Code::ResourceExhausted,
     );
     assert!(
-        status.message().contains("rank within 10ms") && status.message().contains("narrow it"),
+        status
+            .message()
+            .contains(&format!("rank within {bound_ms}ms"))
+            && status.message().contains("narrow it"),
         "{}",
         status.message()
     );
