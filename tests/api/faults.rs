@@ -77,7 +77,7 @@ impl FaultyWorld {
 
     fn client(&self, user: &str) -> Client {
         proto::conversation_service_client::ConversationServiceClient::with_interceptor(
-            self.channel.clone(),
+            self.channel.clone().into(),
             UserHeader::new(user),
         )
     }
@@ -702,7 +702,7 @@ async fn a_slow_database_is_bounded_by_the_clients_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_is_refused_fast_instead_of_queued() {
-    let app = TestApp::spawn_with(|settings| settings.max_in_flight = 4).await;
+    let app = TestApp::spawn_alone_with(|settings| settings.max_in_flight = 4).await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "hot").await;
     // Appends to a locked conversation wait: four of them fill the server.
@@ -797,7 +797,7 @@ async fn an_oversized_request_gets_a_clear_status_and_the_connection_lives_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_calls_finish_and_loses_no_acknowledged_message() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_alone_with(|_| {}).await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "draining").await;
     // One call is certainly in flight: it waits for a row lock.
@@ -895,7 +895,8 @@ async fn shutdown_lets_in_flight_calls_finish_and_loses_no_acknowledged_message(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_timeout_bounds_how_long_shutdown_waits() {
     let app =
-        TestApp::spawn_with(|settings| settings.drain_timeout = Duration::from_millis(500)).await;
+        TestApp::spawn_alone_with(|settings| settings.drain_timeout = Duration::from_millis(500))
+            .await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "stuck").await;
     let mut holder = app.db.connect().await;

@@ -590,8 +590,65 @@ pub struct TestApp {
     /// The server's live-change feed, to observe its watchers.
     pub changes: ChangeFeed,
     channel: Channel,
+    /// The channels convo.v1 clients send their calls over, in turn: this
+    /// server's, and under `CONVO_TEST_REPLICAS=2` a second replica's.
+    calls: Alternating,
+    /// The second replica of `CONVO_TEST_REPLICAS=2`, kept running.
+    twin: Option<Box<TestApp>>,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<Result<(), StartupError>>>>,
+}
+
+/// True when every test's clients alternate between two replicas.
+pub fn two_replicas() -> bool {
+    std::env::var("CONVO_TEST_REPLICAS").is_ok_and(|n| n.trim() == "2")
+}
+
+/// Sends each call to the next of its channels in turn: one server, or two
+/// replicas on one database (`CONVO_TEST_REPLICAS=2`), so that every test
+/// also checks that no call depends on which replica served the one before.
+#[derive(Clone)]
+pub struct Alternating {
+    channels: Vec<Channel>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    /// The channel the current call goes to, picked in `poll_ready`.
+    picked: usize,
+}
+
+impl Alternating {
+    fn new(channels: Vec<Channel>) -> Self {
+        Self {
+            channels,
+            next: Arc::default(),
+            picked: 0,
+        }
+    }
+}
+
+/// One channel: every call to the one server behind it.
+impl From<Channel> for Alternating {
+    fn from(channel: Channel) -> Self {
+        Self::new(vec![channel])
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Alternating {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.picked =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.channels.len();
+        tower::Service::poll_ready(&mut self.channels[self.picked], cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        tower::Service::call(&mut self.channels[self.picked], request)
+    }
 }
 
 impl TestApp {
@@ -601,6 +658,15 @@ impl TestApp {
 
     pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Self {
         Self::spawn_on(Arc::new(TestDb::create().await), adjust).await
+    }
+
+    /// One server even under `CONVO_TEST_REPLICAS=2`: for what each server
+    /// decides alone (its limits, its shutdown, its metrics listener).
+    pub async fn spawn_alone_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let db = Arc::new(TestDb::create().await);
+        let mut settings = test_settings(&db.server_url());
+        adjust(&mut settings);
+        Self::spawn_single(db, settings).await
     }
 
     /// Another server on the same database: a second replica.
@@ -622,6 +688,7 @@ impl TestApp {
     async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = test_settings(&db.server_url());
         adjust(&mut settings);
+        let settings_copy = settings.clone();
         let app = Application::build(settings)
             .await
             .expect("build the server");
@@ -636,11 +703,47 @@ impl TestApp {
             .connect()
             .await
             .expect("connect to the test server");
+        let mut app = Self {
+            db: db.clone(),
+            addr,
+            changes,
+            calls: Alternating::new(vec![channel.clone()]),
+            channel,
+            twin: None,
+            shutdown: std::sync::Mutex::new(Some(shutdown)),
+            server: tokio::sync::Mutex::new(Some(server)),
+        };
+        if two_replicas() {
+            let twin = Box::pin(Self::spawn_single(db, settings_copy)).await;
+            app.calls = Alternating::new(vec![app.channel.clone(), twin.channel.clone()]);
+            app.twin = Some(Box::new(twin));
+        }
+        app
+    }
+
+    /// One more server with these settings, alone (no twin of its own).
+    async fn spawn_single(db: Arc<TestDb>, settings: Settings) -> Self {
+        let app = Application::build(settings)
+            .await
+            .expect("build the second replica");
+        let addr = app.local_addr();
+        let changes = app.changes().clone();
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("server URI")
+            .connect()
+            .await
+            .expect("connect to the second replica");
         Self {
             db,
             addr,
             changes,
+            calls: Alternating::new(vec![channel.clone()]),
             channel,
+            twin: None,
             shutdown: std::sync::Mutex::new(Some(shutdown)),
             server: tokio::sync::Mutex::new(Some(server)),
         }
@@ -653,12 +756,15 @@ impl TestApp {
 
     /// A client that sends `x-user-id` exactly as given, or not at all.
     pub fn client_with_header(&self, user: Option<AsciiMetadataValue>) -> Client {
-        ConversationServiceClient::with_interceptor(self.channel.clone(), UserHeader(user))
+        ConversationServiceClient::with_interceptor(self.calls.clone(), UserHeader(user))
             .max_decoding_message_size(usize::MAX)
     }
 
-    /// Asks the server to shut down gracefully, as SIGTERM would.
+    /// Asks the server (and its twin) to shut down gracefully, as SIGTERM would.
     pub fn shutdown(&self) {
+        if let Some(twin) = &self.twin {
+            twin.shutdown();
+        }
         if let Some(shutdown) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
             let _ = shutdown.send(());
         }
@@ -710,7 +816,7 @@ impl Interceptor for UserHeader {
     }
 }
 
-pub type Client = ConversationServiceClient<InterceptedService<Channel, UserHeader>>;
+pub type Client = ConversationServiceClient<InterceptedService<Alternating, UserHeader>>;
 
 /// Asserts the status code and returns the status for further checks.
 #[track_caller]

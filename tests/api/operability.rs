@@ -50,7 +50,8 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
         .unwrap()
         .port();
     let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let app = TestApp::spawn_with(|settings| settings.metrics_addr = Some(metrics_addr)).await;
+    let app =
+        TestApp::spawn_alone_with(|settings| settings.metrics_addr = Some(metrics_addr)).await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "measured").await;
     let mut watch = watch(&mut alice, &created.id, 0).await;

@@ -341,7 +341,7 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
     })
     .await;
     let mut a: Client = ConversationServiceClient::with_interceptor(
-        channel_to(addr).await,
+        channel_to(addr).await.into(),
         UserHeader::new("alice"),
     );
     let created = create(&mut a, "the writer dies").await;
@@ -363,7 +363,7 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
 async fn watch_streams_are_capped_per_user_and_per_server() {
     use convo::service::WatchLimits;
 
-    let app = TestApp::spawn_with(|settings| {
+    let app = TestApp::spawn_alone_with(|settings| {
         settings.watch_limits = WatchLimits {
             per_user: 2,
             per_server: 3,
