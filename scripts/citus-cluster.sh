@@ -58,6 +58,9 @@ port = $p
 unix_socket_directories = '$dir'
 max_connections = 300
 max_prepared_transactions = 300
+# One Citus maintenance daemon per database that uses Citus (the API tests
+# make one database per test).
+max_worker_processes = 64
 lc_messages = 'C'
 CONF
     fi

@@ -340,10 +340,12 @@ impl HealthProbe {
             Ok(Ok(health)) => Ok(health),
             Ok(Err(error)) => {
                 self.session = None;
+                self.citus = None;
                 Err(error)
             }
             Err(_) => {
                 self.session = None;
+                self.citus = None;
                 Err(StoreError::Unavailable(format!(
                     "no answer within {:?}",
                     self.timeout
@@ -373,6 +375,16 @@ impl HealthProbe {
                 .get_result(session)
                 .await
                 .map_err(unavailable)?;
+                if found.citus {
+                    // A worker whose host does not answer must be reported
+                    // lost within the probe's own timeout, not fail the
+                    // whole probe after Citus's 30 s default.
+                    let ms = (self.timeout.as_millis() / 2).max(100);
+                    session
+                        .batch_execute(&format!("SET citus.node_connection_timeout = {ms}"))
+                        .await
+                        .map_err(unavailable)?;
+                }
                 *self.citus.insert(found.citus)
             }
         };
