@@ -688,7 +688,17 @@ impl TestApp {
     async fn spawn_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Settings)) -> Self {
         let mut settings = test_settings(&db.server_url());
         adjust(&mut settings);
-        let settings_copy = settings.clone();
+        let mut app = Self::spawn_single(db.clone(), settings.clone()).await;
+        if two_replicas() {
+            let twin = Box::pin(Self::spawn_single(db, settings)).await;
+            app.calls = Alternating::new(vec![app.channel.clone(), twin.channel.clone()]);
+            app.twin = Some(Box::new(twin));
+        }
+        app
+    }
+
+    /// A server with these settings, alone (no twin of its own).
+    async fn spawn_single(db: Arc<TestDb>, settings: Settings) -> Self {
         let app = Application::build(settings)
             .await
             .expect("build the server");
@@ -703,40 +713,6 @@ impl TestApp {
             .connect()
             .await
             .expect("connect to the test server");
-        let mut app = Self {
-            db: db.clone(),
-            addr,
-            changes,
-            calls: Alternating::new(vec![channel.clone()]),
-            channel,
-            twin: None,
-            shutdown: std::sync::Mutex::new(Some(shutdown)),
-            server: tokio::sync::Mutex::new(Some(server)),
-        };
-        if two_replicas() {
-            let twin = Box::pin(Self::spawn_single(db, settings_copy)).await;
-            app.calls = Alternating::new(vec![app.channel.clone(), twin.channel.clone()]);
-            app.twin = Some(Box::new(twin));
-        }
-        app
-    }
-
-    /// One more server with these settings, alone (no twin of its own).
-    async fn spawn_single(db: Arc<TestDb>, settings: Settings) -> Self {
-        let app = Application::build(settings)
-            .await
-            .expect("build the second replica");
-        let addr = app.local_addr();
-        let changes = app.changes().clone();
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("server URI")
-            .connect()
-            .await
-            .expect("connect to the second replica");
         Self {
             db,
             addr,
