@@ -527,28 +527,7 @@ fn lost_a_race(error: &DieselError) -> bool {
     )
 }
 
-#[derive(QueryableByName)]
-struct Distributed {
-    #[diesel(sql_type = diesel::sql_types::Bool)]
-    distributed: bool,
-}
-
 impl Store {
-    /// Whether appends call the Citus function: once `convo distribute` made
-    /// it (asked once per replica; a cluster distributed while replicas run
-    /// needs them restarted).
-    async fn append_by_function(&self, conn: &mut AsyncPgConnection) -> Result<bool, StoreError> {
-        if let Some(known) = self.append_by_function.get() {
-            return Ok(*known);
-        }
-        let found: Distributed = diesel::sql_query(
-            "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'convo_append_v1') AS distributed",
-        )
-        .get_result(conn)
-        .await?;
-        Ok(*self.append_by_function.get_or_init(|| found.distributed))
-    }
-
     /// Appends the batch at the end of the conversation, all or nothing, in
     /// one statement (see the module's comment for how it stays correct
     /// under concurrency).
@@ -559,7 +538,7 @@ impl Store {
     ) -> Result<AppendOutcome, StoreError> {
         let mut messages = unnumbered(append);
         self.with_conn(async |conn| {
-            let by_function = self.append_by_function(conn).await?;
+            let by_function = self.distributed(conn).await?;
             for _ in 0..APPEND_ATTEMPTS {
                 let statement =
                     AppendStatement::new(owner, append, &messages, by_function, self.lock_timeout);

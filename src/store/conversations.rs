@@ -207,6 +207,7 @@ impl Store {
         let request_id = new.request_id.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                self.bound_lock_waits(conn).await?;
                 // The user row, created or locked (never rewritten): an erasure
                 // of this user either finished before (and the row is made
                 // anew) or waits for this conversation, and erases it too. A
@@ -313,7 +314,7 @@ impl Store {
         id: ConversationId,
         changes: &ConversationChanges,
     ) -> Result<Conversation, StoreError> {
-        self.with_conn(async |conn| {
+        let update = async |conn: &mut AsyncPgConnection| {
             let changeset = ConversationChangeset {
                 title: changes.title.as_ref().map(Title::as_str),
                 metadata: changes.metadata.as_ref().map(metadata_to_json),
@@ -332,6 +333,19 @@ impl Store {
                 .optional()?
                 .ok_or(StoreError::NotFound)?
                 .try_into()
+        };
+        self.with_conn(async |conn| {
+            // On Citus, in a transaction that carries the lock timeout to
+            // the worker (`bound_lock_waits`); alone, one round trip.
+            if self.distributed(conn).await? {
+                conn.transaction(async |conn| {
+                    self.bound_lock_waits(conn).await?;
+                    update(conn).await
+                })
+                .await
+            } else {
+                update(conn).await
+            }
         })
         .await
     }
@@ -343,13 +357,25 @@ impl Store {
         owner: &UserId,
         id: ConversationId,
     ) -> Result<(), StoreError> {
+        let delete = async |conn: &mut AsyncPgConnection| -> Result<usize, StoreError> {
+            Ok(diesel::delete(conversations::table)
+                .filter(conversations::user_id.eq(owner.as_str()))
+                .filter(conversations::id.eq(id.as_uuid()))
+                .execute(conn)
+                .await?)
+        };
         let deleted = self
             .with_conn(async |conn| {
-                Ok(diesel::delete(conversations::table)
-                    .filter(conversations::user_id.eq(owner.as_str()))
-                    .filter(conversations::id.eq(id.as_uuid()))
-                    .execute(conn)
-                    .await?)
+                // As in `update_conversation`.
+                if self.distributed(conn).await? {
+                    conn.transaction(async |conn| {
+                        self.bound_lock_waits(conn).await?;
+                        delete(conn).await
+                    })
+                    .await
+                } else {
+                    delete(conn).await
+                }
             })
             .await?;
         if deleted == 0 {
@@ -374,6 +400,7 @@ impl Store {
         let title = fork.title.as_ref();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                self.bound_lock_waits(conn).await?;
                 // The user row first, as an erasure locks it first: the new
                 // conversation's foreign key would otherwise take it after
                 // the source's lock, the opposite order (a deadlock).

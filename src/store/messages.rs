@@ -194,6 +194,7 @@ impl Store {
         let after = truncate.after_sequence.get();
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                self.bound_lock_waits(conn).await?;
                 let (count, update_time) =
                     conversations::lock_for_append(conn, owner, conversation_id).await?;
                 if let Some(expected) = truncate.expected_last_sequence

@@ -117,8 +117,8 @@ pub struct Store {
     pub(super) lock_timeout: Duration,
     /// Turns for watch streams' reads (see [`Store::list_messages_for_watch`]).
     pub(super) watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
-    /// Whether appends call the Citus function (`append.rs`), once known.
-    pub(super) append_by_function: std::sync::Arc<std::sync::OnceLock<bool>>,
+    /// Whether `convo distribute` made this a distributed cluster, once known.
+    pub(super) distributed: std::sync::Arc<std::sync::OnceLock<bool>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -154,7 +154,9 @@ impl Store {
                  SET lock_timeout = {lock_timeout_ms}; SET TIME ZONE 'UTC'; \
                  SELECT set_config('plan_cache_mode', \
                      CASE WHEN EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') \
-                          THEN 'force_custom_plan' ELSE 'force_generic_plan' END, false)"
+                          THEN 'force_custom_plan' ELSE 'force_generic_plan' END, false); \
+                 SELECT set_config('citus.propagate_set_commands', 'local', false) \
+                   FROM pg_extension WHERE extname = 'citus'"
             ),
         };
         let pool = bb8::Pool::builder()
@@ -170,7 +172,7 @@ impl Store {
             watch_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(watch_read_turns(
                 settings.max_size,
             ))),
-            append_by_function: std::sync::Arc::default(),
+            distributed: std::sync::Arc::default(),
         })
     }
 
@@ -200,6 +202,52 @@ impl Store {
             }
             other => other,
         }
+    }
+
+    /// Whether `convo distribute` made this database a distributed Citus
+    /// cluster (it installs the append's function): then appends call that
+    /// function and writes set their lock timeout for the workers. Asked once
+    /// per replica; a cluster distributed while replicas run needs them
+    /// restarted.
+    pub(super) async fn distributed(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<bool, StoreError> {
+        use diesel_async::RunQueryDsl;
+        if let Some(known) = self.distributed.get() {
+            return Ok(*known);
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            distributed: bool,
+        }
+        let found: Found = diesel::sql_query(
+            "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'convo_append_v1') AS distributed",
+        )
+        .get_result(conn)
+        .await?;
+        Ok(*self.distributed.get_or_init(|| found.distributed))
+    }
+
+    /// In a write's transaction on a distributed cluster: the replica's
+    /// `lock_timeout` for this transaction, which Citus passes on to the
+    /// workers where the rows are locked (`citus.propagate_set_commands =
+    /// 'local'`, set when the session opens); the session's own setting stays
+    /// on the coordinator. On plain PostgreSQL the session's setting holds,
+    /// and nothing is sent.
+    pub(super) async fn bound_lock_waits(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<(), StoreError> {
+        if self.distributed(conn).await? {
+            conn.batch_execute(&format!(
+                "SET LOCAL lock_timeout = {}",
+                self.lock_timeout.as_millis()
+            ))
+            .await?;
+        }
+        Ok(())
     }
 
     /// Runs `operation` in a transaction of its own in which a Citus cluster

@@ -21,6 +21,7 @@ impl Store {
     pub async fn delete_user_data(&self, owner: &UserId) -> Result<Erased, StoreError> {
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
+                self.bound_lock_waits(conn).await?;
                 // One lock order for every multi-row delete: the user row,
                 // then its conversations (in id order), then their messages.
                 // Deleting a conversation (one, or the retention sweep's

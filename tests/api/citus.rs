@@ -270,3 +270,88 @@ async fn a_lost_worker_fails_only_its_users_quickly_and_recovery_needs_no_restar
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_waiting_for_a_row_on_a_worker_give_up_at_the_lock_timeout() {
+    use convo::grpc::proto;
+    if skipped("writes_waiting_for_a_row_on_a_worker_give_up_at_the_lock_timeout") {
+        return;
+    }
+    let app =
+        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
+            .await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "locked").await;
+    append(&mut alice, &chat.id, "one").await;
+    // The row lock is taken on the worker holding alice's shard.
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
+            chat.id
+        ))
+        .await
+        .unwrap();
+
+    let id = chat.id.clone();
+    let mut outcomes = Vec::new();
+    let started = Instant::now();
+    outcomes.push((
+        "update",
+        alice
+            .update_conversation(proto::UpdateConversationRequest {
+                conversation_id: id.clone(),
+                title: "renamed".to_owned(),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["title".to_owned()],
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    outcomes.push((
+        "truncate",
+        alice
+            .truncate_conversation(proto::TruncateConversationRequest {
+                conversation_id: id.clone(),
+                after_sequence: 0,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    outcomes.push((
+        "fork",
+        alice
+            .fork_conversation(proto::ForkConversationRequest {
+                conversation_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        started.elapsed(),
+    ));
+    let started = Instant::now();
+    outcomes.push((
+        "delete",
+        alice
+            .delete_conversation(proto::DeleteConversationRequest {
+                conversation_id: id.clone(),
+            })
+            .await
+            .map(|_| ()),
+        started.elapsed(),
+    ));
+    for (call, outcome, took) in outcomes {
+        let status = outcome.expect_err(call);
+        assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+        assert!(took < Duration::from_secs(3), "{call} waited {took:?}");
+    }
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    append(&mut alice, &chat.id, "served again").await;
+}
