@@ -680,6 +680,11 @@ impl TestApp {
     }
 
     /// A server on this test database, connecting with another URL (another role).
+    /// A server on a test database made beforehand.
+    pub async fn spawn_in(db: Arc<TestDb>) -> Self {
+        Self::spawn_on(db, |_| {}).await
+    }
+
     pub async fn spawn_with_url(db: Arc<TestDb>, url: &str) -> Self {
         let url = url.to_owned();
         Self::spawn_on(db, move |settings| settings.database_url = url).await
