@@ -22,8 +22,12 @@ fn skipped(test: &str) -> bool {
     if on_citus() {
         return false;
     }
-    eprintln!(
-        "{test}: skipped: CONVO_TEST_CITUS_URL names no Citus coordinator \
+    // Written to stderr directly, not through `eprintln!`, which the test
+    // harness captures: `cargo test` shows the skip and its reason.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "citus::{test}: skipped: CONVO_TEST_CITUS_URL names no Citus coordinator \
          (scripts/citus-cluster.sh starts one; README, \"Scaling out\")"
     );
     true
