@@ -334,20 +334,8 @@ impl Store {
                 .ok_or(StoreError::NotFound)?
                 .try_into()
         };
-        self.with_conn(async |conn| {
-            // On Citus, in a transaction that carries the lock timeout to
-            // the worker (`bound_lock_waits`); alone, one round trip.
-            if self.distributed(conn).await? {
-                conn.transaction(async |conn| {
-                    self.bound_lock_waits(conn).await?;
-                    update(conn).await
-                })
-                .await
-            } else {
-                update(conn).await
-            }
-        })
-        .await
+        self.with_conn(async |conn| self.write_once(conn, update).await)
+            .await
     }
 
     /// Deletes a conversation; its messages go with it (ON DELETE CASCADE),
@@ -365,18 +353,7 @@ impl Store {
                 .await?)
         };
         let deleted = self
-            .with_conn(async |conn| {
-                // As in `update_conversation`.
-                if self.distributed(conn).await? {
-                    conn.transaction(async |conn| {
-                        self.bound_lock_waits(conn).await?;
-                        delete(conn).await
-                    })
-                    .await
-                } else {
-                    delete(conn).await
-                }
-            })
+            .with_conn(async |conn| self.write_once(conn, delete).await)
             .await?;
         if deleted == 0 {
             return Err(StoreError::NotFound);

@@ -15,6 +15,8 @@ use diesel::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
+use super::migrations::quote_literal;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The table the others are co-located with: every row of a user lives on
@@ -100,20 +102,14 @@ pub async fn topology(conn: &mut AsyncPgConnection) -> Result<Topology, BoxError
     })
 }
 
-/// Distributes every table of convo's schema not yet distributed, in an
-/// order Citus accepts (a referenced table before the tables that reference
-/// it). Running it again changes nothing.
-pub async fn distribute(
+/// On a Citus coordinator ([`topology`] says which), distributes every
+/// table of convo's schema not yet distributed, in an order Citus accepts (a
+/// referenced table before the tables that reference it), and installs the
+/// append's function. Running it again changes no table.
+pub async fn distribute_tables(
     conn: &mut AsyncPgConnection,
     shard_count: Option<u32>,
 ) -> Result<Distribution, BoxError> {
-    if topology(conn).await? == Topology::Plain {
-        return Err(
-            "the database has no citus extension: `convo distribute` is for a Citus \
-                    coordinator (plain PostgreSQL needs no distribution step)"
-                .into(),
-        );
-    }
     let tables: Vec<Table> = diesel::sql_query(
         "SELECT c.relname::text AS name, \
                 EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid \
@@ -211,8 +207,4 @@ pub async fn distribute(
         .map_err(|e| format!("{table}: {e}"))?;
     }
     Ok(outcome)
-}
-
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }

@@ -91,6 +91,11 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// `text` as an SQL string literal, quoted.
+pub(super) fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// One connection as the URL asks (TLS included; see `store/tls.rs`).
 pub(super) async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
     Ok(super::tls::DatabaseTarget::parse(database_url)?
@@ -106,8 +111,27 @@ const MIGRATION_LOCK: i64 = 0x636f_6e76_6f01;
 /// Diesel's migration harness is synchronous, so it runs on a blocking thread
 /// (which also keeps it usable from a current-thread runtime).
 pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, BoxError> {
+    let applied = apply_pending(database_url).await?;
+    // On a distributed cluster, a table a migration added is distributed
+    // before any call can write it on the coordinator alone.
+    let mut conn = connect(database_url).await?;
+    if super::distribute::topology(&mut conn).await? == super::Topology::Distributed {
+        let added = super::distribute::distribute_tables(&mut conn, None).await?;
+        for table in added.distributed.iter().chain(&added.reference) {
+            tracing::info!(%table, "distributed a table a migration added");
+        }
+    }
+    Ok(applied)
+}
+
+/// Applies every pending migration, as diesel's harness does, and returns
+/// the versions applied.
+///
+/// Diesel's migration harness is synchronous, so it runs on a blocking thread
+/// (which also keeps it usable from a current-thread runtime).
+async fn apply_pending(database_url: &str) -> Result<Vec<String>, BoxError> {
     let conn = connect(database_url).await?;
-    let applied = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
         // Replicas started together migrate one at a time: the others wait
         // here, then find nothing pending. Released with the session.
@@ -116,34 +140,28 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
             &format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"),
         )?;
         let applied = conn.run_pending_migrations(Migrations)?;
-        Ok::<_, BoxError>(applied.iter().map(ToString::to_string).collect::<Vec<_>>())
+        Ok(applied.iter().map(ToString::to_string).collect())
     })
-    .await??;
-    // On a distributed cluster, a table a migration added is distributed
-    // before any call can write it on the coordinator alone.
-    let mut conn = connect(database_url).await?;
-    if super::distribute::topology(&mut conn).await? == super::Topology::Distributed {
-        let added = super::distribute::distribute(&mut conn, None).await?;
-        for table in added.distributed.iter().chain(&added.reference) {
-            tracing::info!(%table, "distributed a table a migration added");
-        }
-    }
-    Ok(applied)
+    .await?
 }
 
 /// `convo distribute`: applies pending migrations, then distributes convo's
 /// tables over the Citus cluster whose coordinator `database_url` names.
+/// Refuses plain PostgreSQL before changing anything.
 pub async fn distribute(
     database_url: &str,
     shard_count: Option<u32>,
 ) -> Result<super::Distribution, BoxError> {
     let mut conn = connect(database_url).await?;
     if super::distribute::topology(&mut conn).await? == super::Topology::Plain {
-        // Refuse before migrating anything.
-        return super::distribute::distribute(&mut conn, shard_count).await;
+        return Err(
+            "the database has no citus extension: `convo distribute` is for a Citus \
+                    coordinator (plain PostgreSQL needs no distribution step)"
+                .into(),
+        );
     }
-    run_pending_migrations(database_url).await?;
-    super::distribute::distribute(&mut conn, shard_count).await
+    apply_pending(database_url).await?;
+    super::distribute::distribute_tables(&mut conn, shard_count).await
 }
 
 /// Gives `role` (created if missing, with LOGIN and nothing else) what the
@@ -153,13 +171,13 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
     let url = url::Url::parse(database_url)?;
     let database = percent_decode(url.path().trim_start_matches('/'))?;
     let (role_q, database_q) = (quote_ident(role), quote_ident(&database));
-    let role_literal = role.replace('\'', "''");
+    let role_literal = quote_literal(role);
     let mut conn = connect(database_url).await?;
     diesel_async::SimpleAsyncConnection::batch_execute(
         &mut conn,
         &format!(
             "DO $$ BEGIN \
-                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role_literal}') THEN \
+                 IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {role_literal}) THEN \
                      CREATE ROLE {role_q} LOGIN; \
                  END IF; \
              END $$; \

@@ -241,13 +241,29 @@ impl Store {
         conn: &mut AsyncPgConnection,
     ) -> Result<(), StoreError> {
         if self.distributed(conn).await? {
-            conn.batch_execute(&format!(
-                "SET LOCAL lock_timeout = {}",
-                self.lock_timeout.as_millis()
-            ))
-            .await?;
+            conn.batch_execute(&self.lock_timeout_here()).await?;
         }
         Ok(())
+    }
+
+    fn lock_timeout_here(&self) -> String {
+        format!("SET LOCAL lock_timeout = {}", self.lock_timeout.as_millis())
+    }
+
+    /// A single-statement write: on a distributed cluster inside a
+    /// transaction that carries the lock timeout to the worker
+    /// ([`Store::bound_lock_waits`]); on plain PostgreSQL alone, one round
+    /// trip.
+    pub(super) async fn write_once<T>(
+        &self,
+        conn: &mut AsyncPgConnection,
+        write: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.distributed(conn).await? {
+            in_transaction(conn, &self.lock_timeout_here(), write).await
+        } else {
+            write(conn).await
+        }
     }
 
     /// Runs `operation` in a transaction of its own in which a Citus cluster
@@ -261,20 +277,13 @@ impl Store {
         &self,
         operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // BEGIN and COMMIT by hand: diesel-async's `transaction` wants a
-        // `Send` future, which a generic async closure cannot promise. A
-        // session dropped mid-way is closed, not lent again (`Lent`).
         self.with_conn(async |conn| {
-            conn.batch_execute("BEGIN; SET LOCAL citus.multi_task_query_log_level = 'off'")
-                .await?;
-            let outcome = operation(conn).await;
-            let end = if outcome.is_ok() {
-                "COMMIT"
-            } else {
-                "ROLLBACK"
-            };
-            conn.batch_execute(end).await?;
-            outcome
+            in_transaction(
+                conn,
+                "SET LOCAL citus.multi_task_query_log_level = 'off'",
+                operation,
+            )
+            .await
         })
         .await
     }
@@ -330,6 +339,26 @@ impl Store {
         self.with_conn(async |conn| Ok(conn.batch_execute("SELECT 1").await?))
             .await
     }
+}
+
+/// `operation` in a transaction that begins with `setup`. BEGIN and COMMIT
+/// (or ROLLBACK) by hand: diesel-async's `transaction` wants a `Send`
+/// future, which a generic async closure cannot promise. A session dropped
+/// mid-way is closed, not lent again (`Lent`).
+async fn in_transaction<T>(
+    conn: &mut AsyncPgConnection,
+    setup: &str,
+    operation: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.batch_execute(&format!("BEGIN; {setup}")).await?;
+    let outcome = operation(conn).await;
+    let end = if outcome.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    conn.batch_execute(end).await?;
+    outcome
 }
 
 /// How many watch reads may hold pooled sessions at once: a quarter of the
