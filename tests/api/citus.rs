@@ -298,60 +298,47 @@ async fn writes_waiting_for_a_row_on_a_worker_give_up_at_the_lock_timeout() {
         .unwrap();
 
     let id = chat.id.clone();
-    let mut outcomes = Vec::new();
-    let started = Instant::now();
-    outcomes.push((
-        "update",
-        alice
-            .update_conversation(proto::UpdateConversationRequest {
+    let outcomes = [
+        (
+            "update",
+            timed(alice.update_conversation(proto::UpdateConversationRequest {
                 conversation_id: id.clone(),
                 title: "renamed".to_owned(),
                 update_mask: Some(prost_types::FieldMask {
                     paths: vec!["title".to_owned()],
                 }),
                 ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    outcomes.push((
-        "truncate",
-        alice
-            .truncate_conversation(proto::TruncateConversationRequest {
-                conversation_id: id.clone(),
-                after_sequence: 0,
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    outcomes.push((
-        "fork",
-        alice
-            .fork_conversation(proto::ForkConversationRequest {
+            }))
+            .await,
+        ),
+        (
+            "truncate",
+            timed(
+                alice.truncate_conversation(proto::TruncateConversationRequest {
+                    conversation_id: id.clone(),
+                    after_sequence: 0,
+                    ..Default::default()
+                }),
+            )
+            .await,
+        ),
+        (
+            "fork",
+            timed(alice.fork_conversation(proto::ForkConversationRequest {
                 conversation_id: id.clone(),
                 ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-        started.elapsed(),
-    ));
-    let started = Instant::now();
-    outcomes.push((
-        "delete",
-        alice
-            .delete_conversation(proto::DeleteConversationRequest {
+            }))
+            .await,
+        ),
+        (
+            "delete",
+            timed(alice.delete_conversation(proto::DeleteConversationRequest {
                 conversation_id: id.clone(),
-            })
-            .await
-            .map(|_| ()),
-        started.elapsed(),
-    ));
-    for (call, outcome, took) in outcomes {
+            }))
+            .await,
+        ),
+    ];
+    for (call, (outcome, took)) in outcomes {
         let status = outcome.expect_err(call);
         assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
         assert!(took < Duration::from_secs(3), "{call} waited {took:?}");
@@ -392,4 +379,13 @@ async fn migrations_revert_and_apply_again_on_the_test_database() {
     let mut alice = app.client("alice");
     let chat = create(&mut alice, "after the round trip").await;
     assert_eq!(append(&mut alice, &chat.id, "stored").await.sequence, 1);
+}
+
+/// A call's outcome (its response dropped) and how long it took.
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> (Result<(), tonic::Status>, Duration) {
+    let started = Instant::now();
+    let outcome = call.await.map(|_| ());
+    (outcome, started.elapsed())
 }
