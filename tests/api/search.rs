@@ -473,6 +473,19 @@ async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
         "{}",
         status.message()
     );
-    // A selective query under the same bound is answered.
-    assert_eq!(hits(&mut alice, search("12345")).await.len(), 1);
+    // A selective query under the same bound is answered. It takes well
+    // under a millisecond, but a 10 ms bound can still be passed while the
+    // rest of the suite loads both cores: a few tries, each under the bound.
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        match alice.search_messages(search("12345")).await {
+            Ok(found) => {
+                assert_eq!(found.into_inner().hits.len(), 1);
+                return;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => refusals.push(status),
+            Err(status) => panic!("search: {status:?}"),
+        }
+    }
+    panic!("a selective search was refused five times: {refusals:?}");
 }
