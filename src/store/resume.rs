@@ -34,10 +34,12 @@ use uuid::Uuid;
 use super::{
     Store, StoreError,
     conversations::ConversationRow,
-    messages::{MessageColumns, MessageRow, messages_of},
+    messages::{MessageColumns, MessageRow},
     statement::{Template, prepared_statement, unknown_parameter},
 };
-use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
+use futures_util::TryStreamExt;
+
+use crate::domain::{Conversation, Message, ResumeConversation, Resumed, Role, UserId};
 
 /// One row for the conversation (its `c_*` columns set), then one per
 /// message (the rest set), in no particular order. Read by position: the
@@ -173,35 +175,40 @@ impl Store {
             tool: Role::Tool.number() as i16,
             budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
         };
-        let rows: Vec<ResumeRow> = self
-            .with_conn(async |conn| Ok(diesel_async::RunQueryDsl::load(statement, conn).await?))
-            .await?;
-        let mut conversation = None;
-        let mut messages = Vec::with_capacity(rows.len().saturating_sub(1));
-        for row in rows {
-            match row {
-                ResumeRow {
-                    conversation: Some(row),
-                    ..
-                } => conversation = Some(row),
-                ResumeRow {
-                    message: Some(row), ..
-                } => messages.push(row),
-                ResumeRow { .. } => {
-                    return Err(StoreError::Corrupt(
-                        "a resume row holds neither a conversation nor a message".into(),
-                    ));
+        // Rows are split as they arrive: collected first, 51 rows of both
+        // shapes were copied at every doubling of the vector.
+        let (conversation, mut messages) = self
+            .with_conn(async |conn| {
+                let mut rows = diesel_async::RunQueryDsl::load_stream(statement, conn).await?;
+                let mut conversation = None;
+                let mut messages = Vec::with_capacity(resume.max_messages.get() as usize + 1);
+                while let Some(row) = rows.try_next().await? {
+                    match row {
+                        ResumeRow {
+                            conversation: Some(row),
+                            ..
+                        } => conversation = Some(row),
+                        ResumeRow {
+                            message: Some(row), ..
+                        } => messages.push(Message::try_from(row)?),
+                        ResumeRow { .. } => {
+                            return Err(StoreError::Corrupt(
+                                "a resume row holds neither a conversation nor a message".into(),
+                            ));
+                        }
+                    }
                 }
-            }
-        }
+                Ok((conversation, messages))
+            })
+            .await?;
         let conversation: Conversation = conversation.ok_or(StoreError::NotFound)?.try_into()?;
-        messages.sort_unstable_by_key(|row| row.sequence);
+        messages.sort_unstable_by_key(|message| message.sequence);
         let has_more = messages
             .first()
             .map_or(conversation.message_count > 0, |first| first.sequence > 1);
         Ok(Resumed {
             conversation,
-            messages: messages_of(messages)?,
+            messages,
             has_more,
         })
     }
