@@ -22,6 +22,11 @@ use rustls::{
     },
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
+use tokio::io::BufReader;
+use tokio_postgres::{
+    Socket,
+    tls::{MakeTlsConnect, TlsConnect},
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How much TLS a URL asks for.
@@ -41,7 +46,7 @@ pub(super) struct DatabaseTarget {
     /// The URL without `sslmode` and `sslrootcert`.
     url: String,
     mode: SslMode,
-    tls: Option<MakeRustlsConnect>,
+    tls: Option<BufferedTls>,
 }
 
 impl std::fmt::Debug for DatabaseTarget {
@@ -124,7 +129,7 @@ impl DatabaseTarget {
         Ok(Self {
             url: url.to_string(),
             mode,
-            tls: tls.map(MakeRustlsConnect::new),
+            tls: tls.map(|config| BufferedTls(MakeRustlsConnect::new(config))),
         })
     }
 
@@ -157,6 +162,46 @@ impl DatabaseTarget {
             None => token.cancel_query(tokio_postgres::NoTls).await,
         };
         sent.map_err(|e| with_causes(&e))
+    }
+}
+
+/// How many bytes one read from PostgreSQL's socket may bring: a resume or
+/// page of 50 rows (10-20 KB) in one system call.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// rustls reads its records 4 KiB at a time, so a 13 KB answer cost four
+/// `recvfrom` calls; under it, a buffer takes whatever the socket holds at
+/// once (one call, as measured with `strace -c`; see BENCHMARKS.md).
+#[derive(Clone)]
+struct BufferedTls(MakeRustlsConnect);
+
+impl MakeTlsConnect<Socket> for BufferedTls {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::Stream;
+    type TlsConnect =
+        BufferedConnect<<MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::TlsConnect>;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::make_tls_connect(
+            &mut self.0,
+            domain,
+        )
+        .map(BufferedConnect)
+    }
+}
+
+struct BufferedConnect<C>(C);
+
+impl<C: TlsConnect<BufReader<Socket>>> TlsConnect<Socket> for BufferedConnect<C> {
+    type Stream = C::Stream;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn connect(self, socket: Socket) -> Self::Future {
+        // Only after PostgreSQL said yes to TLS: nothing of the socket was read
+        // into a buffer before.
+        self.0
+            .connect(BufReader::with_capacity(READ_BUFFER_BYTES, socket))
     }
 }
 
