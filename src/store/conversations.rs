@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{
     Store, StoreError,
     schema::conversations,
-    values::{TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
+    values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationCursor, ConversationId, ForkConversation,
@@ -31,7 +31,9 @@ pub(super) struct ConversationRow {
     pub(super) id: Uuid,
     pub(super) title: String,
     pub(super) metadata: serde_json::Value,
+    #[diesel(deserialize_as = StoredTime)]
     pub(super) create_time: DateTime<Utc>,
+    #[diesel(deserialize_as = StoredTime)]
     pub(super) update_time: DateTime<Utc>,
     pub(super) message_count: i64,
     pub(super) forked_from_conversation_id: Option<Uuid>,

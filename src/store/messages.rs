@@ -11,7 +11,7 @@ use super::{
     list::ListStatement,
     parts,
     schema::messages,
-    values::{TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
+    values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
 };
 use crate::domain::{
     Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Name, Page,
@@ -27,6 +27,7 @@ pub(super) struct MessageRow {
     pub(super) role: i16,
     pub(super) content: String,
     pub(super) metadata: serde_json::Value,
+    #[diesel(deserialize_as = StoredTime)]
     pub(super) create_time: DateTime<Utc>,
     pub(super) parts: Option<Vec<u8>>,
     pub(super) name: String,
