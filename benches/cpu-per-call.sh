@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Where one call's CPU goes: serves a build on a fresh database, drives one
+# workload with convo-bench, and prints CPU milliseconds per call of the
+# server, of the load generator and of all PostgreSQL processes, read from
+# /proc over 5 s in the middle of the run. On a machine whose cores the
+# three share, these say more about a change than ops/s, which drift with
+# the machine:
+#
+#   benches/cpu-per-call.sh target/release resume
+#   benches/cpu-per-call.sh /tmp/before-target/release list
+#
+# Environment: SERVER (postgres://postgres@127.0.0.1:5432, without a
+# database), BENCH (the build's own convo-bench), WORKERS (16), PORT (50999),
+# RUST_LOG (warn: no line per call, as compare.sh runs it).
+set -euo pipefail
+bin="$1"; workload="$2"
+server="${SERVER:-postgres://postgres@127.0.0.1:5432}"
+bench="${BENCH:-$bin/convo-bench}"; port="${PORT:-50999}"
+url="${server%/}/convo_cpu_per_call"
+psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_cpu_per_call" \
+    -c "CREATE DATABASE convo_cpu_per_call"
+"$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
+RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&1 &
+server_pid=$!
+report="$(mktemp)"
+trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$report"' EXIT
+for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
+    sleep 0.1
+done
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
+postgres_ticks() {
+    for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
+        awk '{s += $1} END {print s + 0}'
+}
+
+"$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" --database-url "$url" \
+    --messages 1000 --workers "${WORKERS:-16}" --connections 4 --warmup 2s --duration 9s \
+    --json >"$report" &
+bench_pid=$!
+sleep 4 # seeding and warm-up
+s0=$(ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
+sleep 5
+s1=$(ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
+wait "$bench_pid"
+python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" <<'PY'
+import json, sys
+report, hz = json.load(open(sys.argv[1])), float(sys.argv[2])
+s0, s1, b0, b1, p0, p1, t0, t1 = map(float, sys.argv[3:])
+calls = report["per_second"] * (t1 - t0)
+per_call = lambda a, b: (b - a) / hz * 1000 / calls
+errors = sum(report["errors"].values())
+print(f'{report["workload"]}: {report["per_second"]:,.0f} calls/s, {errors} errors; '
+      f'CPU ms per call: server {per_call(s0, s1):.3f}, load generator {per_call(b0, b1):.3f}, '
+      f'PostgreSQL {per_call(p0, p1):.3f}')
+PY
