@@ -45,6 +45,7 @@ use super::{
     Store, StoreError,
     messages::{MessageRow, messages_of},
     parts,
+    pool::committed_row,
     schema::messages,
     statement::{Template, prepared_statement, unknown_parameter},
     values::{metadata_to_json, now_micros},
@@ -542,13 +543,18 @@ impl Store {
             for _ in 0..APPEND_ATTEMPTS {
                 let statement =
                     AppendStatement::new(owner, append, &messages, by_function, self.lock_timeout);
+                // Its report once it has committed (see `committed_row`).
                 let reported = if by_function {
                     statement
-                        .get_result::<FunctionReport>(conn)
+                        .load::<FunctionReport>(conn)
                         .await
+                        .and_then(committed_row)
                         .map(AppendReport::from)
                 } else {
-                    statement.get_result::<AppendReport>(conn).await
+                    statement
+                        .load::<AppendReport>(conn)
+                        .await
+                        .and_then(committed_row)
                 };
                 let report = match reported {
                     Ok(report) => report,

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError,
+    pool::committed_row,
     schema::conversations,
     values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
@@ -321,6 +322,7 @@ impl Store {
                 title: changes.title.as_ref().map(Title::as_str),
                 metadata: changes.metadata.as_ref().map(metadata_to_json),
             };
+            // In autocommit: the row once committed (see `committed_row`).
             diesel::update(conversations::table)
                 .filter(conversations::user_id.eq(owner.as_str()))
                 .filter(conversations::id.eq(id.as_uuid()))
@@ -330,8 +332,9 @@ impl Store {
                         .eq(greatest(now_micros(), conversations::update_time)),
                 ))
                 .returning(ConversationRow::as_returning())
-                .get_result(conn)
+                .load(conn)
                 .await
+                .and_then(committed_row)
                 .optional()?
                 .ok_or(StoreError::NotFound)?
                 .try_into()

@@ -28,8 +28,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
-        Client, TestApp, UserHeader, create, expect_code, expect_unavailable_within, health,
-        test_settings, wait_for_health,
+        Client, TestApp, UserHeader, append, create, expect_code, expect_unavailable_within,
+        health, test_settings, wait_for_health,
     },
 };
 
@@ -1101,4 +1101,73 @@ async fn a_connection_that_does_not_read_holds_a_bounded_amount_of_answers() {
     // Another connection is served the same page.
     let served = alice.list_messages(page).await.expect("served elsewhere");
     assert!(!served.into_inner().next_page_token.is_empty());
+}
+
+/// A write is acknowledged only once committed. In autocommit PostgreSQL
+/// sends a statement's rows before it commits; an answer built from the
+/// first row, as diesel-async's `get_result` gives it, told the caller of a
+/// write that could still fail, or be lost to a crash (the chaos test above
+/// caught one such append). Here a deferred constraint trigger refuses
+/// marked rows at commit, after their rows were sent: each call must fail,
+/// and nothing be stored. (Not on Citus: triggers on distributed tables are
+/// not allowed there by default.)
+#[tokio::test]
+async fn writes_refused_at_commit_are_never_acknowledged() {
+    if crate::helpers::on_citus() {
+        return;
+    }
+    let app = TestApp::spawn().await;
+    app.db
+        .run_sql(
+            "CREATE FUNCTION refuse_message() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF NEW.content = 'refused at commit' THEN RAISE EXCEPTION 'refused'; END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE FUNCTION refuse_title() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF NEW.title = 'refused at commit' THEN RAISE EXCEPTION 'refused'; END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON messages \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_message(); \
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER UPDATE ON conversations \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_title();",
+        )
+        .await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "before").await;
+
+    let appended = alice
+        .append_message(AppendMessageRequest {
+            conversation_id: chat.id.clone(),
+            role: Role::User as i32,
+            content: "refused at commit".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(appended.is_err(), "acknowledged: {appended:?}");
+    let updated = alice
+        .update_conversation(proto::UpdateConversationRequest {
+            conversation_id: chat.id.clone(),
+            title: "refused at commit".into(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["title".into()],
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert!(updated.is_err(), "acknowledged: {updated:?}");
+
+    let stored = alice
+        .get_conversation(proto::GetConversationRequest {
+            conversation_id: chat.id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!((stored.title.as_str(), stored.message_count), ("before", 0));
+    // Writes the trigger lets through are acknowledged as before.
+    let kept = append(&mut alice, &chat.id, "kept").await;
+    assert_eq!(kept.sequence, 1);
 }
