@@ -29,6 +29,7 @@ use diesel::{
     result::QueryResult,
     sql_types::{BigInt, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
 };
+use futures_util::TryStreamExt;
 use uuid::Uuid;
 
 use super::{
@@ -37,8 +38,6 @@ use super::{
     messages::{MessageColumns, MessageRow},
     statement::{Template, prepared_statement, unknown_parameter},
 };
-use futures_util::TryStreamExt;
-
 use crate::domain::{Conversation, Message, ResumeConversation, Resumed, Role, UserId};
 
 /// One row for the conversation (its `c_*` columns set), then one per
@@ -181,7 +180,7 @@ impl Store {
             .with_conn(async |conn| {
                 let mut rows = diesel_async::RunQueryDsl::load_stream(statement, conn).await?;
                 let mut conversation = None;
-                let mut messages = Vec::with_capacity(resume.max_messages.get() as usize + 1);
+                let mut messages = Vec::with_capacity(resume.max_messages.get() as usize);
                 while let Some(row) = rows.try_next().await? {
                     match row {
                         ResumeRow {

@@ -175,24 +175,24 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 struct BufferedTls(MakeRustlsConnect);
 
+/// What rustls reads from.
+type BufferedSocket = BufReader<Socket>;
+
 impl MakeTlsConnect<Socket> for BufferedTls {
-    type Stream = <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::Stream;
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<BufferedSocket>>::Stream;
     type TlsConnect =
-        BufferedConnect<<MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::TlsConnect>;
-    type Error = <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::Error;
+        BufferedConnect<<MakeRustlsConnect as MakeTlsConnect<BufferedSocket>>::TlsConnect>;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<BufferedSocket>>::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
-        <MakeRustlsConnect as MakeTlsConnect<BufReader<Socket>>>::make_tls_connect(
-            &mut self.0,
-            domain,
-        )
-        .map(BufferedConnect)
+        <MakeRustlsConnect as MakeTlsConnect<BufferedSocket>>::make_tls_connect(&mut self.0, domain)
+            .map(BufferedConnect)
     }
 }
 
 struct BufferedConnect<C>(C);
 
-impl<C: TlsConnect<BufReader<Socket>>> TlsConnect<Socket> for BufferedConnect<C> {
+impl<C: TlsConnect<BufferedSocket>> TlsConnect<Socket> for BufferedConnect<C> {
     type Stream = C::Stream;
     type Error = C::Error;
     type Future = C::Future;
