@@ -28,8 +28,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
-        Client, TestApp, UserHeader, append, create, expect_code, expect_unavailable_within,
-        health, test_settings, wait_for_health,
+        Client, TestApp, UserHeader, append, assert_stored, create, expect_code,
+        expect_unavailable_within, health, test_settings, wait_for_health,
     },
 };
 
@@ -1139,12 +1139,7 @@ async fn writes_refused_at_commit_are_never_acknowledged() {
     let chat = create(&mut alice, "before").await;
 
     let appended = alice
-        .append_message(AppendMessageRequest {
-            conversation_id: chat.id.clone(),
-            role: Role::User as i32,
-            content: "refused at commit".into(),
-            ..Default::default()
-        })
+        .append_message(append_request(&chat.id, "refused at commit", ""))
         .await;
     assert!(appended.is_err(), "acknowledged: {appended:?}");
     let updated = alice
@@ -1159,14 +1154,8 @@ async fn writes_refused_at_commit_are_never_acknowledged() {
         .await;
     assert!(updated.is_err(), "acknowledged: {updated:?}");
 
-    let stored = alice
-        .get_conversation(proto::GetConversationRequest {
-            conversation_id: chat.id.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
-    assert_eq!((stored.title.as_str(), stored.message_count), ("before", 0));
+    // As created: title "before", no message.
+    assert_stored(&mut alice, &chat).await;
     // Writes the trigger lets through are acknowledged as before.
     let kept = append(&mut alice, &chat.id, "kept").await;
     assert_eq!(kept.sequence, 1);
