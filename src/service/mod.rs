@@ -34,8 +34,8 @@ use crate::{
         WatchConversation,
     },
     store::{
-        AppendOutcome, Appended, ChangeFeed, ForkOutcome, SearchOutcome, Store, StoreError,
-        TruncateOutcome, Wake,
+        AppendOutcome, Appended, ChangeFeed, Follows, ForkOutcome, SearchOutcome, Store,
+        StoreError, TruncateOutcome, Wake,
     },
 };
 
@@ -307,7 +307,13 @@ impl Conversations {
         owner: &UserId,
         append: AppendMessages,
     ) -> Result<Vec<Message>> {
-        match self.store.append_messages(owner, &append).await? {
+        // The message before the batch matters only to a watcher here.
+        let follows = if self.changes.is_watched(append.conversation_id) {
+            Follows::Wanted
+        } else {
+            Follows::NotWanted
+        };
+        match self.store.append_messages(owner, &append, follows).await? {
             AppendOutcome::Appended { messages, follows } => {
                 // Committed: now (never inside the write) watchers hear of it.
                 self.changes

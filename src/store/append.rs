@@ -55,13 +55,23 @@ use crate::domain::{
     UserId,
 };
 
+/// Whether an append should report the id of the message before its batch
+/// ([`AppendOutcome::Appended`]'s `follows`). Only a watcher in this process
+/// uses it, to take the batch without reading; looking it up costs
+/// PostgreSQL an index probe per append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follows {
+    Wanted,
+    NotWanted,
+}
+
 /// What an append did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AppendOutcome {
     /// The messages were written now. `follows` is the id of the message just
-    /// before them, when the statement could see it (not when the batch is
-    /// the conversation's first, nor when the previous append committed while
-    /// this one waited for the lock).
+    /// before them, when it was wanted ([`Follows`]) and the statement could
+    /// see it (not when the batch is the conversation's first, nor when the
+    /// previous append committed while this one waited for the lock).
     Appended {
         messages: Vec<Message>,
         follows: Option<MessageId>,
@@ -81,17 +91,61 @@ pub enum AppendOutcome {
     ToolCallIdTaken(ToolCallId),
 }
 
+/// Which parts of the statement an append needs. Each combination is a
+/// statement text of its own (see [`append_sql`]), prepared once per
+/// connection like any other statement, so an append pays only for the
+/// checks its request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    /// A `request_id` was given: recognise a replay and record the request.
+    request: bool,
+    /// The batch holds tool calls or results: check the exchanges.
+    tools: bool,
+    /// Report the id of the message before the batch (`follows`), which only
+    /// a watcher in this process uses.
+    follows: bool,
+    /// One message, passed as plain values rather than as arrays to unnest.
+    single: bool,
+}
+
+impl Shape {
+    const COUNT: usize = 16;
+
+    fn index(self) -> usize {
+        usize::from(self.request)
+            | usize::from(self.tools) << 1
+            | usize::from(self.follows) << 2
+            | usize::from(self.single) << 3
+    }
+
+    fn from_index(index: usize) -> Self {
+        Self {
+            request: index & 1 != 0,
+            tools: index & 2 != 0,
+            follows: index & 4 != 0,
+            single: index & 8 != 0,
+        }
+    }
+}
+
 /// Appends the batch, or says why not. Parameters are named (see
-/// `statement.rs`); per-message values arrive as parallel arrays, numbered
-/// from 1 by `WITH ORDINALITY`, and each tool call or result names the
-/// message holding it by that number (`at`).
+/// `statement.rs`). A batch of several messages arrives as parallel arrays,
+/// numbered from 1 by `WITH ORDINALITY`; one message arrives as plain values,
+/// numbered 1 (unnesting eleven arrays of one element each cost PostgreSQL
+/// about a tenth of the append, pgbench in BENCHMARKS.md). Each tool call or
+/// result names the message holding it by that number (`at`).
 ///
-/// The statement is written in four shapes, with or without the parts that
-/// recognise a replayed `request_id` and with or without those that check
-/// tool exchanges: an append that has neither runs the lean one, about a
-/// third faster in PostgreSQL than the full one (pgbench, BENCHMARKS.md).
-/// Each shape is prepared once per connection, like any other statement.
-fn append_sql(request: bool, tools: bool) -> String {
+/// The parts that recognise a replayed `request_id`, that check tool
+/// exchanges and that look up the message before the batch are left out of
+/// an append that does not need them (see [`Shape`]): the lean statement is
+/// about a third faster in PostgreSQL than the full one.
+fn append_sql(shape: Shape) -> String {
+    let Shape {
+        request,
+        tools,
+        follows,
+        single,
+    } = shape;
     let pick = |on: bool, text: &str| if on { text.to_owned() } else { String::new() };
     let earlier = pick(
         request,
@@ -132,6 +186,16 @@ fn append_sql(request: bool, tools: bool) -> String {
     } else {
         "NULL::int8"
     };
+    let batch = if single {
+        "(SELECT $one_id::uuid, $one_role::int2, $one_content::text, $one_metadata::jsonb,
+                   $one_parts::bytea, $one_name::text, $one_model::text, $one_input::int8,
+                   $one_output::int8, $one_cached::int8, $one_reasoning::int8, 1)"
+    } else {
+        "unnest($ids::uuid[], $roles::int2[], $contents::text[], $metadata::jsonb[],
+                  $parts::bytea[], $names::text[], $models::text[], $inputs::int8[],
+                  $outputs::int8[], $cached::int8[], $reasoning::int8[])
+             WITH ORDINALITY"
+    };
     let calls = pick(
         tools,
         ", calls AS (
@@ -148,6 +212,13 @@ fn append_sql(request: bool, tools: bool) -> String {
       FROM bumped b
 )",
     );
+    let previous = if follows {
+        "(SELECT p.id FROM messages p
+         WHERE p.user_id = $user AND p.conversation_id = $conversation
+           AND p.sequence = b.base)"
+    } else {
+        "NULL::uuid"
+    };
     let replay = if request {
         "e.first_sequence AS replay_first, e.message_count AS replay_count"
     } else {
@@ -180,19 +251,14 @@ fn append_sql(request: bool, tools: bool) -> String {
            m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
            {answers_from}
       FROM bumped b,
-           unnest($ids::uuid[], $roles::int2[], $contents::text[], $metadata::jsonb[],
-                  $parts::bytea[], $names::text[], $models::text[], $inputs::int8[],
-                  $outputs::int8[], $cached::int8[], $reasoning::int8[])
-             WITH ORDINALITY AS m (id, role, content, metadata, parts, name, model,
-                                   input_tokens, output_tokens, cached_input_tokens,
-                                   reasoning_tokens, at)
+           {batch}
+             AS m (id, role, content, metadata, parts, name, model, input_tokens,
+                   output_tokens, cached_input_tokens, reasoning_tokens, at)
     RETURNING 1
 ){calls}{recorded}
 SELECT b.base, b.update_time AS create_time,
        (SELECT count(*) FROM inserted) AS written,
-       (SELECT p.id FROM messages p
-         WHERE p.user_id = $user AND p.conversation_id = $conversation
-           AND p.sequence = b.base) AS follows,
+       {previous} AS follows,
        {replay},
        {refusals},
        s.message_count AS snapshot_count
@@ -202,13 +268,11 @@ SELECT b.base, b.update_time AS create_time,
     )
 }
 
-/// The four shapes of [`append_sql`], by `[request][tools]`, parsed once.
-static APPEND: LazyLock<[[Template; 2]; 2]> = LazyLock::new(|| {
-    let shape = |request, tools| Template::parse(&append_sql(request, tools));
-    [
-        [shape(false, false), shape(false, true)],
-        [shape(true, false), shape(true, true)],
-    ]
+/// Every [`Shape`] of [`append_sql`], parsed once, by [`Shape::index`].
+static APPEND: LazyLock<Vec<Template>> = LazyLock::new(|| {
+    (0..Shape::COUNT)
+        .map(|index| Template::parse(&append_sql(Shape::from_index(index))))
+        .collect()
 });
 
 /// The append on a Citus cluster: a call of `sql/citus_append.sql`'s
@@ -231,28 +295,32 @@ pub(super) fn by_function() -> (String, &'static Template) {
     ("append (Citus function)".to_owned(), &BY_FUNCTION)
 }
 
-/// The four shapes, named, for plan checks (see `store::hot_statements`).
+/// Every shape, named, for plan checks (see `store::hot_statements`).
 pub(super) fn shapes() -> Vec<(String, &'static Template)> {
-    let mut shapes = Vec::new();
-    for (request, by_request) in APPEND.iter().enumerate() {
-        for (tools, template) in by_request.iter().enumerate() {
-            shapes.push((
-                format!(
-                    "append (request_id: {}, tools: {})",
-                    request == 1,
-                    tools == 1
-                ),
-                template,
-            ));
-        }
-    }
-    shapes
+    APPEND
+        .iter()
+        .enumerate()
+        .map(|(index, template)| {
+            let Shape {
+                request,
+                tools,
+                follows,
+                single,
+            } = Shape::from_index(index);
+            let name = format!(
+                "append (request_id: {request}, tools: {tools}, follows: {follows}, single: {single})"
+            );
+            (name, template)
+        })
+        .collect()
 }
 
 /// One execution of [`append_sql`]: the batch as columns.
 struct AppendStatement<'a> {
     /// Call the Citus function instead of running the statement.
     by_function: bool,
+    /// Look up the message before the batch (the function always does).
+    follows: bool,
     /// The store's lock_timeout (`"300ms"`), for the function to apply where
     /// it runs.
     lock_timeout: String,
@@ -288,13 +356,18 @@ prepared_statement!(
 
 impl QueryFragment<Pg> for AppendStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let tools = !(self.call_ids.is_empty() && self.answered_ids.is_empty());
-        let shape = if self.by_function {
+        let shape = Shape {
+            request: self.request_id.is_some(),
+            tools: !(self.call_ids.is_empty() && self.answered_ids.is_empty()),
+            follows: self.follows,
+            single: self.count == 1,
+        };
+        let template = if self.by_function {
             &BY_FUNCTION
         } else {
-            &APPEND[usize::from(self.request_id.is_some())][usize::from(tools)]
+            &APPEND[shape.index()]
         };
-        shape.push(&mut out, |name, out| match name {
+        template.push(&mut out, |name, out| match name {
             "lock_timeout" => out.push_bind_param::<Text, _>(&self.lock_timeout),
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
@@ -321,6 +394,19 @@ impl QueryFragment<Pg> for AppendStatement<'_> {
             "outputs" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.outputs),
             "cached" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.cached),
             "reasoning" => out.push_bind_param::<Array<Nullable<BigInt>>, _>(&self.reasoning),
+            "one_id" => out.push_bind_param::<SqlUuid, _>(only(&self.ids)?),
+            "one_role" => out.push_bind_param::<SmallInt, _>(only(&self.roles)?),
+            "one_content" => out.push_bind_param::<Text, _>(*only(&self.contents)?),
+            "one_metadata" => out.push_bind_param::<Jsonb, _>(only(&self.metadata)?),
+            "one_parts" => {
+                out.push_bind_param::<Nullable<diesel::sql_types::Bytea>, _>(only(&self.parts)?)
+            }
+            "one_name" => out.push_bind_param::<Nullable<Text>, _>(only(&self.names)?),
+            "one_model" => out.push_bind_param::<Nullable<Text>, _>(only(&self.models)?),
+            "one_input" => out.push_bind_param::<Nullable<BigInt>, _>(only(&self.inputs)?),
+            "one_output" => out.push_bind_param::<Nullable<BigInt>, _>(only(&self.outputs)?),
+            "one_cached" => out.push_bind_param::<Nullable<BigInt>, _>(only(&self.cached)?),
+            "one_reasoning" => out.push_bind_param::<Nullable<BigInt>, _>(only(&self.reasoning)?),
             "call_ids" => out.push_bind_param::<Array<Text>, _>(&self.call_ids),
             "call_at" => out.push_bind_param::<Array<Integer>, _>(&self.call_at),
             "answered_ids" => out.push_bind_param::<Array<Text>, _>(&self.answered_ids),
@@ -426,6 +512,7 @@ impl<'a> AppendStatement<'a> {
         append: &'a AppendMessages,
         messages: &'a [Message],
         by_function: bool,
+        follows: Follows,
         lock_timeout: std::time::Duration,
     ) -> Self {
         let batch = &append.messages;
@@ -456,6 +543,7 @@ impl<'a> AppendStatement<'a> {
         };
         Self {
             by_function,
+            follows: follows == Follows::Wanted,
             lock_timeout: format!("{}ms", lock_timeout.as_millis()),
             user: owner.as_str(),
             conversation: append.conversation_id.as_uuid(),
@@ -483,6 +571,17 @@ impl<'a> AppendStatement<'a> {
             answered_ids,
             answered_at,
         }
+    }
+}
+
+/// The value of a batch's one message, for the shape that binds a single
+/// message's values one by one.
+fn only<T>(values: &[T]) -> QueryResult<&T> {
+    match values {
+        [one] => Ok(one),
+        _ => Err(DieselError::QueryBuilderError(
+            format!("{} values for the single-message append", values.len()).into(),
+        )),
     }
 }
 
@@ -536,13 +635,20 @@ impl Store {
         &self,
         owner: &UserId,
         append: &AppendMessages,
+        follows: Follows,
     ) -> Result<AppendOutcome, StoreError> {
         let mut messages = unnumbered(append);
         self.with_conn(async |conn| {
             let by_function = self.distributed(conn).await?;
             for _ in 0..APPEND_ATTEMPTS {
-                let statement =
-                    AppendStatement::new(owner, append, &messages, by_function, self.lock_timeout);
+                let statement = AppendStatement::new(
+                    owner,
+                    append,
+                    &messages,
+                    by_function,
+                    follows,
+                    self.lock_timeout,
+                );
                 // Its report once it has committed (see `committed_row`).
                 let reported = if by_function {
                     statement
@@ -657,4 +763,32 @@ async fn replayed(
         .load(conn)
         .await?;
     messages_of(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_has_its_own_statement() {
+        let texts: std::collections::HashSet<String> = (0..Shape::COUNT)
+            .map(|index| {
+                let shape = Shape::from_index(index);
+                assert_eq!(shape.index(), index);
+                append_sql(shape)
+            })
+            .collect();
+        assert_eq!(texts.len(), Shape::COUNT);
+        let lean = append_sql(Shape::from_index(0));
+        assert!(!lean.contains("FROM messages") && !lean.contains("$one_id"));
+        let single = Shape {
+            request: false,
+            tools: false,
+            follows: true,
+            single: true,
+        };
+        let text = append_sql(single);
+        assert!(text.contains("FROM messages p") && text.contains("$one_id"));
+        assert!(!text.contains("unnest($ids"));
+    }
 }

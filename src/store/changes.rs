@@ -394,6 +394,12 @@ impl ChangeFeed {
         self.shared.closing.send_replace(true);
     }
 
+    /// Whether a watcher in this process follows the conversation. One that
+    /// subscribes after this answered false reads what it missed.
+    pub fn is_watched(&self, conversation: ConversationId) -> bool {
+        lock(&self.shared.registry).contains_key(&conversation)
+    }
+
     /// How many conversations have at least one watcher in this process.
     pub fn watched_conversations(&self) -> usize {
         lock(&self.shared.registry).len()

@@ -35,7 +35,7 @@ mod tls;
 mod users;
 mod values;
 
-pub use append::AppendOutcome;
+pub use append::{AppendOutcome, Follows};
 pub use changes::{Appended, ChangeFeed, FeedSettings, Subscription, Wake};
 pub use conversations::ForkOutcome;
 pub use distribute::{Distribution, Topology};

@@ -27,7 +27,7 @@ struct PlanLine {
 /// of their indexes (both lead with the conversation): before statistics
 /// exist the planner cannot tell them apart, and either reads one
 /// conversation's calls only.
-fn assert_reads_by_key(name: &str, plan: &[String]) {
+fn assert_reads_by_key(name: &str, sql: &str, plan: &[String]) {
     let text = plan.join("\n");
     let mut message_scans = 0;
     for (at, line) in plan.iter().enumerate() {
@@ -64,7 +64,11 @@ fn assert_reads_by_key(name: &str, plan: &[String]) {
             ),
         }
     }
-    assert!(message_scans > 0, "{name}: no read of messages in:\n{text}");
+    // A statement that reads messages shows the read in its plan (not only
+    // an insert); the lean append reads none.
+    if sql.contains("FROM messages") {
+        assert!(message_scans > 0, "{name}: no read of messages in:\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -91,6 +95,6 @@ async fn hot_statements_read_by_key_on_a_database_never_analyzed() {
                 .await
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
         let plan: Vec<String> = plan.into_iter().map(|l| l.line).collect();
-        assert_reads_by_key(&name, &plan);
+        assert_reads_by_key(&name, &sql, &plan);
     }
 }
