@@ -14,6 +14,12 @@
 # PGBENCH=1 also runs, in every round, pgbench's ceilings on a database of
 # their own (benches/pgbench: append.sql, resume.sql, list.sql) at the same
 # concurrency, so every ratio comes from one sitting.
+# PIN=1 (PostgreSQL on this machine only) gives PostgreSQL cores of its own
+# for the sitting: its processes run on PG_CPUS (0), convo, convo-bench and
+# pgbench's client on APP_CPUS (the other cores). Both sides then get the
+# same database CPU, and a ratio says whether convo keeps PostgreSQL as busy
+# as pgbench does, instead of how three processes share two cores. The
+# processes are let run anywhere again at exit.
 set -euo pipefail
 before="$1"; after="$2"; server="${3:-postgres://postgres@127.0.0.1:5432}"
 bench="${BENCH:-$after/convo-bench}"
@@ -21,6 +27,23 @@ rounds="${ROUNDS:-6}"; duration="${DURATION:-6s}"; workloads="${WORKLOADS:-appen
 workers="${WORKERS:-16}"; here="$(cd "$(dirname "$0")" && pwd)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
+app=()
+if [ "${PIN:-0}" = 1 ]; then
+    all_cpus="0-$(($(nproc) - 1))"
+    pg_cpus="${PG_CPUS:-0}"; app_cpus="${APP_CPUS:-1-$(($(nproc) - 1))}"
+    data="$(psql -Atq "${server%/}/postgres" -c 'SHOW data_directory')"
+    postmaster="$(head -1 "$data/postmaster.pid")"
+    pin_postgres() { # cpus: the postmaster and every process it started
+        # (new sessions inherit the postmaster's)
+        for pid in "$postmaster" $(pgrep -P "$postmaster"); do
+            taskset -a -p -c "$1" "$pid" >/dev/null
+        done
+    }
+    pin_postgres "$pg_cpus"
+    trap 'pin_postgres "$all_cpus"; rm -f "$results"' EXIT
+    app=(taskset -c "$app_cpus")
+    echo "PostgreSQL (postmaster $postmaster) on CPUs $pg_cpus; convo, convo-bench and pgbench on $app_cpus"
+fi
 
 database() { # name → its URL on the server (given without a database)
     printf '%s/%s' "${server%/}" "$1"
@@ -70,7 +93,7 @@ pgbench_round() { # round
         # list planned on those picks the wrong index (seen: 4x slower).
         psql -q "$url" -c "VACUUM ANALYZE conversations, messages"
         # The plans convo's sessions use (see store/pool.rs).
-        tps="$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
+        tps="$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" ${app[@]+"${app[@]}"} pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
             -D user="$([ $script = list ] && echo pgbench-list || echo pgbench-resume)" \
             -D conversation=00000000-0000-0000-0000-00000000ffff \
             -f "$here/pgbench/$script.sql" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)"
@@ -80,7 +103,7 @@ pgbench_round() { # round
 
 serve() { # side port
     local bin="${!1}"
-    RUST_LOG=warn "$bin/convo" serve --listen "127.0.0.1:$2" \
+    RUST_LOG=warn ${app[@]+"${app[@]}"} "$bin/convo" serve --listen "127.0.0.1:$2" \
         --database-url "$(database "convo_compare_$1")" >/dev/null 2>&1 &
     server_pid=$!
     for _ in $(seq 1 100); do
@@ -96,7 +119,7 @@ for round in $(seq 1 "$rounds"); do
         psql -q "$(database "convo_compare_$side")" -c "VACUUM ANALYZE conversations, messages"
         serve "$side" "$port"
         for workload in $workloads; do
-            "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" \
+            ${app[@]+"${app[@]}"} "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" \
                 --database-url "$(database "convo_compare_$side")" --messages "${MESSAGES:-1000}" \
                 --workers "$workers" --connections 4 --warmup 2s --duration "$duration" --json |
                 python3 -c 'import json, sys; m = json.load(sys.stdin); print(sys.argv[1], sys.argv[2], m["workload"].replace(" ", "_"), round(m["per_second"]), round(m["p50_ms"], 3), sum(m["errors"].values()))' "$round" "$side" |
