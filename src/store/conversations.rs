@@ -121,8 +121,9 @@ pub(super) async fn find(
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .select(ConversationRow::as_select())
-        .first(conn)
+        .load(conn)
         .await
+        .and_then(committed_row)
         .optional()?
         .ok_or(StoreError::NotFound)?
         .try_into()
@@ -139,8 +140,9 @@ pub(super) async fn exists_for(
             .filter(conversations::user_id.eq(owner.as_str()))
             .filter(conversations::id.eq(id.as_uuid())),
     ))
-    .get_result(conn)
-    .await?)
+    .load(conn)
+    .await
+    .and_then(committed_row)?)
 }
 
 /// Locks the owner's conversation for an append (concurrent appenders to it
@@ -158,8 +160,9 @@ pub(super) async fn lock_for_append(
         .filter(conversations::id.eq(id.as_uuid()))
         .select((conversations::message_count, conversations::update_time))
         .for_no_key_update()
-        .first(conn)
+        .load(conn)
         .await
+        .and_then(committed_row)
         .optional()?
         .ok_or(StoreError::NotFound)
 }
@@ -194,8 +197,9 @@ pub(super) async fn record_messages(
                 - removed.reasoning_tokens),
         ))
         .returning(ConversationRow::as_returning())
-        .get_result(conn)
-        .await?
+        .load(conn)
+        .await
+        .and_then(committed_row)?
         .try_into()
 }
 
@@ -242,20 +246,20 @@ impl Store {
                     .on_conflict((conversations::user_id, conversations::request_id))
                     .do_nothing()
                     .returning(ConversationRow::as_returning())
-                    .get_result(conn)
+                    .load(conn)
                     .await
+                    .and_then(committed_row)
                     .optional()?;
                 let row = match created {
                     Some(row) => row,
                     // Only a request_id can conflict: this is a retry.
-                    None => {
-                        conversations::table
-                            .filter(conversations::user_id.eq(owner.as_str()))
-                            .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
-                            .select(ConversationRow::as_select())
-                            .first(conn)
-                            .await?
-                    }
+                    None => conversations::table
+                        .filter(conversations::user_id.eq(owner.as_str()))
+                        .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
+                        .select(ConversationRow::as_select())
+                        .load(conn)
+                        .await
+                        .and_then(committed_row)?,
                 };
                 row.try_into()
             })
@@ -397,8 +401,9 @@ impl Store {
                     .filter(conversations::id.eq(source.as_uuid()))
                     .select(ConversationRow::as_select())
                     .for_key_share()
-                    .first(conn)
+                    .load(conn)
                     .await
+                    .and_then(committed_row)
                     .optional()?
                     .ok_or(StoreError::NotFound)?;
                 let length = source_row.message_count;
@@ -427,8 +432,9 @@ impl Store {
                 let created: ConversationRow = diesel::insert_into(conversations::table)
                     .values(&row)
                     .returning(ConversationRow::as_returning())
-                    .get_result(conn)
-                    .await?;
+                    .load(conn)
+                    .await
+                    .and_then(committed_row)?;
                 // One fresh UUIDv7 for the whole copy; message n's id is it
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
@@ -439,8 +445,9 @@ impl Store {
                     .bind::<diesel::sql_types::Uuid, _>(source_row.id)
                     .bind::<BigInt, _>(copied)
                     .bind::<BigInt, _>(base.1 as i64)
-                    .get_result(conn)
-                    .await?;
+                    .load(conn)
+                    .await
+                    .and_then(committed_row)?;
                 if inserted.count != copied {
                     return Err(StoreError::Corrupt(format!(
                         "conversation {source} counts {copied} messages up to the fork point but {} were copied",

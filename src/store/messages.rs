@@ -10,6 +10,7 @@ use super::{
     Store, StoreError, conversations,
     list::ListStatement,
     parts,
+    pool::committed_row,
     schema::messages,
     values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
 };
@@ -210,8 +211,9 @@ impl Store {
                     .bind::<Text, _>(owner.as_str())
                     .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                     .bind::<BigInt, _>(after)
-                    .get_result(conn)
-                    .await?;
+                    .load(conn)
+                    .await
+                    .and_then(committed_row)?;
                 diesel::sql_query(FORGET_REQUESTS_AFTER)
                     .bind::<Text, _>(owner.as_str())
                     .bind::<sql::Uuid, _>(conversation_id.as_uuid())

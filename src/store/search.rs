@@ -6,7 +6,9 @@ use diesel::{
 };
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::{Store, StoreError, error::is_statement_timeout, messages::MessageRow};
+use super::{
+    Store, StoreError, error::is_statement_timeout, messages::MessageRow, pool::committed_row,
+};
 use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, UserId};
 
 /// Full-text search over one user's messages.
@@ -134,8 +136,9 @@ impl Store {
                     let gate: Gate = diesel::sql_query(SEARCH_GATE_SQL)
                         .bind::<Text, _>(format!("{}ms", timeout.as_millis()))
                         .bind::<Text, _>(query.as_str())
-                        .get_result(conn)
-                        .await?;
+                        .load(conn)
+                        .await
+                        .and_then(committed_row)?;
                     if gate.matches_everything {
                         return Ok(SearchOutcome::MatchesEverything);
                     }
