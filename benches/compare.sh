@@ -19,7 +19,8 @@
 # pgbench's client on APP_CPUS (the other cores). Both sides then get the
 # same database CPU, and a ratio says whether convo keeps PostgreSQL as busy
 # as pgbench does, instead of how three processes share two cores. The
-# processes are let run anywhere again at exit.
+# processes are let run anywhere again at exit. It reads the postmaster's pid
+# from the data directory, so run it as root or as PostgreSQL's own user.
 set -euo pipefail
 before="$1"; after="$2"; server="${3:-postgres://postgres@127.0.0.1:5432}"
 bench="${BENCH:-$after/convo-bench}"
