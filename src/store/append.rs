@@ -45,7 +45,7 @@ use super::{
     Store, StoreError,
     messages::{MessageRow, messages_of},
     parts,
-    pool::committed_row,
+    pool::OneRow,
     schema::messages,
     statement::{Template, prepared_statement, unknown_parameter},
     values::{metadata_to_json, now_micros},
@@ -649,18 +649,14 @@ impl Store {
                     follows,
                     self.lock_timeout,
                 );
-                // Its report once it has committed (see `committed_row`).
+                // Its report once it has committed (see `OneRow`).
                 let reported = if by_function {
                     statement
-                        .load::<FunctionReport>(conn)
+                        .one_row::<FunctionReport>(conn)
                         .await
-                        .and_then(committed_row)
                         .map(AppendReport::from)
                 } else {
-                    statement
-                        .load::<AppendReport>(conn)
-                        .await
-                        .and_then(committed_row)
+                    statement.one_row::<AppendReport>(conn).await
                 };
                 let report = match reported {
                     Ok(report) => report,

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    pool::committed_row,
+    pool::OneRow,
     schema::conversations,
     values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
@@ -121,9 +121,8 @@ pub(super) async fn find(
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .select(ConversationRow::as_select())
-        .load(conn)
+        .one_row(conn)
         .await
-        .and_then(committed_row)
         .optional()?
         .ok_or(StoreError::NotFound)?
         .try_into()
@@ -140,9 +139,8 @@ pub(super) async fn exists_for(
             .filter(conversations::user_id.eq(owner.as_str()))
             .filter(conversations::id.eq(id.as_uuid())),
     ))
-    .load(conn)
-    .await
-    .and_then(committed_row)?)
+    .one_row(conn)
+    .await?)
 }
 
 /// Locks the owner's conversation for an append (concurrent appenders to it
@@ -160,9 +158,8 @@ pub(super) async fn lock_for_append(
         .filter(conversations::id.eq(id.as_uuid()))
         .select((conversations::message_count, conversations::update_time))
         .for_no_key_update()
-        .load(conn)
+        .one_row(conn)
         .await
-        .and_then(committed_row)
         .optional()?
         .ok_or(StoreError::NotFound)
 }
@@ -197,9 +194,8 @@ pub(super) async fn record_messages(
                 - removed.reasoning_tokens),
         ))
         .returning(ConversationRow::as_returning())
-        .load(conn)
-        .await
-        .and_then(committed_row)?
+        .one_row(conn)
+        .await?
         .try_into()
 }
 
@@ -246,20 +242,20 @@ impl Store {
                     .on_conflict((conversations::user_id, conversations::request_id))
                     .do_nothing()
                     .returning(ConversationRow::as_returning())
-                    .load(conn)
+                    .one_row(conn)
                     .await
-                    .and_then(committed_row)
                     .optional()?;
                 let row = match created {
                     Some(row) => row,
                     // Only a request_id can conflict: this is a retry.
-                    None => conversations::table
-                        .filter(conversations::user_id.eq(owner.as_str()))
-                        .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
-                        .select(ConversationRow::as_select())
-                        .load(conn)
-                        .await
-                        .and_then(committed_row)?,
+                    None => {
+                        conversations::table
+                            .filter(conversations::user_id.eq(owner.as_str()))
+                            .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
+                            .select(ConversationRow::as_select())
+                            .one_row(conn)
+                            .await?
+                    }
                 };
                 row.try_into()
             })
@@ -326,7 +322,7 @@ impl Store {
                 title: changes.title.as_ref().map(Title::as_str),
                 metadata: changes.metadata.as_ref().map(metadata_to_json),
             };
-            // In autocommit: the row once committed (see `committed_row`).
+            // In autocommit: the row once committed (see `OneRow`).
             diesel::update(conversations::table)
                 .filter(conversations::user_id.eq(owner.as_str()))
                 .filter(conversations::id.eq(id.as_uuid()))
@@ -336,9 +332,8 @@ impl Store {
                         .eq(greatest(now_micros(), conversations::update_time)),
                 ))
                 .returning(ConversationRow::as_returning())
-                .load(conn)
+                .one_row(conn)
                 .await
-                .and_then(committed_row)
                 .optional()?
                 .ok_or(StoreError::NotFound)?
                 .try_into()
@@ -401,9 +396,8 @@ impl Store {
                     .filter(conversations::id.eq(source.as_uuid()))
                     .select(ConversationRow::as_select())
                     .for_key_share()
-                    .load(conn)
+                    .one_row(conn)
                     .await
-                    .and_then(committed_row)
                     .optional()?
                     .ok_or(StoreError::NotFound)?;
                 let length = source_row.message_count;
@@ -432,9 +426,8 @@ impl Store {
                 let created: ConversationRow = diesel::insert_into(conversations::table)
                     .values(&row)
                     .returning(ConversationRow::as_returning())
-                    .load(conn)
-                    .await
-                    .and_then(committed_row)?;
+                    .one_row(conn)
+                    .await?;
                 // One fresh UUIDv7 for the whole copy; message n's id is it
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
@@ -445,9 +438,8 @@ impl Store {
                     .bind::<diesel::sql_types::Uuid, _>(source_row.id)
                     .bind::<BigInt, _>(copied)
                     .bind::<BigInt, _>(base.1 as i64)
-                    .load(conn)
-                    .await
-                    .and_then(committed_row)?;
+                    .one_row(conn)
+                    .await?;
                 if inserted.count != copied {
                     return Err(StoreError::Corrupt(format!(
                         "conversation {source} counts {copied} messages up to the fork point but {} were copied",

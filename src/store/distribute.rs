@@ -15,7 +15,7 @@ use diesel::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
-use super::{migrations::quote_literal, pool::committed_row};
+use super::{migrations::quote_literal, pool::OneRow};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -70,11 +70,7 @@ struct Reference {
 }
 
 async fn flag(conn: &mut AsyncPgConnection, sql: &str) -> Result<bool, BoxError> {
-    Ok(diesel::sql_query(sql)
-        .load::<Flag>(conn)
-        .await
-        .and_then(committed_row)?
-        .flag)
+    Ok(diesel::sql_query(sql).one_row::<Flag>(conn).await?.flag)
 }
 
 /// Plain PostgreSQL, or a Citus coordinator (distributed or not). A Citus

@@ -10,7 +10,7 @@ use super::{
     Store, StoreError, conversations,
     list::ListStatement,
     parts,
-    pool::committed_row,
+    pool::OneRow,
     schema::messages,
     values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
 };
@@ -211,9 +211,8 @@ impl Store {
                     .bind::<Text, _>(owner.as_str())
                     .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                     .bind::<BigInt, _>(after)
-                    .load(conn)
-                    .await
-                    .and_then(committed_row)?;
+                    .one_row(conn)
+                    .await?;
                 diesel::sql_query(FORGET_REQUESTS_AFTER)
                     .bind::<Text, _>(owner.as_str())
                     .bind::<sql::Uuid, _>(conversation_id.as_uuid())

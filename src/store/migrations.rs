@@ -8,7 +8,7 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use super::pool::committed_row;
+use super::pool::OneRow;
 
 /// The schema, compiled into the binary so `convo serve` and `convo migrate`
 /// need nothing but a database URL. Diesel's harness keeps the books
@@ -218,9 +218,8 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<bool, BoxE
     let mut admin = connect(url.as_str()).await?;
     let exists: i64 = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
         .bind::<diesel::sql_types::Text, _>(&name)
-        .load::<Count>(&mut admin)
-        .await
-        .and_then(committed_row)?
+        .one_row::<Count>(&mut admin)
+        .await?
         .n;
     if exists > 0 {
         return Ok(false);

@@ -1,10 +1,13 @@
 use std::time::Duration;
 
-use diesel::ConnectionError;
+use diesel::{ConnectionError, QueryResult};
 use diesel_async::{
-    AsyncPgConnection, SimpleAsyncConnection,
+    AsyncConnectionCore, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+    methods::LoadQuery,
     pooled_connection::{PoolError, PoolableConnection},
+    return_futures::LoadFuture,
 };
+use futures_util::FutureExt;
 
 use super::{StoreError, tls::DatabaseTarget};
 
@@ -51,7 +54,6 @@ pub(super) async fn connect(
 /// Warns once per process when the session's messages are not English, which
 /// would make timeouts and ended sessions look like internal errors.
 async fn warn_unless_english(conn: &mut AsyncPgConnection) {
-    use diesel_async::RunQueryDsl;
     static WARNED: std::sync::Once = std::sync::Once::new();
     #[derive(diesel::QueryableByName)]
     struct Setting {
@@ -59,9 +61,8 @@ async fn warn_unless_english(conn: &mut AsyncPgConnection) {
         lc_messages: String,
     }
     let Ok(setting) = diesel::sql_query("SHOW lc_messages")
-        .load::<Setting>(conn)
+        .one_row::<Setting>(conn)
         .await
-        .and_then(committed_row)
     else {
         return;
     };
@@ -214,7 +215,6 @@ impl Store {
         &self,
         conn: &mut AsyncPgConnection,
     ) -> Result<bool, StoreError> {
-        use diesel_async::RunQueryDsl;
         if let Some(known) = self.distributed.get() {
             return Ok(*known);
         }
@@ -226,9 +226,8 @@ impl Store {
         let found: Found = diesel::sql_query(
             "SELECT EXISTS (SELECT FROM pg_proc WHERE proname = 'convo_append_v1') AS distributed",
         )
-        .load(conn)
-        .await
-        .and_then(committed_row)?;
+        .one_row(conn)
+        .await?;
         Ok(*self.distributed.get_or_init(|| found.distributed))
     }
 
@@ -451,9 +450,8 @@ impl HealthProbe {
                 let found: HasCitus = diesel::sql_query(
                     "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus",
                 )
-                .load(session)
+                .one_row(session)
                 .await
-                .and_then(committed_row)
                 .map_err(unavailable)?;
                 if found.citus {
                     // A worker whose host does not answer must be reported
@@ -574,15 +572,42 @@ impl Drop for Lent<'_> {
     }
 }
 
-/// The one row of a statement read with `load`, which waits for the end of
-/// the statement (ReadyForQuery). diesel-async's `get_result` and `first`
-/// return at the first row, before the statement's end — in autocommit,
-/// before its commit — so a write acknowledged from it could still be lost
-/// to a crash (seen once: the chaos test found an acknowledged append
-/// missing after PostgreSQL was killed). clippy.toml refuses those two
-/// methods, so every single-row read, write or not, goes through here.
-pub(super) fn committed_row<U>(rows: Vec<U>) -> diesel::QueryResult<U> {
-    rows.into_iter()
+/// Reads a statement's one row after the statement has ended
+/// (ReadyForQuery). diesel-async's `get_result` and `first` return at the
+/// first row, before the statement's end — in autocommit, before its commit
+/// — so a write acknowledged from it could still be lost to a crash (seen
+/// once: the chaos test found an acknowledged append missing after
+/// PostgreSQL was killed). clippy.toml refuses those two methods, so every
+/// single-row read, write or not, goes through [`OneRow::one_row`].
+pub(super) trait OneRow<Conn>: RunQueryDsl<Conn> {
+    /// The statement's first row, or `NotFound`, once the statement ended.
+    fn one_row<'query, 'conn, U>(
+        self,
+        conn: &'conn mut Conn,
+    ) -> OneRowFuture<'conn, 'query, Self, Conn, U>
+    where
+        U: Send,
+        Conn: AsyncConnectionCore,
+        Self: LoadQuery<'query, Conn, U> + 'query,
+    {
+        self.load(conn).map(first_of)
+    }
+}
+
+impl<Query: RunQueryDsl<Conn>, Conn> OneRow<Conn> for Query {}
+
+/// What [`OneRow::one_row`] returns: a named type, so that the caller's
+/// future stays `Send` when the query's is.
+#[allow(type_alias_bounds)] // the bound names the query's own future
+pub(super) type OneRowFuture<'conn, 'query, Query: LoadQuery<'query, Conn, U>, Conn, U> =
+    futures_util::future::Map<
+        LoadFuture<'conn, 'query, Query, Conn, U>,
+        fn(QueryResult<Vec<U>>) -> QueryResult<U>,
+    >;
+
+fn first_of<U>(rows: QueryResult<Vec<U>>) -> QueryResult<U> {
+    rows?
+        .into_iter()
         .next()
         .ok_or(diesel::result::Error::NotFound)
 }

@@ -6,9 +6,7 @@ use diesel::{
 };
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::{
-    Store, StoreError, error::is_statement_timeout, messages::MessageRow, pool::committed_row,
-};
+use super::{Store, StoreError, error::is_statement_timeout, messages::MessageRow, pool::OneRow};
 use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, UserId};
 
 /// Full-text search over one user's messages.
@@ -136,9 +134,8 @@ impl Store {
                     let gate: Gate = diesel::sql_query(SEARCH_GATE_SQL)
                         .bind::<Text, _>(format!("{}ms", timeout.as_millis()))
                         .bind::<Text, _>(query.as_str())
-                        .load(conn)
-                        .await
-                        .and_then(committed_row)?;
+                        .one_row(conn)
+                        .await?;
                     if gate.matches_everything {
                         return Ok(SearchOutcome::MatchesEverything);
                     }
