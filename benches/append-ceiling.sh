@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One sitting on a PostgreSQL server (argument: its URL without a database):
 # convo's append (16 workers) against pgbench running the cheapest correct
-# append (one statement, append.sql) and the statements convo ran before it
-# became one (append-before.sql). Needs a release build:
+# append (one statement, append.sql), convo's own statement
+# (append-convo.sql) and the statements convo ran before it became one
+# (append-before.sql). Needs a release build:
 # cargo build --release --workspace --bins
 set -u
 cd "$(dirname "$0")/.."; R="${CARGO_TARGET_DIR:-target}/release"; PG="${1:-postgres://postgres@127.0.0.1:5432}"
@@ -26,5 +27,6 @@ for round in 1 2 3; do
   echo "round $round"
   echo -n "pgbench statements before:  "; pg benches/pgbench/append-before.sql
   echo -n "pgbench one statement:      "; pg benches/pgbench/append.sql
+  echo -n "pgbench convo's statement:  "; pg benches/pgbench/append-convo.sql
   convo
 done

@@ -787,4 +787,54 @@ mod tests {
         assert!(text.contains("FROM messages p") && text.contains("$one_id"));
         assert!(!text.contains("unnest($ids"));
     }
+
+    /// pgbench's script of convo's own append must be the statement convo
+    /// runs for one message with no request_id, no tools and no watcher.
+    #[test]
+    fn the_pgbench_script_is_the_lean_statement() {
+        let script: String = include_str!("../../benches/pgbench/append-convo.sql")
+            .lines()
+            .filter(|line| !line.starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let lean = Shape {
+            request: false,
+            tools: false,
+            follows: false,
+            single: true,
+        };
+        let conversation = "('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid";
+        let content = "'The quick brown fox jumps over the lazy dog, again and again, while \
+                       the orchestrator keeps the whole conversation in PostgreSQL for the next turn.'";
+        let mut ours = append_sql(lean)
+            .replace("$user", "'pgbench'")
+            .replace("$conversation", conversation)
+            .replace("$count", "1")
+            .replace("$now", "now()")
+            .replace("$expected", "NULL")
+            .replace("$one_id", "gen_random_uuid()")
+            .replace("$one_role", "1")
+            .replace("$one_content", content)
+            .replace("$one_metadata", "'{}'");
+        for zero in [
+            "input_tokens",
+            "output_tokens",
+            "cached_input_tokens",
+            "reasoning_tokens",
+        ] {
+            ours = ours.replace(&format!("${zero}"), "0");
+        }
+        for null in [
+            "parts",
+            "name",
+            "model",
+            "input",
+            "output",
+            "cached",
+            "reasoning",
+        ] {
+            ours = ours.replace(&format!("$one_{null}"), "NULL");
+        }
+        assert_eq!(script.trim_end_matches(';'), ours);
+    }
 }
