@@ -764,6 +764,7 @@ async fn replayed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::statement::pgbench_statement;
 
     #[test]
     fn every_shape_has_its_own_statement() {
@@ -792,11 +793,7 @@ mod tests {
     /// runs for one message with no request_id, no tools and no watcher.
     #[test]
     fn the_pgbench_script_is_the_lean_statement() {
-        let script: String = include_str!("../../benches/pgbench/append-convo.sql")
-            .lines()
-            .filter(|line| !line.starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let script = pgbench_statement(include_str!("../../benches/pgbench/append-convo.sql"));
         let lean = Shape {
             request: false,
             tools: false,
@@ -835,6 +832,6 @@ mod tests {
         ] {
             ours = ours.replace(&format!("$one_{null}"), "NULL");
         }
-        assert_eq!(script.trim_end_matches(';'), ours);
+        assert_eq!(script, ours);
     }
 }

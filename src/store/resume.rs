@@ -216,21 +216,18 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::statement::pgbench_statement;
 
     /// pgbench's resume ceiling must run the very statement convo runs.
     #[test]
     fn the_pgbench_script_is_this_statement() {
-        let script: String = include_str!("../../benches/pgbench/resume.sql")
-            .lines()
-            .filter(|line| !line.starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let script = pgbench_statement(include_str!("../../benches/pgbench/resume.sql"));
         let ours = RESUME
             .replace("$max_messages", "50")
             .replace("$tool", &(Role::Tool.number()).to_string())
             .replace("$budget", "4194304")
             .replace("$user", ":user")
             .replace("$conversation", ":conversation::uuid");
-        assert_eq!(script.trim_end_matches(';'), ours);
+        assert_eq!(script, ours);
     }
 }

@@ -137,6 +137,20 @@ macro_rules! prepared_statement {
 
 pub(super) use prepared_statement;
 
+/// The statement of a pgbench script under `benches/pgbench`: its lines
+/// without the `--` comments and without the final `;`, for the tests that
+/// keep a script equal to the statement convo runs.
+#[cfg(test)]
+pub(super) fn pgbench_statement(script: &str) -> String {
+    script
+        .lines()
+        .filter(|line| !line.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim_end_matches(';')
+        .to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use diesel::{
