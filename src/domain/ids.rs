@@ -78,6 +78,13 @@ macro_rules! uuid_id {
             pub fn as_uuid(&self) -> &Uuid {
                 &self.0
             }
+
+            /// The canonical text in a string of exactly its length, for the
+            /// wire: `to_string` goes through the formatter and grows its
+            /// string as it writes (every row of every page pays it).
+            pub fn to_text(&self) -> String {
+                self.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()
+            }
         }
 
         impl fmt::Display for $name {
@@ -157,6 +164,15 @@ mod tests {
             ConversationId::parse("f", &text.to_uppercase()).unwrap(),
             id
         );
+    }
+
+    #[test]
+    fn wire_text_is_the_display_text() {
+        let id = MessageId::from_uuid(Uuid::from_u128(0x0190_b5e4_8f1e_7cc4_9a4b_3f2a_1c9d_8e7f));
+        assert_eq!(id.to_text(), "0190b5e4-8f1e-7cc4-9a4b-3f2a1c9d8e7f");
+        let id = ConversationId::generate();
+        assert_eq!(id.to_text(), id.to_string());
+        assert_eq!(id.to_text().capacity(), 36);
     }
 
     #[test]

@@ -21,11 +21,11 @@ fn metadata(metadata: Metadata) -> std::collections::HashMap<String, String> {
 impl From<Conversation> for proto::Conversation {
     fn from(c: Conversation) -> Self {
         let (forked_from_conversation_id, forked_at_sequence) = match c.forked_from {
-            Some((source, sequence)) => (source.to_string(), sequence),
+            Some((source, sequence)) => (source.to_text(), sequence),
             None => (String::new(), 0),
         };
         Self {
-            id: c.id.to_string(),
+            id: c.id.to_text(),
             user_id: c.user_id.as_str().to_owned(),
             title: c.title,
             metadata: metadata(c.metadata),
@@ -94,8 +94,8 @@ impl From<Part> for proto::Part {
 impl From<Message> for proto::Message {
     fn from(m: Message) -> Self {
         Self {
-            id: m.id.to_string(),
-            conversation_id: m.conversation_id.to_string(),
+            id: m.id.to_text(),
+            conversation_id: m.conversation_id.to_text(),
             sequence: m.sequence,
             role: m.role.number(),
             content: m.content,

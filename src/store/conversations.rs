@@ -5,6 +5,7 @@ use diesel::{
     sql_types::{BigInt, Text, Timestamptz},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::TryStreamExt;
 use uuid::Uuid;
 
 use super::{
@@ -300,11 +301,13 @@ impl Store {
                             .or(conversations::id.lt(*cursor.id.as_uuid())),
                     );
             }
-            let rows: Vec<ConversationRow> = query.load(conn).await?;
-            let items = rows
-                .into_iter()
-                .map(Conversation::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
+            // Converted as they arrive into a vector of the page's size: a
+            // page collected first was copied at every doubling, then again.
+            let mut rows = query.load_stream::<ConversationRow>(conn).await?;
+            let mut items = Vec::with_capacity(size.get() as usize + 1);
+            while let Some(row) = rows.try_next().await? {
+                items.push(Conversation::try_from(row)?);
+            }
             Ok(Page::cut(items, size, ConversationCursor::after))
         })
         .await
