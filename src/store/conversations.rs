@@ -2,10 +2,9 @@ use chrono::{DateTime, Utc};
 use diesel::{
     dsl::exists,
     prelude::*,
-    sql_types::{BigInt, Text, Timestamptz},
+    sql_types::{BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid},
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use futures_util::TryStreamExt;
 use uuid::Uuid;
 
 use super::{
@@ -15,8 +14,8 @@ use super::{
     values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
 };
 use crate::domain::{
-    Conversation, ConversationChanges, ConversationCursor, ConversationId, ForkConversation,
-    ListConversations, MessageId, NewConversation, Page, RequestId, Title, Usage, UserId,
+    Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId,
+    NewConversation, RequestId, Title, Usage, UserId,
 };
 
 #[diesel::declare_sql_function]
@@ -45,6 +44,24 @@ pub(super) struct ConversationRow {
     pub(super) usage_cached_input_tokens: i64,
     pub(super) usage_reasoning_tokens: i64,
 }
+
+/// The columns of a [`ConversationRow`], in order, for statements that read
+/// rows by position.
+pub(super) type ConversationColumns = (
+    Text,
+    SqlUuid,
+    Text,
+    Jsonb,
+    Timestamptz,
+    Timestamptz,
+    BigInt,
+    Nullable<SqlUuid>,
+    Nullable<BigInt>,
+    BigInt,
+    BigInt,
+    BigInt,
+    BigInt,
+);
 
 impl TryFrom<ConversationRow> for Conversation {
     type Error = StoreError;
@@ -272,45 +289,6 @@ impl Store {
     ) -> Result<Conversation, StoreError> {
         self.with_conn(async |conn| find(conn, owner, id).await)
             .await
-    }
-
-    /// The owner's conversations, most recently updated first, after `after`.
-    ///
-    /// Keyset pagination on the (user_id, update_time DESC, id DESC) index: a
-    /// page deep in the listing costs what the first page costs.
-    pub async fn list_conversations(
-        &self,
-        owner: &UserId,
-        list: ListConversations,
-    ) -> Result<Page<Conversation, ConversationCursor>, StoreError> {
-        let ListConversations { size, cursor } = list;
-        self.with_conn(async |conn| {
-            let mut query = conversations::table
-                .filter(conversations::user_id.eq(owner.as_str()))
-                .select(ConversationRow::as_select())
-                .order((conversations::update_time.desc(), conversations::id.desc()))
-                .limit(size.limit_with_lookahead())
-                .into_boxed();
-            if let Some(cursor) = cursor {
-                // `update_time <= t` bounds the index scan; the OR breaks ties by id.
-                query = query
-                    .filter(conversations::update_time.le(cursor.update_time))
-                    .filter(
-                        conversations::update_time
-                            .lt(cursor.update_time)
-                            .or(conversations::id.lt(*cursor.id.as_uuid())),
-                    );
-            }
-            // Converted as they arrive into a vector of the page's size: a
-            // page collected first was copied at every doubling, then again.
-            let mut rows = query.load_stream::<ConversationRow>(conn).await?;
-            let mut items = Vec::with_capacity(size.get() as usize + 1);
-            while let Some(row) = rows.try_next().await? {
-                items.push(Conversation::try_from(row)?);
-            }
-            Ok(Page::cut(items, size, ConversationCursor::after))
-        })
-        .await
     }
 
     /// Replaces the fields named in `changes` and bumps `update_time`.

@@ -21,6 +21,7 @@ mod conversations;
 mod distribute;
 mod error;
 mod list;
+mod list_conversations;
 mod messages;
 mod migrations;
 mod parts;
@@ -65,7 +66,10 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
             (name, sql, binds)
         })
         .collect();
-    statements.extend(list::shapes().into_iter().map(|(name, template)| {
+    let listings = list::shapes()
+        .into_iter()
+        .chain(list_conversations::shapes());
+    statements.extend(listings.map(|(name, template)| {
         let (sql, binds) = template.numbered();
         (name, sql, binds)
     }));

@@ -27,14 +27,14 @@ use diesel::{
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
-    sql_types::{BigInt, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid},
+    sql_types::{BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid},
 };
 use futures_util::TryStreamExt;
 use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    conversations::ConversationRow,
+    conversations::{ConversationColumns, ConversationRow},
     messages::{MessageColumns, MessageRow},
     statement::{Template, prepared_statement, unknown_parameter},
 };
@@ -113,24 +113,7 @@ struct ResumeStatement<'a> {
 
 /// The columns of [`RESUME`], in order: a conversation's or a message's,
 /// the other half NULL.
-type ResumeColumns = (
-    Nullable<(
-        Text,
-        SqlUuid,
-        Text,
-        Jsonb,
-        Timestamptz,
-        Timestamptz,
-        BigInt,
-        Nullable<SqlUuid>,
-        Nullable<BigInt>,
-        BigInt,
-        BigInt,
-        BigInt,
-        BigInt,
-    )>,
-    Nullable<MessageColumns>,
-);
+type ResumeColumns = (Nullable<ConversationColumns>, Nullable<MessageColumns>);
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
 

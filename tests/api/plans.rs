@@ -23,7 +23,8 @@ struct PlanLine {
 
 /// Every scan in `plan` is an index scan bounded to one conversation: the
 /// conversation row and earlier requests by primary key, messages by a
-/// sequence range of the primary key. Tool calls may be read through either
+/// sequence range of the primary key (a listing of conversations: the
+/// owner's, in the order of the update-time index). Tool calls may be read through either
 /// of their indexes (both lead with the conversation): before statistics
 /// exist the planner cannot tell them apart, and either reads one
 /// conversation's calls only.
@@ -58,6 +59,12 @@ fn assert_reads_by_key(name: &str, sql: &str, plan: &[String]) {
                     "{name}: messages read other than by a range of one conversation:\n{text}"
                 );
             }
+            // A listing of conversations walks the owner's in update order,
+            // already sorted for its ORDER BY and LIMIT.
+            "conversations" if name.starts_with("list conversations") => assert!(
+                line.contains("conversations_by_update_time") && !text.contains("Sort"),
+                "{name}: conversations listed other than in index order:\n{text}"
+            ),
             _ => assert!(
                 line.contains(&format!("{table}_pkey")),
                 "{name}: {table} read other than by its primary key:\n{text}"
