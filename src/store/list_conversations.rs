@@ -15,7 +15,7 @@ use diesel::{
     result::QueryResult,
     sql_types::{BigInt, Text, Timestamptz, Uuid as SqlUuid},
 };
-use futures_util::{StreamExt, TryStreamExt, stream::BoxStream};
+use futures_util::{Stream, TryStreamExt};
 use uuid::Uuid;
 
 use super::{
@@ -107,32 +107,48 @@ impl Store {
         let user = owner.as_str();
         let limit = size.limit_with_lookahead();
         self.with_conn(async |conn| {
-            let mut rows: BoxStream<'_, QueryResult<ConversationRow>> = match &cursor {
-                None => diesel_async::RunQueryDsl::load_stream(FirstPage { user, limit }, conn)
+            let items = match &cursor {
+                None => {
+                    let page = FirstPage { user, limit };
+                    conversations_of(
+                        diesel_async::RunQueryDsl::load_stream(page, conn).await?,
+                        limit,
+                    )
                     .await?
-                    .boxed(),
-                Some(cursor) => diesel_async::RunQueryDsl::load_stream(
-                    NextPage {
+                }
+                Some(cursor) => {
+                    let page = NextPage {
                         user,
                         limit,
                         before: cursor.update_time,
                         before_id: cursor.id.as_uuid(),
-                    },
-                    conn,
-                )
-                .await?
-                .boxed(),
+                    };
+                    conversations_of(
+                        diesel_async::RunQueryDsl::load_stream(page, conn).await?,
+                        limit,
+                    )
+                    .await?
+                }
             };
-            // Converted as they arrive into a vector of the page's size: a
-            // page collected first was copied at every doubling, then again.
-            let mut items = Vec::with_capacity(size.get() as usize + 1);
-            while let Some(row) = rows.try_next().await? {
-                items.push(Conversation::try_from(row)?);
-            }
             Ok(Page::cut(items, size, ConversationCursor::after))
         })
         .await
     }
+}
+
+/// The rows of a page, converted as they arrive into a vector of the
+/// statement's limit: a page collected first was copied at every doubling,
+/// then again.
+async fn conversations_of(
+    rows: impl Stream<Item = QueryResult<ConversationRow>>,
+    limit: i64,
+) -> Result<Vec<Conversation>, StoreError> {
+    let mut rows = std::pin::pin!(rows);
+    let mut items = Vec::with_capacity(usize::try_from(limit).unwrap_or_default());
+    while let Some(row) = rows.try_next().await? {
+        items.push(Conversation::try_from(row)?);
+    }
+    Ok(items)
 }
 
 #[cfg(test)]
