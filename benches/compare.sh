@@ -73,11 +73,15 @@ SELECT 'pgbench', ('00000000-0000-0000-0000-' || lpad(c::text, 12, '0'))::uuid, 
 -- resume.sql: one conversation as long as the one convo-bench resumes.
 INSERT INTO conversations (user_id, id, title, create_time, update_time, message_count)
 VALUES ('pgbench-resume', '00000000-0000-0000-0000-00000000ffff', 'seeded', now(), now(), :messages);
-INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time)
+INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time, bytes_through)
 SELECT 'pgbench-resume', '00000000-0000-0000-0000-00000000ffff', s, gen_random_uuid(), 1 + (s % 2)::smallint,
-       'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7),
-       now() - make_interval(secs => (:messages - s) / 1000.0)
-  FROM generate_series(1, :messages) AS s;
+       content, now() - make_interval(secs => (:messages - s) / 1000.0),
+       sum(octet_length(content)) OVER (ORDER BY s)
+  FROM (SELECT s, 'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7)
+          FROM generate_series(1, :messages) AS s) AS g (s, content);
+UPDATE conversations SET total_bytes = (SELECT max(bytes_through) FROM messages
+                                         WHERE user_id = 'pgbench-resume')
+ WHERE user_id = 'pgbench-resume';
 -- list.sql: as many conversations as convo-bench's list seeds.
 INSERT INTO conversations (user_id, id, title, create_time, update_time)
 SELECT 'pgbench-list', gen_random_uuid(), 'seeded ' || s,

@@ -107,10 +107,13 @@ def seed(url, user, conversation, messages, size):
         f"INSERT INTO users (user_id) VALUES ('{user}') ON CONFLICT DO NOTHING; "
         f"INSERT INTO conversations (user_id, id, title, create_time, update_time, message_count) "
         f"VALUES ('{user}', '{conversation}', 'stalled', now(), now(), {messages}); "
-        f"INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) "
+        f"INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time, "
+        f"                      bytes_through) "
         f"SELECT '{user}', '{conversation}', s, gen_random_uuid(), 1, "
-        f"       left(repeat(md5(s::text), {size // 32 + 1}), {size}), now() "
-        f"  FROM generate_series(1, {messages}) AS s",
+        f"       left(repeat(md5(s::text), {size // 32 + 1}), {size}), now(), {size} * s "
+        f"  FROM generate_series(1, {messages}) AS s; "
+        f"UPDATE conversations SET total_bytes = {size} * {messages} "
+        f" WHERE user_id = '{user}' AND id = '{conversation}'",
     )
 
 

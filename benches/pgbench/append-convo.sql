@@ -12,18 +12,19 @@ WITH bumped AS (
            usage_input_tokens = usage_input_tokens + 0,
            usage_output_tokens = usage_output_tokens + 0,
            usage_cached_input_tokens = usage_cached_input_tokens + 0,
-           usage_reasoning_tokens = usage_reasoning_tokens + 0
+           usage_reasoning_tokens = usage_reasoning_tokens + 0,
+           total_bytes = total_bytes + octet_length('The quick brown fox jumps over the lazy dog, again and again, while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.'::text) + coalesce(octet_length(NULL::bytea), 0)
      WHERE user_id = 'pgbench' AND id = ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid
        AND (NULL::int8 IS NULL OR message_count = NULL)
-    RETURNING message_count - 1 AS base, update_time
+    RETURNING message_count - 1 AS base, update_time, total_bytes
 ), inserted AS (
     INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata,
                           create_time, parts, name, model, input_tokens, output_tokens,
-                          cached_input_tokens, reasoning_tokens, answers_from)
+                          cached_input_tokens, reasoning_tokens, answers_from, bytes_through)
     SELECT 'pgbench', ('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid, b.base + m.at, m.id, m.role, m.content, m.metadata,
            b.update_time, m.parts, coalesce(m.name, ''), coalesce(m.model, ''),
            m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
-           NULL::int8
+           NULL::int8, b.total_bytes
       FROM bumped b,
            (SELECT gen_random_uuid()::uuid, 1::int2, 'The quick brown fox jumps over the lazy dog, again and again, while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.'::text, '{}'::jsonb,
                    NULL::bytea, NULL::text, NULL::text, NULL::int8,

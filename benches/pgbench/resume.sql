@@ -7,25 +7,16 @@ WITH c AS (
     SELECT user_id, id, title, metadata, create_time, update_time, message_count,
            forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
            usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens,
-           greatest(message_count - 50, 0) + 1 AS start
+           total_bytes, greatest(message_count - 50, 0) + 1 AS start
       FROM conversations WHERE user_id = :user AND id = :conversation::uuid
 ), w AS (
-    SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name,
-           model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens,
-           answers_from
-      FROM (
-        SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata,
-               m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens,
-               m.cached_input_tokens, m.reasoning_tokens, m.answers_from,
-               coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
-                            OVER (ORDER BY m.sequence DESC
-                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)
-                   AS newer_before_next
-          FROM messages m
-         WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
-           AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
-      ) AS sized
-     WHERE newer_before_next < 4194304
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM messages m
+     WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
+       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+       AND m.bytes_through > (SELECT total_bytes FROM c) - 4194304
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,

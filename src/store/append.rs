@@ -196,6 +196,24 @@ fn append_sql(shape: Shape) -> String {
                   $outputs::int8[], $cached::int8[], $reasoning::int8[])
              WITH ORDINALITY"
     };
+    // The batch's size, as resume's byte bound counts it (see the migration
+    // `running_byte_total`): the conversation's total grows by it and each
+    // message stores the total through itself.
+    let (batch_bytes, bytes_through) = if single {
+        (
+            "octet_length($one_content::text) + coalesce(octet_length($one_parts::bytea), 0)",
+            "b.total_bytes",
+        )
+    } else {
+        (
+            "(SELECT coalesce(sum(octet_length(x.content) + coalesce(octet_length(x.parts), 0)), 0)
+                 FROM unnest($contents::text[], $parts::bytea[]) AS x (content, parts))",
+            "b.total_bytes
+             - coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
+                            OVER (ORDER BY m.at ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING),
+                        0)",
+        )
+    };
     let calls = pick(
         tools,
         ", calls AS (
@@ -238,18 +256,19 @@ fn append_sql(shape: Shape) -> String {
            usage_input_tokens = usage_input_tokens + $input_tokens,
            usage_output_tokens = usage_output_tokens + $output_tokens,
            usage_cached_input_tokens = usage_cached_input_tokens + $cached_input_tokens,
-           usage_reasoning_tokens = usage_reasoning_tokens + $reasoning_tokens
+           usage_reasoning_tokens = usage_reasoning_tokens + $reasoning_tokens,
+           total_bytes = total_bytes + {batch_bytes}
      WHERE user_id = $user AND id = $conversation
        AND ($expected::int8 IS NULL OR message_count = $expected){request_guard}{tool_guard}
-    RETURNING message_count - $count AS base, update_time
+    RETURNING message_count - $count AS base, update_time, total_bytes
 ), inserted AS (
     INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata,
                           create_time, parts, name, model, input_tokens, output_tokens,
-                          cached_input_tokens, reasoning_tokens, answers_from)
+                          cached_input_tokens, reasoning_tokens, answers_from, bytes_through)
     SELECT $user, $conversation, b.base + m.at, m.id, m.role, m.content, m.metadata,
            b.update_time, m.parts, coalesce(m.name, ''), coalesce(m.model, ''),
            m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
-           {answers_from}
+           {answers_from}, {bytes_through}
       FROM bumped b,
            {batch}
              AS m (id, role, content, metadata, parts, name, model, input_tokens,

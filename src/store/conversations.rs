@@ -11,7 +11,7 @@ use super::{
     Store, StoreError,
     pool::OneRow,
     schema::conversations,
-    values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, metadata_to_json, now_micros},
+    values::{StoredTime, Tally, metadata_from_json, metadata_to_json, now_micros, tallied},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId,
@@ -183,16 +183,17 @@ pub(super) async fn lock_for_append(
 }
 
 /// Records a change of the conversation's messages on its row (locked by
-/// [`lock_for_append`], or new): the new message count, the usage of the
-/// messages added and removed, and the time of the change.
+/// [`lock_for_append`], or new): the new message count, the usage and size
+/// of the messages added and removed, and the time of the change.
 pub(super) async fn record_messages(
     conn: &mut AsyncPgConnection,
     owner: &UserId,
     id: ConversationId,
     message_count: i64,
-    (added, removed): (&Usage, &Usage),
+    (added, removed): (&Tally, &Tally),
     at: DateTime<Utc>,
 ) -> Result<Conversation, StoreError> {
+    let (added_usage, removed_usage) = (added.usage(), removed.usage());
     diesel::update(conversations::table)
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
@@ -200,16 +201,18 @@ pub(super) async fn record_messages(
             conversations::message_count.eq(message_count),
             conversations::update_time.eq(at),
             conversations::usage_input_tokens
-                .eq(conversations::usage_input_tokens + added.input_tokens - removed.input_tokens),
-            conversations::usage_output_tokens
-                .eq(conversations::usage_output_tokens + added.output_tokens
-                    - removed.output_tokens),
+                .eq(conversations::usage_input_tokens + added_usage.input_tokens
+                    - removed_usage.input_tokens),
+            conversations::usage_output_tokens.eq(conversations::usage_output_tokens
+                + added_usage.output_tokens
+                - removed_usage.output_tokens),
             conversations::usage_cached_input_tokens.eq(conversations::usage_cached_input_tokens
-                + added.cached_input_tokens
-                - removed.cached_input_tokens),
+                + added_usage.cached_input_tokens
+                - removed_usage.cached_input_tokens),
             conversations::usage_reasoning_tokens.eq(conversations::usage_reasoning_tokens
-                + added.reasoning_tokens
-                - removed.reasoning_tokens),
+                + added_usage.reasoning_tokens
+                - removed_usage.reasoning_tokens),
+            conversations::total_bytes.eq(conversations::total_bytes + added.bytes - removed.bytes),
         ))
         .returning(ConversationRow::as_returning())
         .one_row(conn)
@@ -412,7 +415,7 @@ impl Store {
                 // One fresh UUIDv7 for the whole copy; message n's id is it
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
-                let inserted: Tally = diesel::sql_query(format!("{COPY_MESSAGES}{TALLY_OF_ROWS}"))
+                let inserted: Tally = diesel::sql_query(tallied(COPY_MESSAGES))
                     .bind::<Text, _>(owner.as_str())
                     .bind::<diesel::sql_types::Uuid, _>(created.id)
                     .bind::<BigInt, _>(base.0 as i64)
@@ -435,13 +438,12 @@ impl Store {
                     .execute(conn)
                     .await?;
                 let id = ConversationId::from_uuid(created.id);
-                let none = Usage::default();
                 let forked = record_messages(
                     conn,
                     owner,
                     id,
                     copied,
-                    (&inserted.usage(), &none),
+                    (&inserted, &Tally::default()),
                     now,
                 )
                 .await?;
@@ -464,22 +466,19 @@ const LOCK_USER: &str = "\
 /// and version of one fresh id, the variant bits untouched (sequences stay
 /// far below 2^62), distinct per message, and no volatile function, so the
 /// statement stays on one shard under Citus, with no per-message array sent.
-/// Summed by [`TALLY_OF_ROWS`].
+/// Summed by [`tallied`]; a prefix keeps its running byte totals.
 const COPY_MESSAGES: &str = "\
-    WITH rows AS ( \
-        INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, \
-                              create_time, parts, name, model, input_tokens, output_tokens, \
-                              cached_input_tokens, reasoning_tokens, answers_from) \
-        SELECT m.user_id, $2, m.sequence, \
-               (lpad(to_hex($3::bigint), 16, '0') \
-                || lpad(to_hex($6::bigint # m.sequence), 16, '0'))::uuid, \
-               m.role, m.content, m.metadata, \
-               m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens, \
-               m.cached_input_tokens, m.reasoning_tokens, m.answers_from \
-        FROM messages m \
-        WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5 \
-        RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens \
-    ) ";
+    INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, \
+                          create_time, parts, name, model, input_tokens, output_tokens, \
+                          cached_input_tokens, reasoning_tokens, answers_from, bytes_through) \
+    SELECT m.user_id, $2, m.sequence, \
+           (lpad(to_hex($3::bigint), 16, '0') \
+            || lpad(to_hex($6::bigint # m.sequence), 16, '0'))::uuid, \
+           m.role, m.content, m.metadata, \
+           m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens, \
+           m.cached_input_tokens, m.reasoning_tokens, m.answers_from, m.bytes_through \
+    FROM messages m \
+    WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
 
 /// Copies the tool calls of the source's first `$4` messages into `$2`, so
 /// results appended to the fork can answer them.

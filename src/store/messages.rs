@@ -12,7 +12,7 @@ use super::{
     parts,
     pool::OneRow,
     schema::messages,
-    values::{StoredTime, TALLY_OF_ROWS, Tally, metadata_from_json, now_micros},
+    values::{StoredTime, Tally, metadata_from_json, now_micros, tallied},
 };
 use crate::domain::{
     Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Name, Page,
@@ -207,7 +207,7 @@ impl Store {
                 if after > count {
                     return Ok(TruncateOutcome::BeyondEnd { length: count });
                 }
-                let removed: Tally = diesel::sql_query(format!("{REMOVE_AFTER}{TALLY_OF_ROWS}"))
+                let removed: Tally = diesel::sql_query(tallied(REMOVE_AFTER))
                     .bind::<Text, _>(owner.as_str())
                     .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                     .bind::<BigInt, _>(after)
@@ -219,14 +219,13 @@ impl Store {
                     .bind::<BigInt, _>(after)
                     .execute(conn)
                     .await?;
-                let usage = removed.usage();
                 let now = now_micros().max(update_time);
                 let conversation = conversations::record_messages(
                     conn,
                     owner,
                     conversation_id,
                     after,
-                    (&Usage::default(), &usage),
+                    (&Tally::default(), &removed),
                     now,
                 )
                 .await?;
@@ -247,10 +246,7 @@ const FORGET_REQUESTS_AFTER: &str = "\
     DELETE FROM append_requests \
     WHERE user_id = $1 AND conversation_id = $2 AND first_sequence + message_count - 1 > $3";
 
-/// Deletes the messages after `$3`; summed by [`TALLY_OF_ROWS`].
+/// Deletes the messages after `$3`; summed by [`tallied`].
 const REMOVE_AFTER: &str = "\
-    WITH rows AS ( \
-        DELETE FROM messages \
-        WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3 \
-        RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens \
-    ) ";
+    DELETE FROM messages \
+    WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3";

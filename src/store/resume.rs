@@ -16,9 +16,15 @@
 //! analyzed read the whole conversation and filtered it.
 //!
 //! The window is bounded in bytes too: walking back from the newest message,
-//! it keeps every message that begins within `$budget` (the response limit)
-//! and one more, which tells the service to trim (see `list.rs`). So a
-//! window of 1,000 large messages is not read whole to be cut afterwards.
+//! it keeps every message that begins within `$budget` (the response limit),
+//! so a window of 1,000 large messages is not read whole to be cut
+//! afterwards. "Begins within" is "the newer messages add up to less than the
+//! budget", `total_bytes - bytes_through < $budget`, from the running total
+//! the append stores with each message: a filter on the key range, where
+//! summing the sizes as the rows went by took a window function over every
+//! resumed row (about a fifth of the statement's cost). Whatever is left out
+//! lies before the first message returned, so `has_more` says so; the
+//! service trims what it got to the exact encoded size.
 
 use std::sync::LazyLock;
 
@@ -48,25 +54,16 @@ WITH c AS (
     SELECT user_id, id, title, metadata, create_time, update_time, message_count,
            forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
            usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens,
-           greatest(message_count - $max_messages, 0) + 1 AS start
+           total_bytes, greatest(message_count - $max_messages, 0) + 1 AS start
       FROM conversations WHERE user_id = $user AND id = $conversation
 ), w AS (
-    SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name,
-           model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens,
-           answers_from
-      FROM (
-        SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata,
-               m.create_time, m.parts, m.name, m.model, m.input_tokens, m.output_tokens,
-               m.cached_input_tokens, m.reasoning_tokens, m.answers_from,
-               coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
-                            OVER (ORDER BY m.sequence DESC
-                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)
-                   AS newer_before_next
-          FROM messages m
-         WHERE m.user_id = $user AND m.conversation_id = $conversation
-           AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
-      ) AS sized
-     WHERE newer_before_next < $budget
+    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
+           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
+           m.reasoning_tokens, m.answers_from
+      FROM messages m
+     WHERE m.user_id = $user AND m.conversation_id = $conversation
+       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+       AND m.bytes_through > (SELECT total_bytes FROM c) - $budget
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,

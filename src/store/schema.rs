@@ -33,6 +33,7 @@ diesel::table! {
         usage_output_tokens -> Int8,
         usage_cached_input_tokens -> Int8,
         usage_reasoning_tokens -> Int8,
+        total_bytes -> Int8,
     }
 }
 
@@ -58,6 +59,7 @@ diesel::table! {
         cached_input_tokens -> Nullable<Int8>,
         reasoning_tokens -> Nullable<Int8>,
         answers_from -> Nullable<Int8>,
+        bytes_through -> Int8,
     }
 }
 

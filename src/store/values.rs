@@ -83,9 +83,10 @@ impl From<StoredTime> for DateTime<Utc> {
     }
 }
 
-/// How many messages a statement wrote or removed, and the usage they carry:
-/// what `… RETURNING` rows summed in SQL come back as.
-#[derive(QueryableByName)]
+/// How many messages a statement wrote or removed, the usage they carry and
+/// their size (as `bytes_through` counts it): what `… RETURNING` rows summed
+/// in SQL come back as.
+#[derive(Default, QueryableByName)]
 pub(super) struct Tally {
     #[diesel(sql_type = BigInt)]
     pub count: i64,
@@ -97,6 +98,8 @@ pub(super) struct Tally {
     cached_input_tokens: i64,
     #[diesel(sql_type = BigInt)]
     reasoning_tokens: i64,
+    #[diesel(sql_type = BigInt)]
+    pub bytes: i64,
 }
 
 impl Tally {
@@ -110,14 +113,22 @@ impl Tally {
     }
 }
 
-/// The select list that sums the usage of a CTE named `rows` into a [`Tally`].
-pub(super) const TALLY_OF_ROWS: &str = "\
-    SELECT count(*) AS count, \
-           coalesce(sum(input_tokens), 0)::bigint AS input_tokens, \
-           coalesce(sum(output_tokens), 0)::bigint AS output_tokens, \
-           coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens, \
-           coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens \
-    FROM rows";
+/// `statement` (an INSERT or DELETE of messages, without RETURNING) with
+/// its rows summed into a [`Tally`]: their count, usage and size.
+pub(super) fn tallied(statement: &str) -> String {
+    format!(
+        "WITH rows AS ({statement} \
+             RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+                       octet_length(content) + coalesce(octet_length(parts), 0) AS bytes) \
+         SELECT count(*) AS count, \
+                coalesce(sum(input_tokens), 0)::bigint AS input_tokens, \
+                coalesce(sum(output_tokens), 0)::bigint AS output_tokens, \
+                coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens, \
+                coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens, \
+                coalesce(sum(bytes), 0)::bigint AS bytes \
+         FROM rows"
+    )
+}
 
 #[cfg(test)]
 mod tests {

@@ -1033,10 +1033,11 @@ async fn a_connection_that_does_not_read_holds_a_bounded_amount_of_answers() {
     app.db
         .run_sql(&format!(
             "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, \
-                                   create_time) \
-             SELECT 'alice', '{id}', s, gen_random_uuid(), 1, repeat('x', 100000), now() \
+                                   create_time, bytes_through) \
+             SELECT 'alice', '{id}', s, gen_random_uuid(), 1, repeat('x', 100000), now(), 100000 * s \
                FROM generate_series(1, 60) AS s; \
-             UPDATE conversations SET message_count = 60 WHERE user_id = 'alice' AND id = '{id}'",
+             UPDATE conversations SET message_count = 60, total_bytes = 6000000 \
+              WHERE user_id = 'alice' AND id = '{id}'",
             id = big.id
         ))
         .await;

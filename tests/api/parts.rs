@@ -1173,8 +1173,9 @@ async fn the_schema_backs_the_rules_on_its_own() {
     let id = &created.id;
     let insert = |sequence: i64, columns: &str, values: &str| {
         format!(
-            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time{columns}) \
-             VALUES ('alice', '{id}', {sequence}, gen_random_uuid(), 1, 'x', now(){values})"
+            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time, \
+                                   bytes_through{columns}) \
+             VALUES ('alice', '{id}', {sequence}, gen_random_uuid(), 1, 'x', now(), 1000{values})"
         )
     };
     for refused in [
@@ -1207,7 +1208,10 @@ async fn the_schema_backs_the_rules_on_its_own() {
         insert(2, ", input_tokens", ", 5"),
         insert(2, ", name", ", repeat('n', 257)"),
         insert(2, ", answers_from", ", 2"),
+        // A running byte total smaller than the message itself.
+        insert(2, "", "").replace("now(), 1000", "now(), 0"),
         format!("UPDATE conversations SET usage_input_tokens = -1 WHERE id = '{id}'"),
+        format!("UPDATE conversations SET total_bytes = -1 WHERE id = '{id}'"),
     ] {
         assert!(
             db.batch_execute(&refused).await.is_err(),
@@ -1218,4 +1222,102 @@ async fn the_schema_backs_the_rules_on_its_own() {
     db.batch_execute(&insert(2, ", parts", ", '\\x0a00'").replace("'x'", "''"))
         .await
         .expect("parts without text");
+}
+
+/// Resume bounds its window by the running byte total each message stores
+/// (`bytes_through`) and the conversation's `total_bytes`. Every way
+/// messages come and go keeps both equal to the sizes summed afresh: plain
+/// and structured messages, one at a time and in batches, with a request_id
+/// and tool exchanges, a truncation and forks.
+#[tokio::test]
+async fn the_running_byte_totals_match_the_messages() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "sizes").await;
+    append(&mut alice, &chat.id, "plain text, ünïcödé").await;
+    append_batch(
+        &mut alice,
+        &chat.id,
+        vec![
+            message(
+                Role::User,
+                vec![
+                    text("look at this"),
+                    Part {
+                        kind: Some(Kind::Blob(blob("image/png", "", &[7; 3000]))),
+                        signature: Vec::new(),
+                    },
+                ],
+            ),
+            message(Role::Assistant, vec![call("c1", "search", "{\"q\":\"x\"}")]),
+            message(Role::Tool, vec![result("c1", "found it")]),
+        ],
+    )
+    .await
+    .expect("a batch with parts and a tool exchange");
+    alice
+        .append_message(AppendMessageRequest {
+            conversation_id: chat.id.clone(),
+            role: Role::Assistant as i32,
+            parts: vec![reasoning("hmm", b"sig")],
+            request_id: "turn-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("one structured message with a request_id");
+    append(&mut alice, &chat.id, "the answer").await;
+    alice
+        .truncate_conversation(proto::TruncateConversationRequest {
+            conversation_id: chat.id.clone(),
+            after_sequence: 4,
+            ..Default::default()
+        })
+        .await
+        .expect("truncate");
+    append(&mut alice, &chat.id, "another answer").await;
+    for up_to_sequence in [0, 2] {
+        let fork = alice
+            .fork_conversation(proto::ForkConversationRequest {
+                conversation_id: chat.id.clone(),
+                up_to_sequence,
+                ..Default::default()
+            })
+            .await
+            .expect("fork")
+            .into_inner();
+        append(&mut alice, &fork.id, "on the fork").await;
+    }
+
+    assert_eq!(
+        app.db.count("SELECT count(*) AS n FROM messages").await,
+        5 + 6 + 3
+    );
+    let wrong_messages = app
+        .db
+        .count(
+            "SELECT count(*) AS n FROM ( \
+                 SELECT bytes_through, \
+                        sum(octet_length(content) + coalesce(octet_length(parts), 0)) \
+                            OVER (PARTITION BY user_id, conversation_id ORDER BY sequence) AS summed \
+                   FROM messages) AS m \
+              WHERE bytes_through <> summed",
+        )
+        .await;
+    assert_eq!(wrong_messages, 0, "every message's running total");
+    let wrong_conversations = app
+        .db
+        .count(
+            "SELECT count(*) AS n FROM conversations c \
+              WHERE total_bytes <> coalesce( \
+                  (SELECT sum(octet_length(content) + coalesce(octet_length(parts), 0)) \
+                     FROM messages m WHERE m.user_id = c.user_id AND m.conversation_id = c.id), 0)",
+        )
+        .await;
+    assert_eq!(wrong_conversations, 0, "every conversation's total");
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM conversations")
+            .await,
+        3
+    );
 }

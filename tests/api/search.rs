@@ -349,16 +349,19 @@ async fn the_search_is_served_by_the_user_scoped_index() {
     // size the (user_id, search_document) GIN index is the cheapest path.
     app.db
         .run_sql(&format!(
-            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
-               SELECT 'alice', '{}', s, gen_random_uuid(), 1, 'm' || s || ' some ordinary words', now() \
+            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time, \
+                                   bytes_through) \
+               SELECT 'alice', '{}', s, gen_random_uuid(), 1, 'm' || s || ' some ordinary words', now(), \
+                      100 + sum(octet_length('m' || s || ' some ordinary words')) OVER (ORDER BY s) \
                FROM generate_series(2, 20001) s; \
              UPDATE conversations SET message_count = 20001 WHERE user_id = 'alice'; \
              INSERT INTO users (user_id) SELECT 'user' || u FROM generate_series(1, 200) u; \
              INSERT INTO conversations (user_id, id, create_time, update_time, message_count) \
                SELECT 'user' || u, gen_random_uuid(), now(), now(), 500 FROM generate_series(1, 200) u; \
-             INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
+             INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time, \
+                                   bytes_through) \
                SELECT c.user_id, c.id, s, gen_random_uuid(), 1, \
-                      CASE WHEN s % 50 = 0 THEN 'needle ' ELSE 'hay ' END || s, now() \
+                      CASE WHEN s % 50 = 0 THEN 'needle ' ELSE 'hay ' END || s, now(), 100 * s \
                FROM conversations c CROSS JOIN generate_series(1, 500) s WHERE c.user_id <> 'alice'; \
              ANALYZE",
             chat.id
@@ -451,9 +454,9 @@ async fn a_search_that_cannot_be_ranked_in_time_is_refused() {
     app.db
         .run_sql(&format!(
             "INSERT INTO messages (user_id, conversation_id, id, sequence, role, content, \
-                                   metadata, create_time) \
+                                   metadata, create_time, bytes_through) \
              SELECT 'alice', '{id}', gen_random_uuid(), n, 1, \
-                    'common words ' || n || ' repeated common text common', '{{}}', now() \
+                    'common words ' || n || ' repeated common text common', '{{}}', now(), 100 * n \
                FROM generate_series(1, {rows}) AS n; \
              UPDATE conversations SET message_count = {rows} \
               WHERE user_id = 'alice' AND id = '{id}'; \

@@ -34,11 +34,17 @@ pub async fn conversation(database_url: &str, user: &str, length: i64) -> Result
     .execute(&mut conn)
     .await?;
     diesel::sql_query(
-        "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
-         SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, \
-                'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7), \
-                now() - make_interval(secs => ($3 - s) / 1000.0) \
-         FROM generate_series(1, $3) AS s",
+        "WITH rows AS ( \
+             INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, \
+                                   create_time, bytes_through) \
+             SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, content, \
+                    now() - make_interval(secs => ($3 - s) / 1000.0), \
+                    sum(octet_length(content)) OVER (ORDER BY s) \
+             FROM (SELECT s, 'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7) \
+                   FROM generate_series(1, $3) AS s) AS g (s, content) \
+             RETURNING bytes_through) \
+         UPDATE conversations SET total_bytes = (SELECT coalesce(max(bytes_through), 0) FROM rows) \
+         WHERE user_id = $1 AND id = $2::uuid",
     )
     .bind::<Text, _>(user)
     .bind::<Text, _>(id.to_string())

@@ -45,6 +45,8 @@ DECLARE
     v_unanswered text;
     v_follows uuid;
     v_written int8;
+    v_bytes int8;
+    v_bytes_before int8;
 BEGIN
     -- The replica's lock_timeout: its own session setting stays on the
     -- coordinator, and this runs on a worker.
@@ -97,22 +99,30 @@ BEGIN
         END IF;
     END IF;
 
+    -- The batch's size as resume's byte bound counts it; each message stores
+    -- the conversation's running total through itself.
+    SELECT coalesce(sum(octet_length(x.content) + coalesce(octet_length(x.parts), 0)), 0)
+      INTO v_bytes
+      FROM unnest(p_contents, p_parts) AS x (content, parts);
+
     UPDATE conversations
        SET message_count = message_count + p_count,
+           total_bytes = total_bytes + v_bytes,
            update_time = greatest(p_now, update_time),
            usage_input_tokens = usage_input_tokens + p_input_tokens,
            usage_output_tokens = usage_output_tokens + p_output_tokens,
            usage_cached_input_tokens = usage_cached_input_tokens + p_cached_input_tokens,
            usage_reasoning_tokens = usage_reasoning_tokens + p_reasoning_tokens
      WHERE user_id = p_user AND id = p_conversation
-    RETURNING message_count - p_count, update_time INTO v_base, v_time;
+    RETURNING message_count - p_count, update_time, total_bytes - v_bytes
+         INTO v_base, v_time, v_bytes_before;
 
     SELECT p.id INTO v_follows FROM messages p
      WHERE p.user_id = p_user AND p.conversation_id = p_conversation AND p.sequence = v_base;
 
     INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata,
                           create_time, parts, name, model, input_tokens, output_tokens,
-                          cached_input_tokens, reasoning_tokens, answers_from)
+                          cached_input_tokens, reasoning_tokens, answers_from, bytes_through)
     SELECT p_user, p_conversation, v_base + m.at, m.id, m.role, m.content, m.metadata,
            v_time, m.parts, coalesce(m.name, ''), coalesce(m.model, ''),
            m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
@@ -121,7 +131,9 @@ BEGIN
                                                          AS c (id, at)
                                            WHERE c.id = r.id AND c.at < r.at)))
               FROM unnest(p_answered_ids, p_answered_at) AS r (id, at)
-             WHERE r.at = m.at)
+             WHERE r.at = m.at),
+           v_bytes_before + sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
+                                OVER (ORDER BY m.at)
       FROM unnest(p_ids, p_roles, p_contents, p_metadata, p_parts, p_names, p_models,
                   p_inputs, p_outputs, p_cached, p_reasoning)
              WITH ORDINALITY AS m (id, role, content, metadata, parts, name, model,
