@@ -16,7 +16,7 @@ WITH c AS (
       FROM messages m
      WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
        AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
-       AND m.bytes_through > (SELECT total_bytes FROM c) - 4194304
+       AND (m.bytes_through > (SELECT total_bytes FROM c) - 4194304 OR m.bytes_through IS NULL)
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,

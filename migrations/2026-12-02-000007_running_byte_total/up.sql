@@ -11,6 +11,19 @@
 -- octet_length(parts). Messages are removed only from the end (truncate) and
 -- never edited, so a stored prefix sum stays true; a fork copies a prefix
 -- and its sums with it.
+--
+-- The expand step of README's "Migrations": replicas of the previous release
+-- keep running beside this one during a rolling upgrade, and they neither
+-- write bytes_through (so it stays nullable) nor keep total_bytes. Resume
+-- reads a message without a total as one to keep, and a total an old
+-- replica did not raise only makes resume read more, which the service then
+-- trims; a truncation by an old replica leaves the total too high, so
+-- resume may return fewer messages than would fit (has_more says there are
+-- more). Setting bytes_through NOT NULL is a later release's contract step.
+--
+-- The backfill rewrites every message once (PostgreSQL also recomputes the
+-- generated search_document): on a large table, expect it to take as long
+-- as rebuilding the search index.
 ALTER TABLE conversations ADD COLUMN total_bytes bigint NOT NULL DEFAULT 0;
 ALTER TABLE messages ADD COLUMN bytes_through bigint;
 
@@ -30,7 +43,6 @@ UPDATE conversations c
           FROM messages GROUP BY user_id, conversation_id) AS s
  WHERE c.user_id = s.user_id AND c.id = s.conversation_id;
 
-ALTER TABLE messages ALTER COLUMN bytes_through SET NOT NULL;
 -- What the database can check of a running total on its own row: it covers
 -- at least the message itself. One constraint per ALTER TABLE (Citus).
 ALTER TABLE messages ADD CONSTRAINT messages_bytes_through_covers_message

@@ -22,9 +22,11 @@
 //! budget", `total_bytes - bytes_through < $budget`, from the running total
 //! the append stores with each message: a filter on the key range, where
 //! summing the sizes as the rows went by took a window function over every
-//! resumed row (about a fifth of the statement's cost). Whatever is left out
-//! lies before the first message returned, so `has_more` says so; the
-//! service trims what it got to the exact encoded size.
+//! resumed row (about a fifth of the statement's cost). A message without a
+//! total (written by a replica of the previous release during a rolling
+//! upgrade) is kept: reading more is safe. Whatever is left out lies before
+//! the first message returned, so `has_more` says so; the service trims what
+//! it got to the exact encoded size.
 
 use std::sync::LazyLock;
 
@@ -63,7 +65,7 @@ WITH c AS (
       FROM messages m
      WHERE m.user_id = $user AND m.conversation_id = $conversation
        AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
-       AND m.bytes_through > (SELECT total_bytes FROM c) - $budget
+       AND (m.bytes_through > (SELECT total_bytes FROM c) - $budget OR m.bytes_through IS NULL)
 ), widened AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,

@@ -59,7 +59,7 @@ diesel::table! {
         cached_input_tokens -> Nullable<Int8>,
         reasoning_tokens -> Nullable<Int8>,
         answers_from -> Nullable<Int8>,
-        bytes_through -> Int8,
+        bytes_through -> Nullable<Int8>,
     }
 }
 

@@ -1321,3 +1321,35 @@ async fn the_running_byte_totals_match_the_messages() {
         3
     );
 }
+
+/// During a rolling upgrade, replicas of the release before the running byte
+/// totals write messages without one and leave the conversation's total
+/// alone. Resume still returns those messages, in order.
+#[tokio::test]
+async fn a_message_written_without_a_running_total_is_resumed() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let chat = create(&mut alice, "upgrade").await;
+    append(&mut alice, &chat.id, "from the new release").await;
+    // What the previous release's append wrote.
+    app.db
+        .run_sql(&format!(
+            "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
+             VALUES ('alice', '{id}', 2, gen_random_uuid(), 2, 'from the old release', now()); \
+             UPDATE conversations SET message_count = 2 WHERE user_id = 'alice' AND id = '{id}'",
+            id = chat.id
+        ))
+        .await;
+    append(&mut alice, &chat.id, "new again").await;
+    let resumed = resume(&mut alice, &chat.id, 10).await;
+    let contents: Vec<&str> = resumed
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(
+        contents,
+        ["from the new release", "from the old release", "new again"]
+    );
+    assert!(!resumed.has_more);
+}
