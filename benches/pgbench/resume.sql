@@ -25,10 +25,19 @@ WITH c AS (
      WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
        AND m.sequence < (SELECT start FROM c)
        AND m.sequence >= (
-           SELECT min(t.answers_from) FROM w t
-            WHERE t.role = 4
-              AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> 4),
-                                        (SELECT message_count FROM c) + 1))
+           SELECT CASE WHEN f.role = 4 THEN (
+                      SELECT min(t.answers_from) FROM messages t
+                       WHERE t.user_id = :user AND t.conversation_id = :conversation::uuid
+                         AND t.sequence >= f.sequence AND t.role = 4
+                         AND t.sequence < coalesce(
+                             (SELECT min(o.sequence) FROM messages o
+                               WHERE o.user_id = :user AND o.conversation_id = :conversation::uuid
+                                 AND o.sequence > f.sequence AND o.role <> 4),
+                             (SELECT message_count FROM c) + 1))
+                  END
+             FROM messages f
+            WHERE f.user_id = :user AND f.conversation_id = :conversation::uuid
+              AND f.sequence = (SELECT start FROM c))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,

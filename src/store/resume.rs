@@ -7,7 +7,12 @@
 //! the same snapshot) as the count. When that window begins with tool
 //! results whose calls lie before it, it starts instead at the earliest
 //! message holding those calls (each tool message records it in
-//! `answers_from`), so a tool exchange is never split.
+//! `answers_from`), so a tool exchange is never split. That search runs only
+//! when the window's first message is a tool result (a `CASE` evaluates
+//! its subquery only then): most windows cost one extra key probe, not a
+//! materialized window scanned three times. The window's first message is
+//! taken before the byte bound; when that bound cuts, the service trims the
+//! older messages anyway, the widened ones first.
 //!
 //! The window's bounds come from the conversation row as scalar subqueries,
 //! not from a join with it: evaluated once, they are parameters of the index
@@ -74,10 +79,19 @@ WITH c AS (
      WHERE m.user_id = $user AND m.conversation_id = $conversation
        AND m.sequence < (SELECT start FROM c)
        AND m.sequence >= (
-           SELECT min(t.answers_from) FROM w t
-            WHERE t.role = $tool
-              AND t.sequence < coalesce((SELECT min(o.sequence) FROM w o WHERE o.role <> $tool),
-                                        (SELECT message_count FROM c) + 1))
+           SELECT CASE WHEN f.role = $tool THEN (
+                      SELECT min(t.answers_from) FROM messages t
+                       WHERE t.user_id = $user AND t.conversation_id = $conversation
+                         AND t.sequence >= f.sequence AND t.role = $tool
+                         AND t.sequence < coalesce(
+                             (SELECT min(o.sequence) FROM messages o
+                               WHERE o.user_id = $user AND o.conversation_id = $conversation
+                                 AND o.sequence > f.sequence AND o.role <> $tool),
+                             (SELECT message_count FROM c) + 1))
+                  END
+             FROM messages f
+            WHERE f.user_id = $user AND f.conversation_id = $conversation
+              AND f.sequence = (SELECT start FROM c))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,
