@@ -18,13 +18,13 @@ struct Present {
 }
 
 async fn has_running_byte_totals(conn: &mut AsyncPgConnection) -> Result<bool, BoxError> {
-    let found: Present = diesel::sql_query(
+    let found: Vec<Present> = diesel::sql_query(
         "SELECT EXISTS (SELECT FROM information_schema.columns \
                          WHERE table_name = 'messages' AND column_name = 'bytes_through') AS present",
     )
-    .get_result(conn)
+    .load(conn)
     .await?;
-    Ok(found.present)
+    Ok(found.iter().any(|row| row.present))
 }
 
 async fn ensure_user(conn: &mut AsyncPgConnection, user: &str) -> Result<(), BoxError> {
