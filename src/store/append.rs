@@ -48,7 +48,7 @@ use super::{
     pool::OneRow,
     schema::messages,
     statement::{Template, prepared_statement, unknown_parameter},
-    values::{metadata_to_json, now_micros},
+    values::{message_size, metadata_to_json, now_micros},
 };
 use crate::domain::{
     AppendMessages, ConversationId, Message, MessageId, NewMessage, Parts, ToolCallId, Usage,
@@ -201,17 +201,24 @@ fn append_sql(shape: Shape) -> String {
     // message stores the total through itself.
     let (batch_bytes, bytes_through) = if single {
         (
-            "octet_length($one_content::text) + coalesce(octet_length($one_parts::bytea), 0)",
-            "b.total_bytes",
+            "octet_length($one_content::text) + coalesce(octet_length($one_parts::bytea), 0)"
+                .to_owned(),
+            "b.total_bytes".to_owned(),
         )
     } else {
         (
-            "(SELECT coalesce(sum(octet_length(x.content) + coalesce(octet_length(x.parts), 0)), 0)
+            format!(
+                "(SELECT coalesce(sum({}), 0)
                  FROM unnest($contents::text[], $parts::bytea[]) AS x (content, parts))",
-            "b.total_bytes
-             - coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
+                message_size("x")
+            ),
+            format!(
+                "b.total_bytes
+             - coalesce(sum({})
                             OVER (ORDER BY m.at ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING),
                         0)",
+                message_size("m")
+            ),
         )
     };
     let calls = pick(

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::{
     messages::MessageColumns,
     statement::{Template, prepared_statement, unknown_parameter},
+    values::message_size,
 };
 use crate::domain::MessageOrder;
 
@@ -40,6 +41,7 @@ fn list_sql(order: MessageOrder) -> String {
             "m.sequence > $after AND m.sequence < coalesce($cursor, 9223372036854775807)",
         ),
     };
+    let size = message_size("m");
     format!(
         "\
 SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name, model,
@@ -48,7 +50,7 @@ SELECT id, conversation_id, sequence, role, content, metadata, create_time, part
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
            m.reasoning_tokens,
-           coalesce(sum(octet_length(m.content) + coalesce(octet_length(m.parts), 0))
+           coalesce(sum({size})
                         OVER (ORDER BY m.sequence {direction}
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)
                AS before_previous

@@ -113,13 +113,21 @@ impl Tally {
     }
 }
 
+/// The size of the message in `row` (a table name or alias) as every byte
+/// bound counts it: its content and its encoded parts, in bytes. Resume's
+/// stored running totals (`bytes_through`, `total_bytes`) are sums of it.
+pub(super) fn message_size(row: &str) -> String {
+    format!("octet_length({row}.content) + coalesce(octet_length({row}.parts), 0)")
+}
+
 /// `statement` (an INSERT or DELETE of messages, without RETURNING) with
 /// its rows summed into a [`Tally`]: their count, usage and size.
 pub(super) fn tallied(statement: &str) -> String {
+    let size = message_size("messages");
     format!(
         "WITH rows AS ({statement} \
              RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-                       octet_length(content) + coalesce(octet_length(parts), 0) AS bytes) \
+                       {size} AS bytes) \
          SELECT count(*) AS count, \
                 coalesce(sum(input_tokens), 0)::bigint AS input_tokens, \
                 coalesce(sum(output_tokens), 0)::bigint AS output_tokens, \
