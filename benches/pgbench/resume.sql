@@ -12,32 +12,27 @@ WITH c AS (
 ), w AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens, m.answers_from
+           m.reasoning_tokens
       FROM messages m
      WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
-       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+       AND m.sequence BETWEEN (
+           SELECT least(c.start, (
+                      SELECT CASE WHEN f.role = 4 THEN (
+                                 SELECT min(t.answers_from) FROM messages t
+                                  WHERE t.user_id = :user AND t.conversation_id = :conversation::uuid
+                                    AND t.sequence >= f.sequence AND t.role = 4
+                                    AND t.sequence < coalesce(
+                                        (SELECT min(o.sequence) FROM messages o
+                                          WHERE o.user_id = :user AND o.conversation_id = :conversation::uuid
+                                            AND o.sequence > f.sequence AND o.role <> 4),
+                                        c.message_count + 1))
+                             END
+                        FROM messages f
+                       WHERE f.user_id = :user AND f.conversation_id = :conversation::uuid
+                         AND f.sequence = c.start))
+             FROM c)
+           AND (SELECT message_count FROM c)
        AND (m.bytes_through > (SELECT total_bytes FROM c) - 4194304 OR m.bytes_through IS NULL)
-), widened AS (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens, m.answers_from
-      FROM messages m
-     WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
-       AND m.sequence < (SELECT start FROM c)
-       AND m.sequence >= (
-           SELECT CASE WHEN f.role = 4 THEN (
-                      SELECT min(t.answers_from) FROM messages t
-                       WHERE t.user_id = :user AND t.conversation_id = :conversation::uuid
-                         AND t.sequence >= f.sequence AND t.role = 4
-                         AND t.sequence < coalesce(
-                             (SELECT min(o.sequence) FROM messages o
-                               WHERE o.user_id = :user AND o.conversation_id = :conversation::uuid
-                                 AND o.sequence > f.sequence AND o.role <> 4),
-                             (SELECT message_count FROM c) + 1))
-                  END
-             FROM messages f
-            WHERE f.user_id = :user AND f.conversation_id = :conversation::uuid
-              AND f.sequence = (SELECT start FROM c))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,
@@ -60,4 +55,4 @@ SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL:
        x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
        x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
        x.reasoning_tokens
-  FROM (SELECT * FROM widened UNION ALL SELECT * FROM w) AS x;
+  FROM w AS x;

@@ -9,10 +9,13 @@
 //! message holding those calls (each tool message records it in
 //! `answers_from`), so a tool exchange is never split. That search runs only
 //! when the window's first message is a tool result (a `CASE` evaluates
-//! its subquery only then): most windows cost one extra key probe, not a
-//! materialized window scanned three times. The window's first message is
-//! taken before the byte bound; when that bound cuts, the service trims the
-//! older messages anyway, the widened ones first.
+//! its subquery only then), and it only moves the lower bound of the one
+//! key-range scan: most windows cost one extra key probe. (A second scan for
+//! the widened messages, joined by `UNION ALL`, cost PostgreSQL about a fifth
+//! of the statement even when it read nothing: its plan nodes are set up on
+//! every execution.) The byte bound below applies to the widened messages
+//! too; they are the oldest, so they are the first it leaves out, as the
+//! service's trim would.
 //!
 //! The window's bounds come from the conversation row as scalar subqueries,
 //! not from a join with it: evaluated once, they are parameters of the index
@@ -66,32 +69,27 @@ WITH c AS (
 ), w AS (
     SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
            m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens, m.answers_from
+           m.reasoning_tokens
       FROM messages m
      WHERE m.user_id = $user AND m.conversation_id = $conversation
-       AND m.sequence BETWEEN (SELECT start FROM c) AND (SELECT message_count FROM c)
+       AND m.sequence BETWEEN (
+           SELECT least(c.start, (
+                      SELECT CASE WHEN f.role = $tool THEN (
+                                 SELECT min(t.answers_from) FROM messages t
+                                  WHERE t.user_id = $user AND t.conversation_id = $conversation
+                                    AND t.sequence >= f.sequence AND t.role = $tool
+                                    AND t.sequence < coalesce(
+                                        (SELECT min(o.sequence) FROM messages o
+                                          WHERE o.user_id = $user AND o.conversation_id = $conversation
+                                            AND o.sequence > f.sequence AND o.role <> $tool),
+                                        c.message_count + 1))
+                             END
+                        FROM messages f
+                       WHERE f.user_id = $user AND f.conversation_id = $conversation
+                         AND f.sequence = c.start))
+             FROM c)
+           AND (SELECT message_count FROM c)
        AND (m.bytes_through > (SELECT total_bytes FROM c) - $budget OR m.bytes_through IS NULL)
-), widened AS (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens, m.answers_from
-      FROM messages m
-     WHERE m.user_id = $user AND m.conversation_id = $conversation
-       AND m.sequence < (SELECT start FROM c)
-       AND m.sequence >= (
-           SELECT CASE WHEN f.role = $tool THEN (
-                      SELECT min(t.answers_from) FROM messages t
-                       WHERE t.user_id = $user AND t.conversation_id = $conversation
-                         AND t.sequence >= f.sequence AND t.role = $tool
-                         AND t.sequence < coalesce(
-                             (SELECT min(o.sequence) FROM messages o
-                               WHERE o.user_id = $user AND o.conversation_id = $conversation
-                                 AND o.sequence > f.sequence AND o.role <> $tool),
-                             (SELECT message_count FROM c) + 1))
-                  END
-             FROM messages f
-            WHERE f.user_id = $user AND f.conversation_id = $conversation
-              AND f.sequence = (SELECT start FROM c))
 )
 SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
        c.create_time AS c_create_time, c.update_time AS c_update_time,
@@ -114,7 +112,7 @@ SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL:
        x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
        x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
        x.reasoning_tokens
-  FROM (SELECT * FROM widened UNION ALL SELECT * FROM w) AS x";
+  FROM w AS x";
 
 struct ResumeStatement<'a> {
     user: &'a str,

@@ -717,6 +717,60 @@ async fn resume_never_starts_with_a_result_whose_call_it_left_out() {
     }
 }
 
+/// The widening and the response limit together: when the calls a window
+/// would be widened to do not fit, the results are left out with them.
+#[tokio::test]
+async fn an_exchange_larger_than_the_response_limit_is_left_out_whole() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "big results").await;
+    // 1 user, 2 assistant calls a–e, 3–7 a result of 900 KB each (4.5 MB
+    // in all, over the 4 MiB limit), 8 assistant.
+    let ids = ["a", "b", "c", "d", "e"];
+    let mut plan = vec![
+        proto::NewMessage {
+            role: Role::User as i32,
+            content: "read five pages".into(),
+            ..Default::default()
+        },
+        message(
+            Role::Assistant,
+            ids.iter().map(|id| call(id, "fetch", "{}")).collect(),
+        ),
+    ];
+    append_batch(&mut alice, &created.id, std::mem::take(&mut plan))
+        .await
+        .expect("append the calls");
+    let page = "p".repeat(900_000);
+    for id in ids {
+        client_append_one(
+            &mut alice,
+            &created.id,
+            message(Role::Tool, vec![result(id, &page)]),
+        )
+        .await;
+    }
+    client_append_one(
+        &mut alice,
+        &created.id,
+        message(Role::Assistant, vec![text("read them all")]),
+    )
+    .await;
+    // max 5 starts at result b (4), widened to the calls (2): 4.5 MB of
+    // results do not fit, so neither calls nor results are returned.
+    // max 4 starts at result c (5): widened too, the same answer.
+    for max in [4, 5, 8] {
+        let resumed = resume(&mut alice, &created.id, max).await;
+        let sequences: Vec<i64> = resumed.messages.iter().map(|m| m.sequence).collect();
+        assert_eq!(sequences, vec![8], "max_messages {max}");
+        assert!(resumed.has_more, "max_messages {max}");
+    }
+    // max 1 is the answer alone, with nothing to widen.
+    let resumed = resume(&mut alice, &created.id, 1).await;
+    assert_eq!(resumed.messages.len(), 1);
+    assert_eq!(resumed.messages[0].sequence, 8);
+}
+
 #[tokio::test]
 async fn usage_is_summed_by_append_fork_and_truncate() {
     let app = TestApp::spawn().await;
