@@ -2,7 +2,8 @@
 # One sitting on a PostgreSQL server (argument: its URL without a database):
 # convo's append (16 workers) against pgbench running the cheapest correct
 # append (one statement, append.sql), convo's own statement
-# (append-convo.sql) and the statements convo ran before it became one
+# (append-convo.sql), the same with a request_id as a turn's appends carry
+# (append-request.sql) and the statements convo ran before it became one
 # (append-before.sql). Needs a release build:
 # cargo build --release --workspace --bins
 set -u
@@ -28,5 +29,6 @@ for round in 1 2 3; do
   echo -n "pgbench statements before:  "; pg benches/pgbench/append-before.sql
   echo -n "pgbench one statement:      "; pg benches/pgbench/append.sql
   echo -n "pgbench convo's statement:  "; pg benches/pgbench/append-convo.sql
+  echo -n "pgbench with a request_id:  "; pg benches/pgbench/append-request.sql
   convo
 done

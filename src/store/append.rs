@@ -815,26 +815,19 @@ mod tests {
         assert!(!text.contains("unnest($ids"));
     }
 
-    /// pgbench's script of convo's own append must be the statement convo
-    /// runs for one message with no request_id, no tools and no watcher.
-    #[test]
-    fn the_pgbench_script_is_the_lean_statement() {
-        let script = pgbench_statement(include_str!("../../benches/pgbench/append-convo.sql"));
-        let lean = Shape {
-            request: false,
-            tools: false,
-            follows: false,
-            single: true,
-        };
+    /// A shape of the single-message append as pgbench's scripts write it:
+    /// each client appends to its own conversation of user 'pgbench'.
+    fn as_pgbench_script(shape: Shape) -> String {
         let conversation = "('00000000-0000-0000-0000-' || lpad(:client_id::text, 12, '0'))::uuid";
         let content = "'The quick brown fox jumps over the lazy dog, again and again, while \
                        the orchestrator keeps the whole conversation in PostgreSQL for the next turn.'";
-        let mut ours = append_sql(lean)
+        let mut ours = append_sql(shape)
             .replace("$user", "'pgbench'")
             .replace("$conversation", conversation)
             .replace("$count", "1")
             .replace("$now", "now()")
             .replace("$expected", "NULL")
+            .replace("$request_id", "('request-' || :request)")
             .replace("$one_id", "gen_random_uuid()")
             .replace("$one_role", "1")
             .replace("$one_content", content)
@@ -858,6 +851,33 @@ mod tests {
         ] {
             ours = ours.replace(&format!("$one_{null}"), "NULL");
         }
-        assert_eq!(script, ours);
+        ours
+    }
+
+    /// pgbench's script of convo's own append must be the statement convo
+    /// runs for one message with no request_id, no tools and no watcher.
+    #[test]
+    fn the_pgbench_script_is_the_lean_statement() {
+        let script = pgbench_statement(include_str!("../../benches/pgbench/append-convo.sql"));
+        let lean = Shape {
+            request: false,
+            tools: false,
+            follows: false,
+            single: true,
+        };
+        assert_eq!(script, as_pgbench_script(lean));
+    }
+
+    /// And the one with a request_id, as every append of a turn carries.
+    #[test]
+    fn the_pgbench_request_script_is_the_request_statement() {
+        let script = pgbench_statement(include_str!("../../benches/pgbench/append-request.sql"));
+        let request = Shape {
+            request: true,
+            tools: false,
+            follows: false,
+            single: true,
+        };
+        assert_eq!(script, as_pgbench_script(request));
     }
 }

@@ -138,13 +138,13 @@ macro_rules! prepared_statement {
 pub(super) use prepared_statement;
 
 /// The statement of a pgbench script under `benches/pgbench`: its lines
-/// without the `--` comments and without the final `;`, for the tests that
-/// keep a script equal to the statement convo runs.
+/// without the `--` comments, the `\set` meta-commands and the final `;`,
+/// for the tests that keep a script equal to the statement convo runs.
 #[cfg(test)]
 pub(super) fn pgbench_statement(script: &str) -> String {
     script
         .lines()
-        .filter(|line| !line.starts_with("--"))
+        .filter(|line| !line.starts_with("--") && !line.starts_with('\\'))
         .collect::<Vec<_>>()
         .join("\n")
         .trim_end_matches(';')
