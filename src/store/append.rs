@@ -48,7 +48,7 @@ use super::{
     pool::OneRow,
     schema::messages,
     statement::{Template, prepared_statement, unknown_parameter},
-    values::{message_size, metadata_to_json, now_micros},
+    values::{message_size, metadata_to_json, now_micros, size_of},
 };
 use crate::domain::{
     AppendMessages, ConversationId, Message, MessageId, NewMessage, Parts, ToolCallId, Usage,
@@ -201,8 +201,7 @@ fn append_sql(shape: Shape) -> String {
     // message stores the total through itself.
     let (batch_bytes, bytes_through) = if single {
         (
-            "octet_length($one_content::text) + coalesce(octet_length($one_parts::bytea), 0)"
-                .to_owned(),
+            size_of("$one_content::text", "$one_parts::bytea"),
             "b.total_bytes".to_owned(),
         )
     } else {
@@ -804,16 +803,21 @@ mod tests {
         assert_eq!(texts.len(), Shape::COUNT);
         let lean = append_sql(Shape::from_index(0));
         assert!(!lean.contains("FROM messages") && !lean.contains("$one_id"));
-        let single = Shape {
-            request: false,
-            tools: false,
+        let text = append_sql(Shape {
             follows: true,
-            single: true,
-        };
-        let text = append_sql(single);
+            ..SINGLE
+        });
         assert!(text.contains("FROM messages p") && text.contains("$one_id"));
         assert!(!text.contains("unnest($ids"));
     }
+
+    /// One message with no request_id, no tools and no watcher.
+    const SINGLE: Shape = Shape {
+        request: false,
+        tools: false,
+        follows: false,
+        single: true,
+    };
 
     /// A shape of the single-message append as pgbench's scripts write it:
     /// each client appends to its own conversation of user 'pgbench'.
@@ -859,13 +863,7 @@ mod tests {
     #[test]
     fn the_pgbench_script_is_the_lean_statement() {
         let script = pgbench_statement(include_str!("../../benches/pgbench/append-convo.sql"));
-        let lean = Shape {
-            request: false,
-            tools: false,
-            follows: false,
-            single: true,
-        };
-        assert_eq!(script, as_pgbench_script(lean));
+        assert_eq!(script, as_pgbench_script(SINGLE));
     }
 
     /// And the one with a request_id, as every append of a turn carries.
@@ -874,9 +872,7 @@ mod tests {
         let script = pgbench_statement(include_str!("../../benches/pgbench/append-request.sql"));
         let request = Shape {
             request: true,
-            tools: false,
-            follows: false,
-            single: true,
+            ..SINGLE
         };
         assert_eq!(script, as_pgbench_script(request));
     }

@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::{sync::LazyLock, time::Duration};
 
 use diesel::{
     QueryableByName,
@@ -6,7 +6,10 @@ use diesel::{
 };
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use super::{Store, StoreError, error::is_statement_timeout, messages::MessageRow, pool::OneRow};
+use super::{
+    Store, StoreError, error::is_statement_timeout, messages::MessageRow, pool::OneRow,
+    values::message_size,
+};
 use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, UserId};
 
 /// Full-text search over one user's messages.
@@ -27,7 +30,9 @@ use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, User
 /// Parameters: $1 user_id, $2 query text, $3 conversation filter or NULL,
 /// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit,
 /// $8 the byte budget.
-pub const SEARCH_SQL: &str = "\
+pub static SEARCH_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "\
 SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, page.metadata, \
        page.create_time, page.parts, page.name, page.model, page.input_tokens, \
        page.output_tokens, page.cached_input_tokens, page.reasoning_tokens, \
@@ -37,7 +42,7 @@ SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, pa
                     MaxFragments=2, FragmentDelimiter=\" … \"') AS snippet \
 FROM ( \
     SELECT ranked.*, \
-           coalesce(sum(octet_length(ranked.content) + coalesce(octet_length(ranked.parts), 0)) \
+           coalesce(sum({size}) \
                         OVER (ORDER BY ranked.rank DESC, ranked.conversation_id DESC, \
                                        ranked.sequence DESC \
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0) \
@@ -60,7 +65,10 @@ FROM ( \
 ) AS page \
 JOIN conversations c ON c.user_id = $1 AND c.id = page.conversation_id \
 WHERE page.before_previous < $8 \
-ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC";
+ORDER BY page.rank DESC, page.conversation_id DESC, page.sequence DESC",
+        size = message_size("ranked")
+    )
+});
 
 #[derive(QueryableByName)]
 struct HitRow {
@@ -139,7 +147,7 @@ impl Store {
                     if gate.matches_everything {
                         return Ok(SearchOutcome::MatchesEverything);
                     }
-                    let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL)
+                    let rows: Vec<HitRow> = diesel::sql_query(SEARCH_SQL.as_str())
                         .bind::<Text, _>(owner.as_str())
                         .bind::<Text, _>(query.as_str())
                         .bind::<Nullable<SqlUuid>, _>(conversation.map(|id| *id.as_uuid()))

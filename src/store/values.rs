@@ -113,11 +113,16 @@ impl Tally {
     }
 }
 
-/// The size of the message in `row` (a table name or alias) as every byte
-/// bound counts it: its content and its encoded parts, in bytes. Resume's
-/// stored running totals (`bytes_through`, `total_bytes`) are sums of it.
+/// The size of a message as every byte bound counts it: its content and its
+/// encoded parts, in bytes, given the SQL of the two values. Resume's stored
+/// running totals (`bytes_through`, `total_bytes`) are sums of it.
+pub(super) fn size_of(content: &str, parts: &str) -> String {
+    format!("octet_length({content}) + coalesce(octet_length({parts}), 0)")
+}
+
+/// [`size_of`] the message in `row` (a table name or alias).
 pub(super) fn message_size(row: &str) -> String {
-    format!("octet_length({row}.content) + coalesce(octet_length({row}.parts), 0)")
+    size_of(&format!("{row}.content"), &format!("{row}.parts"))
 }
 
 /// `statement` (an INSERT or DELETE of messages, without RETURNING) with

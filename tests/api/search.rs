@@ -372,7 +372,7 @@ async fn the_search_is_served_by_the_user_scoped_index() {
     let mut conn = app.db.connect().await;
     conn.batch_execute(&format!(
         "PREPARE search_plan (text, text, uuid, real, uuid, bigint, bigint, bigint) AS {}",
-        convo::store::SEARCH_SQL
+        *convo::store::SEARCH_SQL
     ))
     .await
     .unwrap();

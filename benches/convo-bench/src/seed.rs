@@ -54,24 +54,31 @@ pub async fn conversation(database_url: &str, user: &str, length: i64) -> Result
     // the primary key until a vacuum), where the schema has them: a build
     // from before them is seeded by the same convo-bench when compare.sh
     // runs both.
-    let insert = if has_running_byte_totals(&mut conn).await? {
-        "WITH rows AS ( \
-             INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, \
-                                   create_time, bytes_through) \
-             SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, content, \
-                    now() - make_interval(secs => ($3 - s) / 1000.0), \
-                    sum(octet_length(content)) OVER (ORDER BY s) \
-             FROM (SELECT s, 'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7) \
-                   FROM generate_series(1, $3) AS s) AS g (s, content) \
-             RETURNING bytes_through) \
-         UPDATE conversations SET total_bytes = (SELECT coalesce(max(bytes_through), 0) FROM rows) \
-         WHERE user_id = $1 AND id = $2::uuid"
+    let totals = has_running_byte_totals(&mut conn).await?;
+    let (column, value) = if totals {
+        (
+            ", bytes_through",
+            ", sum(octet_length(content)) OVER (ORDER BY s)",
+        )
     } else {
-        "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, create_time) \
-         SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, \
-                'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7), \
-                now() - make_interval(secs => ($3 - s) / 1000.0) \
-         FROM generate_series(1, $3) AS s"
+        ("", "")
+    };
+    let rows = format!(
+        "INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, \
+                               create_time{column}) \
+         SELECT $1, $2::uuid, s, gen_random_uuid(), 1 + (s % 2)::smallint, content, \
+                now() - make_interval(secs => ($3 - s) / 1000.0){value} \
+         FROM (SELECT s, 'message ' || s || ': ' || repeat('lorem ipsum dolor sit amet ', 7) \
+               FROM generate_series(1, $3) AS s) AS g (s, content)"
+    );
+    let insert = if totals {
+        format!(
+            "WITH rows AS ({rows} RETURNING bytes_through) \
+             UPDATE conversations SET total_bytes = (SELECT coalesce(max(bytes_through), 0) FROM rows) \
+             WHERE user_id = $1 AND id = $2::uuid"
+        )
+    } else {
+        rows
     };
     diesel::sql_query(insert)
         .bind::<Text, _>(user)
