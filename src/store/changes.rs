@@ -539,13 +539,16 @@ async fn publish(target: Result<DatabaseTarget, String>, shared: Arc<Shared>, in
                 break;
             }
             let payloads = outbox.payloads(&shared.replica);
+            // The interval runs from the start of a send, so the send's own
+            // round trip is not added to the wait of what comes next.
+            let next_send = tokio::time::Instant::now() + interval;
             match send(&mut conn, &target, &payloads).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);
                     metrics::counter!("convo_notify_transactions_total").increment(1);
                     metrics::counter!("convo_notifications_sent_total")
                         .increment(payloads.len() as u64);
-                    tokio::time::sleep(interval).await;
+                    tokio::time::sleep_until(next_send).await;
                 }
                 Err(error) => {
                     conn = None;
@@ -573,11 +576,20 @@ async fn send(
     }
     let conn = match conn {
         Some(conn) => conn,
-        slot => slot.insert(
-            super::pool::connect(target, CONNECT_TIMEOUT)
+        slot => {
+            let mut fresh = super::pool::connect(target, CONNECT_TIMEOUT)
                 .await
-                .map_err(|e| e.to_string())?,
-        ),
+                .map_err(|e| e.to_string())?;
+            // A NOTIFY transaction writes nothing worth an fsync: its commit
+            // need not wait for the WAL flush (and so holds the instance-wide
+            // notification lock for less time). Should the server crash
+            // before the flush, the catch-up read delivers the changes.
+            fresh
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(|e| e.to_string())?;
+            slot.insert(fresh)
+        }
     };
     let sent =
         diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
