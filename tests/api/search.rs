@@ -411,6 +411,32 @@ async fn the_search_is_served_by_the_user_scoped_index() {
     println!("search plan:\n{text}");
 }
 
+/// The append that finds the search index's pending list full merges it
+/// into the index before it returns; the migrations keep that list small so
+/// the wait stays short (migration 2026-12-03-000008).
+#[tokio::test]
+async fn the_search_index_merges_its_pending_entries_in_small_batches() {
+    #[derive(QueryableByName)]
+    struct Options {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        options: String,
+    }
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    let found: Options = diesel::sql_query(
+        "SELECT coalesce(array_to_string(reloptions, ','), '') AS options FROM pg_class \
+          WHERE relname = 'messages_search' AND relkind = 'i'",
+    )
+    .get_result(&mut conn)
+    .await
+    .expect("the search index exists");
+    assert!(
+        found.options.contains("gin_pending_list_limit=1024"),
+        "the search index's options: {}",
+        found.options
+    );
+}
+
 /// A query that only excludes words cannot be served by the index and would
 /// match nearly everything: refused, naming the field, with what to do.
 #[tokio::test]

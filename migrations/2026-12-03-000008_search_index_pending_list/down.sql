@@ -1,0 +1,1 @@
+ALTER INDEX messages_search RESET (gin_pending_list_limit);
