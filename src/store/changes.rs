@@ -563,6 +563,20 @@ async fn publish(target: Result<DatabaseTarget, String>, shared: Arc<Shared>, in
     }
 }
 
+/// The publisher's own session. A NOTIFY transaction writes nothing worth an
+/// fsync, so its commit need not wait for the WAL flush (and holds the
+/// instance-wide notification lock for less time); should the server crash
+/// before the flush, the catch-up read delivers the changes.
+async fn publisher_session(target: &DatabaseTarget) -> Result<AsyncPgConnection, String> {
+    let mut conn = super::pool::connect(target, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.batch_execute("SET synchronous_commit = off")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
 /// One NOTIFY transaction carrying every payload.
 async fn send(
     conn: &mut Option<AsyncPgConnection>,
@@ -576,20 +590,7 @@ async fn send(
     }
     let conn = match conn {
         Some(conn) => conn,
-        slot => {
-            let mut fresh = super::pool::connect(target, CONNECT_TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
-            // A NOTIFY transaction writes nothing worth an fsync: its commit
-            // need not wait for the WAL flush (and so holds the instance-wide
-            // notification lock for less time). Should the server crash
-            // before the flush, the catch-up read delivers the changes.
-            fresh
-                .batch_execute("SET synchronous_commit = off")
-                .await
-                .map_err(|e| e.to_string())?;
-            slot.insert(fresh)
-        }
+        slot => slot.insert(publisher_session(target).await?),
     };
     let sent =
         diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
