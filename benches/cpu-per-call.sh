@@ -11,7 +11,9 @@
 #
 # Environment: SERVER (postgres://postgres@127.0.0.1:5432, without a
 # database), BENCH (the build's own convo-bench), WORKERS (16), PORT (50999),
-# RUST_LOG (warn: no line per call, as compare.sh runs it).
+# RUST_LOG (warn: no line per call, as compare.sh runs it), LOG (a file: the
+# server's log goes there through a pipe, as a log collector reads it,
+# instead of to /dev/null).
 set -euo pipefail
 bin="$1"; workload="$2"
 server="${SERVER:-postgres://postgres@127.0.0.1:5432}"
@@ -20,7 +22,12 @@ url="${server%/}/convo_cpu_per_call"
 psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_cpu_per_call" \
     -c "CREATE DATABASE convo_cpu_per_call"
 "$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
-RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&1 &
+if [ -n "${LOG:-}" ]; then
+    RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" \
+        >/dev/null 2> >(cat >"$LOG") &
+else
+    RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&1 &
+fi
 server_pid=$!
 report="$(mktemp)"
 trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$report"' EXIT

@@ -13,12 +13,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let logging = telemetry::init(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(args).await,
         Command::Distribute(args) => distribute(args).await,
     };
+    // Every queued log line is out before the last word below.
+    drop(logging);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

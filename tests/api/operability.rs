@@ -14,7 +14,7 @@ use crate::{
     fault_harness::Proxy,
     helpers::{
         TestApp, UserHeader, append, append_many, assert_metric_at_least, channel_to, create,
-        metric, start_convo, stop_and_read_json_log, watch,
+        metric, start_convo, stop_and_read_json_log, stop_and_read_log, watch,
     },
 };
 
@@ -138,6 +138,36 @@ async fn request_ids_are_echoed_or_generated() {
         .insert("x-request-id", "r-err".parse().unwrap());
     let status = alice.get_conversation(request).await.unwrap_err();
     assert_eq!(status.metadata().get("x-request-id").unwrap(), "r-err");
+}
+
+/// The text log read from a pipe, as a log collector or a file gets it: plain
+/// text without terminal colour codes, and every line written before the
+/// server exits, the last calls' too (a thread of its own writes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_log_is_plain_and_complete_when_stderr_is_not_a_terminal() {
+    let app = TestApp::spawn().await;
+    let (mut server, addr) = start_convo(|command| {
+        command
+            .args(["--database-url", &app.db.url])
+            .env_remove("NO_COLOR");
+    })
+    .await;
+    let mut client =
+        ConversationServiceClient::with_interceptor(channel_to(addr).await, UserHeader::new("bob"));
+    for _ in 0..20 {
+        client
+            .create_conversation(proto::CreateConversationRequest::default())
+            .await
+            .unwrap();
+    }
+    let log = stop_and_read_log(&mut server).await;
+    assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
+    let calls = log
+        .lines()
+        .filter(|line| line.contains(r#"rpc="CreateConversation""#) && line.contains(" call "))
+        .count();
+    assert_eq!(calls, 20, "one line per call, all written:\n{log}");
+    assert!(log.contains("server stopped"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
