@@ -22,12 +22,9 @@ url="${server%/}/convo_cpu_per_call"
 psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_cpu_per_call" \
     -c "CREATE DATABASE convo_cpu_per_call"
 "$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
-if [ -n "${LOG:-}" ]; then
-    RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" \
-        >/dev/null 2> >(cat >"$LOG") &
-else
-    RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&1 &
-fi
+# The server's log: to /dev/null, or through a pipe into $LOG.
+if [ -n "${LOG:-}" ]; then exec 4> >(cat >"$LOG"); else exec 4>/dev/null; fi
+RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&4 &
 server_pid=$!
 report="$(mktemp)"
 trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$report"' EXIT

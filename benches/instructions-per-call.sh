@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The server's instructions per call, counted by valgrind's callgrind: the
 # same build and workload give the same count to a fraction of a percent
-# (seen: 284,652 and 284,813 for resume, with the machine busy or not), where
+# (seen: 569,304, 569,626 and 572,204 for resume, busy machine or not), where
 # ops/s and CPU time drift by up to 2x on this shared machine, and the
 # machine's VMs expose no hardware counters to `perf stat`. Use it to tell
 # whether a small change to the server's per-call work helps:
@@ -24,13 +24,15 @@ set -euo pipefail
 bin="$1"; workload="$2"
 server="${SERVER:-postgres://postgres@127.0.0.1:5432}"
 bench="${BENCH:-$bin/convo-bench}"; port="${PORT:-50996}"
-case "$workload" in
-    resume | tool-resume) rpc=resume_conversation ;;
-    list) rpc=list_conversations ;;
-    append | hot-append) rpc=append_message ;;
-    *) rpc="${RPC:?set RPC to the handler method to count for $workload}" ;;
-esac
-rpc="${RPC:-$rpc}"
+rpc="${RPC:-}"
+if [ -z "$rpc" ]; then
+    case "$workload" in
+        resume | tool-resume) rpc=resume_conversation ;;
+        list) rpc=list_conversations ;;
+        append | hot-append) rpc=append_message ;;
+        *) echo "set RPC to the handler method to count for $workload" >&2; exit 2 ;;
+    esac
+fi
 url="${server%/}/convo_instructions"
 out=/tmp/convo-callgrind
 rm -rf "$out"; mkdir -p "$out"

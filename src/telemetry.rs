@@ -17,7 +17,7 @@ pub enum LogFormat {
 /// queued. Hold it until the process is about to exit.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: WorkerGuard,
 }
 
 /// Lines that may wait for the writer before a caller waits in turn: enough
@@ -27,17 +27,14 @@ const QUEUED_LINES: usize = 16_384;
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`, with the noisier dependencies at `warn`).
 ///
-/// Lines go to stderr from a thread of their own, through a buffer flushed
-/// whenever the queue runs dry: a call's line costs its formatting and a
-/// hand-off, not a `write` to stderr each (through a pipe, as a log
-/// collector reads it, ListMessages spent 0.195 ms of server CPU per call
-/// with direct writes and 0.162 with this, against 0.146 with no line at
-/// all; BENCHMARKS.md). No line is dropped: if stderr's reader stalls and the
-/// queue fills, callers wait as they did for a direct write. A process killed
-/// outright (SIGKILL, out of memory) loses the lines not yet written, which
-/// a direct write would not have; every ordinary exit writes them out (see
-/// [`LogGuard`]). Colours only on a terminal, and never with `NO_COLOR` set,
-/// so files and log collectors get plain text.
+/// Lines go to stderr from a thread of their own, many per `write`, so a
+/// call pays for formatting its line, not for a write (BENCHMARKS.md, "Tenth
+/// sitting"). None is dropped: when the queue is full, callers wait, as they
+/// did for a direct write. A process killed outright (SIGKILL, out of
+/// memory) loses the lines not yet written; every ordinary exit writes them
+/// out (see [`LogGuard`]). Colours only on a terminal (and, as
+/// tracing-subscriber does by default, not with `NO_COLOR` set), so files and
+/// log collectors get plain text.
 pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,h2=warn,tower=warn,hyper=warn,tokio_postgres=warn")
@@ -47,25 +44,16 @@ pub fn init(format: LogFormat) -> LogGuard {
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("convo-log")
         .finish(BufWriter::new(std::io::stderr()));
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(colours_wanted());
-    // A second init (as in tests) keeps the first subscriber.
-    let installed = match format {
+    let mut builder = fmt().with_env_filter(filter).with_writer(writer);
+    if !std::io::stderr().is_terminal() {
+        builder = builder.with_ansi(false);
+    }
+    // A second init keeps the first subscriber.
+    let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    LogGuard {
-        _writer: installed.is_ok().then_some(guard),
-    }
-}
-
-/// Colours for a person at a terminal; `NO_COLOR` (any non-empty value)
-/// turns them off, as <https://no-color.org> asks.
-fn colours_wanted() -> bool {
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    !no_color && std::io::stderr().is_terminal()
+    LogGuard { _writer: guard }
 }
 
 /// Serves Prometheus metrics at `http://ADDR/metrics`. The recorder is global
