@@ -10,9 +10,8 @@ WITH c AS (
            total_bytes, greatest(message_count - 50, 0) + 1 AS start
       FROM conversations WHERE user_id = :user AND id = :conversation::uuid
 ), w AS (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens
+    SELECT m.id, m.sequence, m.role, m.content, m.metadata, m.create_time, m.parts, m.name,
+           m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens
       FROM messages m
      WHERE m.user_id = :user AND m.conversation_id = :conversation::uuid
        AND m.sequence BETWEEN (
@@ -34,25 +33,17 @@ WITH c AS (
            AND (SELECT message_count FROM c)
        AND (m.bytes_through > (SELECT total_bytes FROM c) - 4194304 OR m.bytes_through IS NULL)
 )
-SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
-       c.create_time AS c_create_time, c.update_time AS c_update_time,
-       c.message_count AS c_message_count,
-       c.forked_from_conversation_id AS c_forked_from_conversation_id,
-       c.forked_at_sequence AS c_forked_at_sequence,
-       c.usage_input_tokens AS c_usage_input_tokens,
-       c.usage_output_tokens AS c_usage_output_tokens,
-       c.usage_cached_input_tokens AS c_usage_cached_input_tokens,
-       c.usage_reasoning_tokens AS c_usage_reasoning_tokens,
-       NULL::uuid AS id, NULL::uuid AS conversation_id, NULL::int8 AS sequence,
-       NULL::int2 AS role, NULL::text AS content, NULL::jsonb AS metadata,
-       NULL::timestamptz AS create_time, NULL::bytea AS parts, NULL::text AS name,
-       NULL::text AS model, NULL::int8 AS input_tokens, NULL::int8 AS output_tokens,
-       NULL::int8 AS cached_input_tokens, NULL::int8 AS reasoning_tokens
+SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
+           c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
+           c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens)
+           AS conversation,
+       NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
+       NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
+       NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
+       NULL::int8 AS output_tokens, NULL::int8 AS cached_input_tokens,
+       NULL::int8 AS reasoning_tokens
   FROM c
 UNION ALL
-SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
-       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
-       x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
-       x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
-       x.reasoning_tokens
+SELECT NULL, x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
+       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
   FROM w AS x;

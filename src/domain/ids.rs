@@ -27,6 +27,12 @@ impl UserId {
         Ok(Self(value.to_owned()))
     }
 
+    /// Rebuilds a user id read back from storage, where the `users` table's
+    /// CHECK holds it to the shape `parse` accepts.
+    pub fn from_stored(value: String) -> Self {
+        Self(value)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

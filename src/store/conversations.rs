@@ -11,10 +11,10 @@ use super::{
     Store, StoreError,
     pool::OneRow,
     schema::conversations,
-    values::{StoredTime, Tally, metadata_from_json, metadata_to_json, now_micros, tallied},
+    values::{StoredMetadata, StoredTime, Tally, metadata_to_json, now_micros, tallied},
 };
 use crate::domain::{
-    Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId,
+    Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId, Metadata,
     NewConversation, RequestId, Title, Usage, UserId,
 };
 
@@ -31,7 +31,8 @@ pub(super) struct ConversationRow {
     pub(super) user_id: String,
     pub(super) id: Uuid,
     pub(super) title: String,
-    pub(super) metadata: serde_json::Value,
+    #[diesel(deserialize_as = StoredMetadata)]
+    pub(super) metadata: Metadata,
     #[diesel(deserialize_as = StoredTime)]
     pub(super) create_time: DateTime<Utc>,
     #[diesel(deserialize_as = StoredTime)]
@@ -63,21 +64,71 @@ pub(super) type ConversationColumns = (
     BigInt,
 );
 
-impl TryFrom<ConversationRow> for Conversation {
-    type Error = StoreError;
+/// A [`ConversationRow`] read as one `record` column (`ROW(...)` of its
+/// columns in the order of [`ConversationColumns`]): a statement whose other
+/// rows are messages then carries one NULL column on each, not thirteen.
+pub(super) type ConversationRecord = (
+    String,
+    Uuid,
+    String,
+    StoredMetadata,
+    StoredTime,
+    StoredTime,
+    i64,
+    Option<Uuid>,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+);
 
-    fn try_from(row: ConversationRow) -> Result<Self, StoreError> {
-        let user_id = UserId::parse(&row.user_id)
-            .map_err(|why| StoreError::Corrupt(format!("conversation {}: {why}", row.id)))?;
+impl From<ConversationRecord> for ConversationRow {
+    fn from(record: ConversationRecord) -> Self {
+        let (
+            user_id,
+            id,
+            title,
+            metadata,
+            create_time,
+            update_time,
+            message_count,
+            forked_from_conversation_id,
+            forked_at_sequence,
+            usage_input_tokens,
+            usage_output_tokens,
+            usage_cached_input_tokens,
+            usage_reasoning_tokens,
+        ) = record;
+        Self {
+            user_id,
+            id,
+            title,
+            metadata: metadata.into(),
+            create_time: create_time.into(),
+            update_time: update_time.into(),
+            message_count,
+            forked_from_conversation_id,
+            forked_at_sequence,
+            usage_input_tokens,
+            usage_output_tokens,
+            usage_cached_input_tokens,
+            usage_reasoning_tokens,
+        }
+    }
+}
+
+impl From<ConversationRow> for Conversation {
+    fn from(row: ConversationRow) -> Self {
         let forked_from = match (row.forked_from_conversation_id, row.forked_at_sequence) {
             (Some(source), Some(sequence)) => Some((ConversationId::from_uuid(source), sequence)),
             _ => None,
         };
-        Ok(Conversation {
+        Conversation {
             id: ConversationId::from_uuid(row.id),
-            user_id,
+            user_id: UserId::from_stored(row.user_id),
             title: row.title,
-            metadata: metadata_from_json(row.metadata),
+            metadata: row.metadata,
             create_time: row.create_time,
             update_time: row.update_time,
             message_count: row.message_count,
@@ -88,7 +139,7 @@ impl TryFrom<ConversationRow> for Conversation {
                 cached_input_tokens: row.usage_cached_input_tokens,
                 reasoning_tokens: row.usage_reasoning_tokens,
             },
-        })
+        }
     }
 }
 
@@ -142,8 +193,8 @@ pub(super) async fn find(
         .one_row(conn)
         .await
         .optional()?
-        .ok_or(StoreError::NotFound)?
-        .try_into()
+        .map(Conversation::from)
+        .ok_or(StoreError::NotFound)
 }
 
 /// True when the owner has this conversation.
@@ -216,8 +267,9 @@ pub(super) async fn record_messages(
         ))
         .returning(ConversationRow::as_returning())
         .one_row(conn)
-        .await?
-        .try_into()
+        .await
+        .map(Conversation::from)
+        .map_err(Into::into)
 }
 
 impl Store {
@@ -278,7 +330,7 @@ impl Store {
                             .await?
                     }
                 };
-                row.try_into()
+                Ok(row.into())
             })
             .await
         })
@@ -319,8 +371,8 @@ impl Store {
                 .one_row(conn)
                 .await
                 .optional()?
-                .ok_or(StoreError::NotFound)?
-                .try_into()
+                .map(Conversation::from)
+                .ok_or(StoreError::NotFound)
         };
         self.with_conn(async |conn| self.write_once(conn, update).await)
             .await
@@ -395,7 +447,7 @@ impl Store {
                     user_id: owner.as_str(),
                     id: *ConversationId::generate().as_uuid(),
                     title: title.map_or(source_row.title.as_str(), Title::as_str),
-                    metadata: source_row.metadata.clone(),
+                    metadata: metadata_to_json(&source_row.metadata),
                     create_time: now,
                     update_time: now,
                     message_count: copied,

@@ -146,7 +146,7 @@ async fn conversations_of(
     let mut rows = std::pin::pin!(rows);
     let mut items = Vec::with_capacity(usize::try_from(limit).unwrap_or_default());
     while let Some(row) = rows.try_next().await? {
-        items.push(Conversation::try_from(row)?);
+        items.push(Conversation::from(row));
     }
     Ok(items)
 }

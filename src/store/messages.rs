@@ -12,11 +12,11 @@ use super::{
     parts,
     pool::OneRow,
     schema::messages,
-    values::{StoredTime, Tally, metadata_from_json, now_micros, tallied},
+    values::{StoredMetadata, StoredTime, Tally, now_micros, tallied},
 };
 use crate::domain::{
-    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Name, Page,
-    Role, TruncateConversation, Usage, UserId,
+    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Metadata, Name,
+    Page, Role, TruncateConversation, Usage, UserId,
 };
 
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -27,7 +27,8 @@ pub(super) struct MessageRow {
     pub(super) sequence: i64,
     pub(super) role: i16,
     pub(super) content: String,
-    pub(super) metadata: serde_json::Value,
+    #[diesel(deserialize_as = StoredMetadata)]
+    pub(super) metadata: Metadata,
     #[diesel(deserialize_as = StoredTime)]
     pub(super) create_time: DateTime<Utc>,
     pub(super) parts: Option<Vec<u8>>,
@@ -91,7 +92,7 @@ impl TryFrom<MessageRow> for Message {
             sequence: row.sequence,
             role,
             content: row.content,
-            metadata: metadata_from_json(row.metadata),
+            metadata: row.metadata,
             create_time: row.create_time,
             parts,
             name: Name::from_stored(row.name),

@@ -38,26 +38,28 @@
 
 use std::sync::LazyLock;
 
+use chrono::{DateTime, Utc};
 use diesel::{
     Queryable,
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
-    sql_types::{BigInt, Nullable, SmallInt, Text, Uuid as SqlUuid},
+    sql_types::{self as sql, BigInt, Nullable, Record, SmallInt, Text, Uuid as SqlUuid},
 };
 use futures_util::TryStreamExt;
 use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    conversations::{ConversationColumns, ConversationRow},
-    messages::{MessageColumns, MessageRow},
+    conversations::{ConversationColumns, ConversationRecord, ConversationRow},
+    messages::MessageRow,
     statement::{Template, prepared_statement, unknown_parameter},
+    values::{StoredMetadata, StoredTime},
 };
-use crate::domain::{Conversation, Message, ResumeConversation, Resumed, Role, UserId};
+use crate::domain::{Conversation, Message, Metadata, ResumeConversation, Resumed, Role, UserId};
 
-/// One row for the conversation (its `c_*` columns set), then one per
-/// message (the rest set), in no particular order. Read by position: the
+/// One row for the conversation (its columns as one record, the rest NULL),
+/// then one per message (the record NULL), in no particular order. Read by position: the
 /// order of the select list is [`ResumeColumns`].
 const RESUME: &str = "\
 WITH c AS (
@@ -67,9 +69,8 @@ WITH c AS (
            total_bytes, greatest(message_count - $max_messages, 0) + 1 AS start
       FROM conversations WHERE user_id = $user AND id = $conversation
 ), w AS (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens
+    SELECT m.id, m.sequence, m.role, m.content, m.metadata, m.create_time, m.parts, m.name,
+           m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens
       FROM messages m
      WHERE m.user_id = $user AND m.conversation_id = $conversation
        AND m.sequence BETWEEN (
@@ -91,27 +92,19 @@ WITH c AS (
            AND (SELECT message_count FROM c)
        AND (m.bytes_through > (SELECT total_bytes FROM c) - $budget OR m.bytes_through IS NULL)
 )
-SELECT c.user_id AS c_user_id, c.id AS c_id, c.title AS c_title, c.metadata AS c_metadata,
-       c.create_time AS c_create_time, c.update_time AS c_update_time,
-       c.message_count AS c_message_count,
-       c.forked_from_conversation_id AS c_forked_from_conversation_id,
-       c.forked_at_sequence AS c_forked_at_sequence,
-       c.usage_input_tokens AS c_usage_input_tokens,
-       c.usage_output_tokens AS c_usage_output_tokens,
-       c.usage_cached_input_tokens AS c_usage_cached_input_tokens,
-       c.usage_reasoning_tokens AS c_usage_reasoning_tokens,
-       NULL::uuid AS id, NULL::uuid AS conversation_id, NULL::int8 AS sequence,
-       NULL::int2 AS role, NULL::text AS content, NULL::jsonb AS metadata,
-       NULL::timestamptz AS create_time, NULL::bytea AS parts, NULL::text AS name,
-       NULL::text AS model, NULL::int8 AS input_tokens, NULL::int8 AS output_tokens,
-       NULL::int8 AS cached_input_tokens, NULL::int8 AS reasoning_tokens
+SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
+           c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
+           c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens)
+           AS conversation,
+       NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
+       NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
+       NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
+       NULL::int8 AS output_tokens, NULL::int8 AS cached_input_tokens,
+       NULL::int8 AS reasoning_tokens
   FROM c
 UNION ALL
-SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
-       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
-       x.id, x.conversation_id, x.sequence, x.role, x.content, x.metadata, x.create_time,
-       x.parts, x.name, x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens,
-       x.reasoning_tokens
+SELECT NULL, x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
+       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
   FROM w AS x";
 
 struct ResumeStatement<'a> {
@@ -122,9 +115,29 @@ struct ResumeStatement<'a> {
     budget: i64,
 }
 
-/// The columns of [`RESUME`], in order: a conversation's or a message's,
-/// the other half NULL.
-type ResumeColumns = (Nullable<ConversationColumns>, Nullable<MessageColumns>);
+/// The columns of [`RESUME`], in order: the conversation as one record, or a
+/// message's columns, the other part NULL.
+type ResumeColumns = (
+    Nullable<Record<ConversationColumns>>,
+    Nullable<WindowColumns>,
+);
+
+/// A message's columns but `conversation_id`, which is the one asked for.
+type WindowColumns = (
+    sql::Uuid,
+    sql::BigInt,
+    sql::SmallInt,
+    sql::Text,
+    sql::Jsonb,
+    sql::Timestamptz,
+    sql::Nullable<sql::Bytea>,
+    sql::Text,
+    sql::Text,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+    sql::Nullable<sql::BigInt>,
+);
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
 
@@ -146,8 +159,49 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
 /// A row of [`RESUME`]: the conversation or one of its messages.
 #[derive(Queryable)]
 struct ResumeRow {
-    conversation: Option<ConversationRow>,
-    message: Option<MessageRow>,
+    conversation: Option<ConversationRecord>,
+    message: Option<WindowRow>,
+}
+
+/// A message of the window, read without its conversation's id.
+#[derive(Queryable)]
+struct WindowRow {
+    id: Uuid,
+    sequence: i64,
+    role: i16,
+    content: String,
+    #[diesel(deserialize_as = StoredMetadata)]
+    metadata: Metadata,
+    #[diesel(deserialize_as = StoredTime)]
+    create_time: DateTime<Utc>,
+    parts: Option<Vec<u8>>,
+    name: String,
+    model: String,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    reasoning_tokens: Option<i64>,
+}
+
+impl WindowRow {
+    fn in_conversation(self, conversation_id: Uuid) -> MessageRow {
+        MessageRow {
+            id: self.id,
+            conversation_id,
+            sequence: self.sequence,
+            role: self.role,
+            content: self.content,
+            metadata: self.metadata,
+            create_time: self.create_time,
+            parts: self.parts,
+            name: self.name,
+            model: self.model,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+        }
+    }
 }
 
 impl Store {
@@ -161,9 +215,10 @@ impl Store {
         resume: ResumeConversation,
         max_bytes: usize,
     ) -> Result<Resumed, StoreError> {
+        let conversation_id = *resume.conversation_id.as_uuid();
         let statement = ResumeStatement {
             user: owner.as_str(),
-            conversation: resume.conversation_id.as_uuid(),
+            conversation: &conversation_id,
             max_messages: i64::from(resume.max_messages.get()),
             tool: Role::Tool.number() as i16,
             budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
@@ -180,10 +235,12 @@ impl Store {
                         ResumeRow {
                             conversation: Some(row),
                             ..
-                        } => conversation = Some(row),
+                        } => conversation = Some(ConversationRow::from(row)),
                         ResumeRow {
                             message: Some(row), ..
-                        } => messages.push(Message::try_from(row)?),
+                        } => {
+                            messages.push(Message::try_from(row.in_conversation(conversation_id))?)
+                        }
                         ResumeRow { .. } => {
                             return Err(StoreError::Corrupt(
                                 "a resume row holds neither a conversation nor a message".into(),
@@ -194,7 +251,7 @@ impl Store {
                 Ok((conversation, messages))
             })
             .await?;
-        let conversation: Conversation = conversation.ok_or(StoreError::NotFound)?.try_into()?;
+        let conversation = Conversation::from(conversation.ok_or(StoreError::NotFound)?);
         messages.sort_unstable_by_key(|message| message.sequence);
         let has_more = messages
             .first()

@@ -7,7 +7,7 @@ use diesel::{
     QueryableByName,
     deserialize::{FromSql, FromSqlRow},
     pg::{Pg, PgValue},
-    sql_types::{BigInt, Timestamptz},
+    sql_types::{BigInt, Jsonb, Timestamptz},
 };
 
 use crate::domain::{Metadata, Usage};
@@ -80,6 +80,31 @@ impl FromSql<Timestamptz, Pg> for StoredTime {
 impl From<StoredTime> for DateTime<Utc> {
     fn from(time: StoredTime) -> Self {
         time.0
+    }
+}
+
+/// A `metadata` column read from a row. Most rows hold `{}`, which is taken
+/// as it comes, without parsing JSON: read as a `serde_json::Value`, then
+/// walked into a map, every message's empty metadata cost about 5 % of the
+/// server's instructions under ResumeConversation. Rows use it with
+/// `#[diesel(deserialize_as = StoredMetadata)]`.
+#[derive(Debug, FromSqlRow)]
+pub(super) struct StoredMetadata(Metadata);
+
+impl FromSql<Jsonb, Pg> for StoredMetadata {
+    fn from_sql(value: PgValue<'_>) -> diesel::deserialize::Result<Self> {
+        // jsonb's binary form: a version byte (1), then the JSON text.
+        if value.as_bytes() == b"\x01{}" {
+            return Ok(Self(Metadata::from_stored(BTreeMap::new())));
+        }
+        let json = <serde_json::Value as FromSql<Jsonb, Pg>>::from_sql(value)?;
+        Ok(Self(metadata_from_json(json)))
+    }
+}
+
+impl From<StoredMetadata> for Metadata {
+    fn from(metadata: StoredMetadata) -> Self {
+        metadata.0
     }
 }
 

@@ -722,3 +722,81 @@ async fn resume_returns_the_latest_messages_oldest_first() {
         Code::NotFound,
     );
 }
+
+/// Resume reads the conversation and its messages by position from one
+/// statement; every field must come back as GetConversation and
+/// ListMessages give it. Distinct numbers in every usage field and a fork
+/// (so its source fields are set) catch two columns read in each other's place.
+#[tokio::test]
+async fn resume_returns_every_field_as_get_and_list_do() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let source = alice
+        .create_conversation(proto::CreateConversationRequest {
+            title: "source".to_owned(),
+            metadata: HashMap::from([("team".to_owned(), "search".to_owned())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (n, content) in ["first", "second", "third"].into_iter().enumerate() {
+        let n = n as i64;
+        alice
+            .append_message(AppendMessageRequest {
+                metadata: HashMap::from([("n".to_owned(), n.to_string())]),
+                name: format!("agent-{n}"),
+                model: format!("model-{n}"),
+                usage: Some(proto::Usage {
+                    input_tokens: 100 + n,
+                    output_tokens: 20 + n,
+                    cached_input_tokens: 3 + n,
+                    reasoning_tokens: 1 + n,
+                }),
+                ..request(&source.id, content)
+            })
+            .await
+            .unwrap();
+    }
+    let fork = alice
+        .fork_conversation(proto::ForkConversationRequest {
+            conversation_id: source.id.clone(),
+            up_to_sequence: 2,
+            title: "fork".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for id in [&source.id, &fork.id] {
+        let resumed = alice
+            .resume_conversation(ResumeConversationRequest {
+                conversation_id: id.clone(),
+                max_messages: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            resumed.conversation,
+            Some(conversation(&mut alice, id).await)
+        );
+        assert_eq!(resumed.messages, all_messages(&mut alice, id).await);
+    }
+    let forked = conversation(&mut alice, &fork.id).await;
+    assert_eq!(forked.forked_from_conversation_id, source.id);
+    assert_eq!(forked.forked_at_sequence, 2);
+    assert_eq!(
+        forked.metadata,
+        HashMap::from([("team".to_owned(), "search".to_owned())])
+    );
+    let usage = forked.usage.unwrap();
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+            usage.reasoning_tokens
+        ),
+        (201, 41, 7, 3)
+    );
+}
