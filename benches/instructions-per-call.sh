@@ -14,9 +14,10 @@
 # and counts only a window in the middle of the run: the counters are zeroed
 # when it opens and dumped when it closes. Calls are the handler's own entries
 # in that window (RPC, the handler method's name: resume_conversation for
-# resume, list_conversations for list, append_message for append), so the
-# figure does not depend on how fast the run went. Counts only user-space
-# instructions of the server: not the kernel's, not PostgreSQL's.
+# resume, list_conversations for list, list_messages for history,
+# append_message for append), so the figure does not depend on how fast the
+# run went. Counts only user-space instructions of the server: not the
+# kernel's, not PostgreSQL's.
 #
 # Environment: SERVER (postgres://postgres@127.0.0.1:5432, without a
 # database), BENCH (the build's own convo-bench), PORT (50996), RPC.
@@ -29,6 +30,7 @@ if [ -z "$rpc" ]; then
     case "$workload" in
         resume | tool-resume) rpc=resume_conversation ;;
         list) rpc=list_conversations ;;
+        history) rpc=list_messages ;;
         append | hot-append) rpc=append_message ;;
         *) echo "set RPC to the handler method to count for $workload" >&2; exit 2 ;;
     esac

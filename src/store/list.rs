@@ -19,7 +19,7 @@ use diesel::{
 use uuid::Uuid;
 
 use super::{
-    messages::MessageColumns,
+    messages::ConversationMessageColumns,
     statement::{Template, prepared_statement, unknown_parameter},
     values::message_size,
 };
@@ -44,12 +44,11 @@ fn list_sql(order: MessageOrder) -> String {
     let size = message_size("m");
     format!(
         "\
-SELECT id, conversation_id, sequence, role, content, metadata, create_time, parts, name, model,
-       input_tokens, output_tokens, cached_input_tokens, reasoning_tokens
+SELECT id, sequence, role, content, metadata, create_time, parts, name, model, input_tokens,
+       output_tokens, cached_input_tokens, reasoning_tokens
   FROM (
-    SELECT m.id, m.conversation_id, m.sequence, m.role, m.content, m.metadata, m.create_time,
-           m.parts, m.name, m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens,
-           m.reasoning_tokens,
+    SELECT m.id, m.sequence, m.role, m.content, m.metadata, m.create_time, m.parts, m.name,
+           m.model, m.input_tokens, m.output_tokens, m.cached_input_tokens, m.reasoning_tokens,
            coalesce(sum({size})
                         OVER (ORDER BY m.sequence {direction}
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 2 PRECEDING), 0)
@@ -80,26 +79,43 @@ pub(super) fn shapes() -> Vec<(String, &'static Template)> {
     ]
 }
 
-/// One execution of [`list_sql`].
+/// One execution of [`list_sql`], in either order: run as [`OldestFirst`]
+/// or [`NewestFirst`].
 pub(super) struct ListStatement<'a> {
     pub(super) user: &'a str,
     pub(super) conversation: &'a Uuid,
-    pub(super) order: MessageOrder,
     pub(super) after: i64,
     pub(super) cursor: Option<i64>,
     pub(super) limit: i64,
     pub(super) budget: i64,
 }
 
-prepared_statement!(ListStatement, by_text, sql_type = MessageColumns);
+/// The page oldest first. Each order is a type of its own, so the prepared
+/// statement is found by type: cached by its text, every call wrote the SQL
+/// out and hashed it to look it up.
+pub(super) struct OldestFirst<'a>(pub(super) ListStatement<'a>);
 
-impl QueryFragment<Pg> for ListStatement<'_> {
+/// The page newest first (see [`OldestFirst`]).
+pub(super) struct NewestFirst<'a>(pub(super) ListStatement<'a>);
+
+prepared_statement!(OldestFirst, sql_type = ConversationMessageColumns);
+prepared_statement!(NewestFirst, sql_type = ConversationMessageColumns);
+
+impl QueryFragment<Pg> for OldestFirst<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let template = match self.order {
-            MessageOrder::OldestFirst => &LIST[0],
-            MessageOrder::NewestFirst => &LIST[1],
-        };
-        template.push(&mut out, |name, out| match name {
+        self.0.push(&LIST[0], &mut out)
+    }
+}
+
+impl QueryFragment<Pg> for NewestFirst<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.push(&LIST[1], &mut out)
+    }
+}
+
+impl ListStatement<'_> {
+    fn push<'b>(&'b self, template: &Template, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        template.push(out, |name, out| match name {
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "after" => out.push_bind_param::<BigInt, _>(&self.after),

@@ -8,15 +8,15 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError, conversations,
-    list::ListStatement,
+    list::{ListStatement, NewestFirst, OldestFirst},
     parts,
     pool::OneRow,
     schema::messages,
     values::{StoredMetadata, StoredTime, Tally, now_micros, tallied},
 };
 use crate::domain::{
-    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, Metadata, Name,
-    Page, Role, TruncateConversation, Usage, UserId,
+    Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
+    Metadata, Name, Page, Role, TruncateConversation, Usage, UserId,
 };
 
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
@@ -40,10 +40,31 @@ pub(super) struct MessageRow {
     pub(super) reasoning_tokens: Option<i64>,
 }
 
-/// The columns of a [`MessageRow`], in order, for statements that read
-/// rows by position.
-pub(super) type MessageColumns = (
-    sql::Uuid,
+/// A message of the one conversation a statement reads: a [`MessageRow`]
+/// without `conversation_id`, which the caller named. Every row of a resume
+/// or a page would otherwise carry and decode the same id again.
+#[derive(Queryable)]
+pub(super) struct ConversationMessageRow {
+    id: Uuid,
+    sequence: i64,
+    role: i16,
+    content: String,
+    #[diesel(deserialize_as = StoredMetadata)]
+    metadata: Metadata,
+    #[diesel(deserialize_as = StoredTime)]
+    create_time: DateTime<Utc>,
+    parts: Option<Vec<u8>>,
+    name: String,
+    model: String,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cached_input_tokens: Option<i64>,
+    reasoning_tokens: Option<i64>,
+}
+
+/// The columns of a [`ConversationMessageRow`], in order, for statements
+/// that read rows by position.
+pub(super) type ConversationMessageColumns = (
     sql::Uuid,
     sql::BigInt,
     sql::SmallInt,
@@ -58,6 +79,27 @@ pub(super) type MessageColumns = (
     sql::Nullable<sql::BigInt>,
     sql::Nullable<sql::BigInt>,
 );
+
+impl ConversationMessageRow {
+    pub(super) fn into_message(self, conversation_id: Uuid) -> Result<Message, StoreError> {
+        Message::try_from(MessageRow {
+            id: self.id,
+            conversation_id,
+            sequence: self.sequence,
+            role: self.role,
+            content: self.content,
+            metadata: self.metadata,
+            create_time: self.create_time,
+            parts: self.parts,
+            name: self.name,
+            model: self.model,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+        })
+    }
+}
 
 impl TryFrom<MessageRow> for Message {
     type Error = StoreError;
@@ -144,19 +186,24 @@ impl Store {
             let statement = ListStatement {
                 user: owner.as_str(),
                 conversation: conversation_id.as_uuid(),
-                order,
                 after: after_sequence.get(),
                 cursor: cursor.map(|c| c.sequence),
                 limit: size.limit_with_lookahead(),
                 budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
             };
-            let rows: Vec<MessageRow> = statement.load(conn).await?;
+            let rows: Vec<ConversationMessageRow> = match order {
+                MessageOrder::OldestFirst => OldestFirst(statement).load(conn).await?,
+                MessageOrder::NewestFirst => NewestFirst(statement).load(conn).await?,
+            };
             // An empty page may mean "no such conversation": ask only then, so the
             // common case stays one round trip.
             if rows.is_empty() && !conversations::exists_for(conn, owner, conversation_id).await? {
                 return Err(StoreError::NotFound);
             }
-            let items = messages_of(rows)?;
+            let items = rows
+                .into_iter()
+                .map(|row| row.into_message(*conversation_id.as_uuid()))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Page::cut(items, size, |last| {
                 MessageCursor::after(order, last)
             }))

@@ -38,13 +38,12 @@
 
 use std::sync::LazyLock;
 
-use chrono::{DateTime, Utc};
 use diesel::{
     Queryable,
     pg::Pg,
     query_builder::{AstPass, QueryFragment},
     result::QueryResult,
-    sql_types::{self as sql, BigInt, Nullable, Record, SmallInt, Text, Uuid as SqlUuid},
+    sql_types::{BigInt, Nullable, Record, SmallInt, Text, Uuid as SqlUuid},
 };
 use futures_util::TryStreamExt;
 use uuid::Uuid;
@@ -52,15 +51,16 @@ use uuid::Uuid;
 use super::{
     Store, StoreError,
     conversations::{ConversationColumns, ConversationRecord, ConversationRow},
-    messages::MessageRow,
+    messages::{ConversationMessageColumns, ConversationMessageRow},
     statement::{Template, prepared_statement, unknown_parameter},
-    values::{StoredMetadata, StoredTime},
 };
-use crate::domain::{Conversation, Message, Metadata, ResumeConversation, Resumed, Role, UserId};
+use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
 
 /// One row for the conversation (its columns as one record, the rest NULL),
-/// then one per message (the record NULL), in no particular order. Read by position: the
-/// order of the select list is [`ResumeColumns`].
+/// then one per message (the record NULL), in no particular order. Read by
+/// position: the order of the select list is [`ResumeColumns`]. The messages
+/// leave out `conversation_id`, the one asked for; as a record, the
+/// conversation costs each message row one NULL column, not thirteen.
 const RESUME: &str = "\
 WITH c AS (
     SELECT user_id, id, title, metadata, create_time, update_time, message_count,
@@ -119,24 +119,7 @@ struct ResumeStatement<'a> {
 /// message's columns, the other part NULL.
 type ResumeColumns = (
     Nullable<Record<ConversationColumns>>,
-    Nullable<WindowColumns>,
-);
-
-/// A message's columns but `conversation_id`, which is the one asked for.
-type WindowColumns = (
-    sql::Uuid,
-    sql::BigInt,
-    sql::SmallInt,
-    sql::Text,
-    sql::Jsonb,
-    sql::Timestamptz,
-    sql::Nullable<sql::Bytea>,
-    sql::Text,
-    sql::Text,
-    sql::Nullable<sql::BigInt>,
-    sql::Nullable<sql::BigInt>,
-    sql::Nullable<sql::BigInt>,
-    sql::Nullable<sql::BigInt>,
+    Nullable<ConversationMessageColumns>,
 );
 
 prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
@@ -160,48 +143,7 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
 #[derive(Queryable)]
 struct ResumeRow {
     conversation: Option<ConversationRecord>,
-    message: Option<WindowRow>,
-}
-
-/// A message of the window, read without its conversation's id.
-#[derive(Queryable)]
-struct WindowRow {
-    id: Uuid,
-    sequence: i64,
-    role: i16,
-    content: String,
-    #[diesel(deserialize_as = StoredMetadata)]
-    metadata: Metadata,
-    #[diesel(deserialize_as = StoredTime)]
-    create_time: DateTime<Utc>,
-    parts: Option<Vec<u8>>,
-    name: String,
-    model: String,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    cached_input_tokens: Option<i64>,
-    reasoning_tokens: Option<i64>,
-}
-
-impl WindowRow {
-    fn in_conversation(self, conversation_id: Uuid) -> MessageRow {
-        MessageRow {
-            id: self.id,
-            conversation_id,
-            sequence: self.sequence,
-            role: self.role,
-            content: self.content,
-            metadata: self.metadata,
-            create_time: self.create_time,
-            parts: self.parts,
-            name: self.name,
-            model: self.model,
-            input_tokens: self.input_tokens,
-            output_tokens: self.output_tokens,
-            cached_input_tokens: self.cached_input_tokens,
-            reasoning_tokens: self.reasoning_tokens,
-        }
-    }
+    message: Option<ConversationMessageRow>,
 }
 
 impl Store {
@@ -238,9 +180,7 @@ impl Store {
                         } => conversation = Some(ConversationRow::from(row)),
                         ResumeRow {
                             message: Some(row), ..
-                        } => {
-                            messages.push(Message::try_from(row.in_conversation(conversation_id))?)
-                        }
+                        } => messages.push(row.into_message(conversation_id)?),
                         ResumeRow { .. } => {
                             return Err(StoreError::Corrupt(
                                 "a resume row holds neither a conversation nor a message".into(),

@@ -12,8 +12,9 @@ use std::{
 
 use clap::ValueEnum;
 use convo::grpc::proto::{
-    self, AppendMessageRequest, ListConversationsRequest, ResumeConversationRequest, Role,
-    WatchConversationRequest, conversation_service_client::ConversationServiceClient,
+    self, AppendMessageRequest, ListConversationsRequest, ListMessagesRequest,
+    ResumeConversationRequest, Role, WatchConversationRequest,
+    conversation_service_client::ConversationServiceClient,
 };
 use hdrhistogram::Histogram;
 use tokio_stream::StreamExt;
@@ -45,6 +46,9 @@ pub enum Workload {
     ToolAppend,
     /// ResumeConversation(50) of a conversation of --messages 3-part messages.
     ToolResume,
+    /// ListMessages(50), newest first, of a conversation of --messages
+    /// messages: the latest page of its history, as a client shows it.
+    History,
 }
 
 /// How hard and how long to drive.
@@ -137,12 +141,16 @@ impl Setup {
                 setup.conversation = Some(create(&mut client).await?);
                 setup.label = "hot-append".into();
             }
-            Workload::Resume => {
-                let url =
-                    database_url.ok_or("resume needs --database-url to seed its conversation")?;
+            Workload::Resume | Workload::History => {
+                let url = database_url.ok_or_else(|| {
+                    format!(
+                        "{} needs --database-url to seed its conversation",
+                        setup.label
+                    )
+                })?;
                 setup.conversation =
                     Some(seed::conversation(url, &user, messages).await?.to_string());
-                setup.label = format!("resume L={messages}");
+                setup.label = format!("{} L={messages}", setup.label);
             }
             Workload::List => {
                 let url =
@@ -334,6 +342,16 @@ impl Worker {
                     .resume_conversation(ResumeConversationRequest {
                         conversation_id: self.conversation.clone(),
                         max_messages: 50,
+                    })
+                    .await?;
+            }
+            Workload::History => {
+                self.client
+                    .list_messages(ListMessagesRequest {
+                        conversation_id: self.conversation.clone(),
+                        page_size: 50,
+                        newest_first: true,
+                        ..Default::default()
                     })
                     .await?;
             }
