@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where one call's CPU goes: serves a build on a fresh database, drives one
 # workload with convo-bench, and prints CPU milliseconds per call of the
-# server, of the load generator and of all PostgreSQL processes, read from
+# server (and how much of it was user time, not the kernel's), of the load
+# generator and of all PostgreSQL processes, read from
 # /proc over 5 s in the middle of the run. On a machine whose cores the
 # three share, these say more about a change than ops/s, which drift with
 # the machine:
@@ -34,6 +35,7 @@ for _ in $(seq 1 100); do
 done
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 postgres_ticks() {
     for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
         awk '{s += $1} END {print s + 0}'
@@ -44,18 +46,19 @@ postgres_ticks() {
     --json >"$report" &
 bench_pid=$!
 sleep 4 # seeding and warm-up
-s0=$(ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
+s0=$(ticks "$server_pid"); u0=$(user_ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
 sleep 5
-s1=$(ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
+s1=$(ticks "$server_pid"); u1=$(user_ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
 wait "$bench_pid"
-python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" <<'PY'
+python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$u0" "$u1" <<'PY'
 import json, sys
 report, hz = json.load(open(sys.argv[1])), float(sys.argv[2])
-s0, s1, b0, b1, p0, p1, t0, t1 = map(float, sys.argv[3:])
+s0, s1, b0, b1, p0, p1, t0, t1, u0, u1 = map(float, sys.argv[3:])
 calls = report["per_second"] * (t1 - t0)
 per_call = lambda a, b: (b - a) / hz * 1000 / calls
 errors = sum(report["errors"].values())
 print(f'{report["workload"]}: {report["per_second"]:,.0f} calls/s, {errors} errors; '
-      f'CPU ms per call: server {per_call(s0, s1):.3f}, load generator {per_call(b0, b1):.3f}, '
+      f'CPU ms per call: server {per_call(s0, s1):.3f} ({(u1 - u0) / max(s1 - s0, 1):.0%} user), '
+      f'load generator {per_call(b0, b1):.3f}, '
       f'PostgreSQL {per_call(p0, p1):.3f}')
 PY
