@@ -85,35 +85,20 @@ pub(super) type ConversationRecord = (
 
 impl From<ConversationRecord> for ConversationRow {
     fn from(record: ConversationRecord) -> Self {
-        let (
-            user_id,
-            id,
-            title,
-            metadata,
-            create_time,
-            update_time,
-            message_count,
-            forked_from_conversation_id,
-            forked_at_sequence,
-            usage_input_tokens,
-            usage_output_tokens,
-            usage_cached_input_tokens,
-            usage_reasoning_tokens,
-        ) = record;
         Self {
-            user_id,
-            id,
-            title,
-            metadata: metadata.into(),
-            create_time: create_time.into(),
-            update_time: update_time.into(),
-            message_count,
-            forked_from_conversation_id,
-            forked_at_sequence,
-            usage_input_tokens,
-            usage_output_tokens,
-            usage_cached_input_tokens,
-            usage_reasoning_tokens,
+            user_id: record.0,
+            id: record.1,
+            title: record.2,
+            metadata: record.3.into(),
+            create_time: record.4.into(),
+            update_time: record.5.into(),
+            message_count: record.6,
+            forked_from_conversation_id: record.7,
+            forked_at_sequence: record.8,
+            usage_input_tokens: record.9,
+            usage_output_tokens: record.10,
+            usage_cached_input_tokens: record.11,
+            usage_reasoning_tokens: record.12,
         }
     }
 }
