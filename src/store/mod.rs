@@ -73,7 +73,7 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
         let (sql, binds) = template.numbered();
         (name, sql, binds)
     }));
-    let (sql, binds) = resume::PARSED.numbered();
+    let (sql, binds) = resume::statement(citus).numbered();
     statements.push(("resume".to_owned(), sql, binds));
     statements
 }

@@ -45,7 +45,7 @@ use diesel::{
     result::QueryResult,
     sql_types::{BigInt, Nullable, Record, SmallInt, Text, Uuid as SqlUuid},
 };
-use futures_util::TryStreamExt;
+use futures_util::{Stream, TryStreamExt};
 use uuid::Uuid;
 
 use super::{
@@ -54,14 +54,12 @@ use super::{
     messages::{ConversationMessageColumns, ConversationMessageRow},
     statement::{Template, prepared_statement, unknown_parameter},
 };
-use crate::domain::{Conversation, ResumeConversation, Resumed, Role, UserId};
+use crate::domain::{Conversation, Message, ResumeConversation, Resumed, Role, UserId};
 
-/// One row for the conversation (its columns as one record, the rest NULL),
-/// then one per message (the record NULL), in no particular order. Read by
-/// position: the order of the select list is [`ResumeColumns`]. The messages
-/// leave out `conversation_id`, the one asked for; as a record, the
-/// conversation costs each message row one NULL column, not thirteen.
-const RESUME: &str = "\
+/// The conversation (`c`) and the window of its messages (`w`), in either
+/// shape of the answer. The messages leave out `conversation_id`, the one
+/// asked for.
+const WINDOW: &str = "\
 WITH c AS (
     SELECT user_id, id, title, metadata, create_time, update_time, message_count,
            forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
@@ -92,6 +90,14 @@ WITH c AS (
            AND (SELECT message_count FROM c)
        AND (m.bytes_through > (SELECT total_bytes FROM c) - $budget OR m.bytes_through IS NULL)
 )
+";
+
+/// The answer on PostgreSQL: one row for the conversation (its columns as one
+/// record, the rest NULL), then one per message (the record NULL), in no
+/// particular order. Read by position: the order of the select list is
+/// [`AsRecordColumns`]. As a record, the conversation costs each message row
+/// one NULL column, not thirteen.
+const AS_RECORD: &str = "\
 SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
            c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
            c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens)
@@ -107,6 +113,27 @@ SELECT NULL, x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.p
        x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
   FROM w AS x";
 
+/// The answer on Citus: the conversation's columns spread out, NULL in the
+/// message rows ([`SpreadColumns`]). A coordinator cannot read an anonymous
+/// record back from the worker that ran the statement ("input of anonymous
+/// composite types is not implemented").
+const SPREAD: &str = "\
+SELECT c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
+       c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
+       c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens,
+       NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
+       NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
+       NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
+       NULL::int8 AS output_tokens, NULL::int8 AS cached_input_tokens,
+       NULL::int8 AS reasoning_tokens
+  FROM c
+UNION ALL
+SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
+       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
+       x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
+       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
+  FROM w AS x";
+
 struct ResumeStatement<'a> {
     user: &'a str,
     conversation: &'a Uuid,
@@ -115,20 +142,58 @@ struct ResumeStatement<'a> {
     budget: i64,
 }
 
-/// The columns of [`RESUME`], in order: the conversation as one record, or a
-/// message's columns, the other part NULL.
-type ResumeColumns = (
+/// The columns of [`AS_RECORD`], in order: the conversation as one record,
+/// or a message's columns, the other part NULL.
+type AsRecordColumns = (
     Nullable<Record<ConversationColumns>>,
     Nullable<ConversationMessageColumns>,
 );
 
-prepared_statement!(ResumeStatement, sql_type = ResumeColumns);
+/// The columns of [`SPREAD`], in order: a conversation's or a message's, the
+/// other part NULL.
+type SpreadColumns = (
+    Nullable<ConversationColumns>,
+    Nullable<ConversationMessageColumns>,
+);
 
-pub(super) static PARSED: LazyLock<Template> = LazyLock::new(|| Template::parse(RESUME));
+/// The statement with the answer as [`AS_RECORD`] (PostgreSQL).
+struct AsRecord<'a>(ResumeStatement<'a>);
 
-impl QueryFragment<Pg> for ResumeStatement<'_> {
+/// The statement with the answer as [`SPREAD`] (Citus).
+struct Spread<'a>(ResumeStatement<'a>);
+
+prepared_statement!(AsRecord, sql_type = AsRecordColumns);
+prepared_statement!(Spread, sql_type = SpreadColumns);
+
+/// Both statements, parsed once: on PostgreSQL, then on Citus.
+static PARSED: LazyLock<[Template; 2]> = LazyLock::new(|| {
+    [
+        Template::parse(&format!("{WINDOW}{AS_RECORD}")),
+        Template::parse(&format!("{WINDOW}{SPREAD}")),
+    ]
+});
+
+/// The statement resume runs on Citus (`citus`) or on PostgreSQL, for the
+/// plan checks (see `store::hot_statements`).
+pub(super) fn statement(citus: bool) -> &'static Template {
+    &PARSED[usize::from(citus)]
+}
+
+impl QueryFragment<Pg> for AsRecord<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        PARSED.push(&mut out, |name, out| match name {
+        self.0.push(&PARSED[0], &mut out)
+    }
+}
+
+impl QueryFragment<Pg> for Spread<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.push(&PARSED[1], &mut out)
+    }
+}
+
+impl ResumeStatement<'_> {
+    fn push<'b>(&'b self, template: &Template, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        template.push(out, |name, out| match name {
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
             "max_messages" => out.push_bind_param::<BigInt, _>(&self.max_messages),
@@ -139,11 +204,27 @@ impl QueryFragment<Pg> for ResumeStatement<'_> {
     }
 }
 
-/// A row of [`RESUME`]: the conversation or one of its messages.
+/// A row of either answer: the conversation or one of its messages.
 #[derive(Queryable)]
 struct ResumeRow {
+    conversation: Option<ConversationRow>,
+    message: Option<ConversationMessageRow>,
+}
+
+/// A row of [`AS_RECORD`].
+#[derive(Queryable)]
+struct AsRecordRow {
     conversation: Option<ConversationRecord>,
     message: Option<ConversationMessageRow>,
+}
+
+impl From<AsRecordRow> for ResumeRow {
+    fn from(row: AsRecordRow) -> Self {
+        Self {
+            conversation: row.conversation.map(ConversationRow::from),
+            message: row.message,
+        }
+    }
 }
 
 impl Store {
@@ -165,30 +246,17 @@ impl Store {
             tool: Role::Tool.number() as i16,
             budget: i64::try_from(max_bytes).unwrap_or(i64::MAX),
         };
-        // Rows are split as they arrive: collected first, 51 rows of both
-        // shapes were copied at every doubling of the vector.
+        let capacity = resume.max_messages.get() as usize;
         let (conversation, mut messages) = self
             .with_conn(async |conn| {
-                let mut rows = diesel_async::RunQueryDsl::load_stream(statement, conn).await?;
-                let mut conversation = None;
-                let mut messages = Vec::with_capacity(resume.max_messages.get() as usize);
-                while let Some(row) = rows.try_next().await? {
-                    match row {
-                        ResumeRow {
-                            conversation: Some(row),
-                            ..
-                        } => conversation = Some(ConversationRow::from(row)),
-                        ResumeRow {
-                            message: Some(row), ..
-                        } => messages.push(row.into_message(conversation_id)?),
-                        ResumeRow { .. } => {
-                            return Err(StoreError::Corrupt(
-                                "a resume row holds neither a conversation nor a message".into(),
-                            ));
-                        }
-                    }
+                if self.distributed(conn).await? {
+                    let rows = diesel_async::RunQueryDsl::load_stream(Spread(statement), conn);
+                    split(rows.await?, conversation_id, capacity).await
+                } else {
+                    let rows = diesel_async::RunQueryDsl::load_stream(AsRecord(statement), conn);
+                    let rows = rows.await?.map_ok(|row: AsRecordRow| ResumeRow::from(row));
+                    split(rows, conversation_id, capacity).await
                 }
-                Ok((conversation, messages))
             })
             .await?;
         let conversation = Conversation::from(conversation.ok_or(StoreError::NotFound)?);
@@ -204,6 +272,36 @@ impl Store {
     }
 }
 
+/// The conversation and the messages among the rows, split as they arrive:
+/// collected first, 51 rows of both shapes were copied at every doubling of
+/// the vector.
+async fn split(
+    rows: impl Stream<Item = QueryResult<ResumeRow>>,
+    conversation_id: Uuid,
+    capacity: usize,
+) -> Result<(Option<ConversationRow>, Vec<Message>), StoreError> {
+    let mut rows = std::pin::pin!(rows);
+    let mut conversation = None;
+    let mut messages = Vec::with_capacity(capacity);
+    while let Some(row) = rows.try_next().await? {
+        match row {
+            ResumeRow {
+                conversation: Some(row),
+                ..
+            } => conversation = Some(row),
+            ResumeRow {
+                message: Some(row), ..
+            } => messages.push(row.into_message(conversation_id)?),
+            ResumeRow { .. } => {
+                return Err(StoreError::Corrupt(
+                    "a resume row holds neither a conversation nor a message".into(),
+                ));
+            }
+        }
+    }
+    Ok((conversation, messages))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +311,7 @@ mod tests {
     #[test]
     fn the_pgbench_script_is_this_statement() {
         let script = pgbench_statement(include_str!("../../benches/pgbench/resume.sql"));
-        let ours = RESUME
+        let ours = format!("{WINDOW}{AS_RECORD}")
             .replace("$max_messages", "50")
             .replace("$tool", &(Role::Tool.number()).to_string())
             .replace("$budget", "4194304")
