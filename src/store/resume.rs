@@ -251,11 +251,10 @@ impl Store {
             .with_conn(async |conn| {
                 if self.distributed(conn).await? {
                     let rows = diesel_async::RunQueryDsl::load_stream(Spread(statement), conn);
-                    split(rows.await?, conversation_id, capacity).await
+                    split::<ResumeRow>(rows.await?, conversation_id, capacity).await
                 } else {
                     let rows = diesel_async::RunQueryDsl::load_stream(AsRecord(statement), conn);
-                    let rows = rows.await?.map_ok(|row: AsRecordRow| ResumeRow::from(row));
-                    split(rows, conversation_id, capacity).await
+                    split::<AsRecordRow>(rows.await?, conversation_id, capacity).await
                 }
             })
             .await?;
@@ -275,8 +274,8 @@ impl Store {
 /// The conversation and the messages among the rows, split as they arrive:
 /// collected first, 51 rows of both shapes were copied at every doubling of
 /// the vector.
-async fn split(
-    rows: impl Stream<Item = QueryResult<ResumeRow>>,
+async fn split<R: Into<ResumeRow>>(
+    rows: impl Stream<Item = QueryResult<R>>,
     conversation_id: Uuid,
     capacity: usize,
 ) -> Result<(Option<ConversationRow>, Vec<Message>), StoreError> {
@@ -284,7 +283,7 @@ async fn split(
     let mut conversation = None;
     let mut messages = Vec::with_capacity(capacity);
     while let Some(row) = rows.try_next().await? {
-        match row {
+        match row.into() {
             ResumeRow {
                 conversation: Some(row),
                 ..
