@@ -34,9 +34,8 @@ WITH c AS (
        AND (m.bytes_through > (SELECT total_bytes FROM c) - 4194304 OR m.bytes_through IS NULL)
 )
 SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
-           c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
-           c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens)
-           AS conversation,
+       c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
+       c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens) AS conversation,
        NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
        NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
        NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
@@ -44,6 +43,7 @@ SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c
        NULL::int8 AS reasoning_tokens
   FROM c
 UNION ALL
-SELECT NULL, x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
+SELECT NULL,
+       x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
        x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
   FROM w AS x;

@@ -254,7 +254,7 @@ pub(super) async fn record_messages(
         .one_row(conn)
         .await
         .map(Conversation::from)
-        .map_err(Into::into)
+        .map_err(StoreError::from)
 }
 
 impl Store {

@@ -19,31 +19,20 @@ use crate::domain::{
     Metadata, Name, Page, Role, TruncateConversation, Usage, UserId,
 };
 
+/// A message as stored: its conversation's id, then the rest.
 #[derive(Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = messages, check_for_backend(diesel::pg::Pg))]
 pub(super) struct MessageRow {
-    pub(super) id: Uuid,
-    pub(super) conversation_id: Uuid,
-    pub(super) sequence: i64,
-    pub(super) role: i16,
-    pub(super) content: String,
-    #[diesel(deserialize_as = StoredMetadata)]
-    pub(super) metadata: Metadata,
-    #[diesel(deserialize_as = StoredTime)]
-    pub(super) create_time: DateTime<Utc>,
-    pub(super) parts: Option<Vec<u8>>,
-    pub(super) name: String,
-    pub(super) model: String,
-    pub(super) input_tokens: Option<i64>,
-    pub(super) output_tokens: Option<i64>,
-    pub(super) cached_input_tokens: Option<i64>,
-    pub(super) reasoning_tokens: Option<i64>,
+    conversation_id: Uuid,
+    #[diesel(embed)]
+    message: ConversationMessageRow,
 }
 
 /// A message of the one conversation a statement reads: a [`MessageRow`]
 /// without `conversation_id`, which the caller named. Every row of a resume
 /// or a page would otherwise carry and decode the same id again.
-#[derive(Queryable)]
+#[derive(Debug, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = messages, check_for_backend(diesel::pg::Pg))]
 pub(super) struct ConversationMessageRow {
     id: Uuid,
     sequence: i64,
@@ -82,41 +71,18 @@ pub(super) type ConversationMessageColumns = (
 
 impl ConversationMessageRow {
     pub(super) fn into_message(self, conversation_id: Uuid) -> Result<Message, StoreError> {
-        Message::try_from(MessageRow {
-            id: self.id,
-            conversation_id,
-            sequence: self.sequence,
-            role: self.role,
-            content: self.content,
-            metadata: self.metadata,
-            create_time: self.create_time,
-            parts: self.parts,
-            name: self.name,
-            model: self.model,
-            input_tokens: self.input_tokens,
-            output_tokens: self.output_tokens,
-            cached_input_tokens: self.cached_input_tokens,
-            reasoning_tokens: self.reasoning_tokens,
-        })
-    }
-}
-
-impl TryFrom<MessageRow> for Message {
-    type Error = StoreError;
-
-    fn try_from(row: MessageRow) -> Result<Self, StoreError> {
-        let corrupt = |why: String| StoreError::Corrupt(format!("message {}: {why}", row.id));
-        let role = Role::parse("role", i32::from(row.role))
-            .map_err(|_| corrupt(format!("role {}", row.role)))?;
-        let parts = match &row.parts {
+        let corrupt = |why: String| StoreError::Corrupt(format!("message {}: {why}", self.id));
+        let role = Role::parse("role", i32::from(self.role))
+            .map_err(|_| corrupt(format!("role {}", self.role)))?;
+        let parts = match &self.parts {
             Some(bytes) => parts::decode(bytes).map_err(corrupt)?,
             None => Vec::new(),
         };
         let usage = match (
-            row.input_tokens,
-            row.output_tokens,
-            row.cached_input_tokens,
-            row.reasoning_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_input_tokens,
+            self.reasoning_tokens,
         ) {
             (Some(input_tokens), Some(output_tokens), Some(cached), Some(reasoning)) => {
                 Some(Usage {
@@ -129,18 +95,26 @@ impl TryFrom<MessageRow> for Message {
             _ => None,
         };
         Ok(Message {
-            id: MessageId::from_uuid(row.id),
-            conversation_id: ConversationId::from_uuid(row.conversation_id),
-            sequence: row.sequence,
+            id: MessageId::from_uuid(self.id),
+            conversation_id: ConversationId::from_uuid(conversation_id),
+            sequence: self.sequence,
             role,
-            content: row.content,
-            metadata: row.metadata,
-            create_time: row.create_time,
+            content: self.content,
+            metadata: self.metadata,
+            create_time: self.create_time,
             parts,
-            name: Name::from_stored(row.name),
-            model: Name::from_stored(row.model),
+            name: Name::from_stored(self.name),
+            model: Name::from_stored(self.model),
             usage,
         })
+    }
+}
+
+impl TryFrom<MessageRow> for Message {
+    type Error = StoreError;
+
+    fn try_from(row: MessageRow) -> Result<Self, StoreError> {
+        row.message.into_message(row.conversation_id)
     }
 }
 

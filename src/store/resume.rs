@@ -92,47 +92,63 @@ WITH c AS (
 )
 ";
 
-/// The answer on PostgreSQL: one row for the conversation (its columns as one
-/// record, the rest NULL), then one per message (the record NULL), in no
-/// particular order. Read by position: the order of the select list is
-/// [`AsRecordColumns`]. As a record, the conversation costs each message row
-/// one NULL column, not thirteen.
-const AS_RECORD: &str = "\
-SELECT ROW(c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
-           c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
-           c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens)
-           AS conversation,
-       NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
-       NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
-       NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
-       NULL::int8 AS output_tokens, NULL::int8 AS cached_input_tokens,
-       NULL::int8 AS reasoning_tokens
-  FROM c
-UNION ALL
-SELECT NULL, x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
-       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
-  FROM w AS x";
-
-/// The answer on Citus: the conversation's columns spread out, NULL in the
-/// message rows ([`SpreadColumns`]). A coordinator cannot read an anonymous
-/// record back from the worker that ran the statement ("input of anonymous
-/// composite types is not implemented").
-const SPREAD: &str = "\
-SELECT c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
+/// The conversation's columns, read from `c`.
+const CONVERSATION: &str = "\
+c.user_id, c.id, c.title, c.metadata, c.create_time, c.update_time, c.message_count,
        c.forked_from_conversation_id, c.forked_at_sequence, c.usage_input_tokens,
-       c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens,
-       NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
+       c.usage_output_tokens, c.usage_cached_input_tokens, c.usage_reasoning_tokens";
+
+/// The conversation's columns as NULLs, in the message rows of
+/// [`Answer::Spread`].
+const NO_CONVERSATION: &str = "\
+NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
+       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8";
+
+/// A message's columns, read from `w` (`x`).
+const MESSAGE: &str = "\
+x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
+       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens";
+
+/// A message's columns as NULLs, named, in the conversation's row.
+const NO_MESSAGE: &str = "\
+NULL::uuid AS id, NULL::int8 AS sequence, NULL::int2 AS role, NULL::text AS content,
        NULL::jsonb AS metadata, NULL::timestamptz AS create_time, NULL::bytea AS parts,
        NULL::text AS name, NULL::text AS model, NULL::int8 AS input_tokens,
        NULL::int8 AS output_tokens, NULL::int8 AS cached_input_tokens,
-       NULL::int8 AS reasoning_tokens
+       NULL::int8 AS reasoning_tokens";
+
+/// How the answer carries the conversation.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// On PostgreSQL: one row for the conversation, its columns as one record
+    /// (the rest NULL), then one per message (the record NULL), in no
+    /// particular order; read by position as [`AsRecordColumns`]. As a
+    /// record, the conversation costs each message row one NULL column, not
+    /// thirteen.
+    AsRecord,
+    /// On Citus: the conversation's columns spread out, NULL in the message
+    /// rows ([`SpreadColumns`]). A coordinator cannot read an anonymous record
+    /// back from the worker that ran the statement ("input of anonymous
+    /// composite types is not implemented").
+    Spread,
+}
+
+/// The whole statement: [`WINDOW`], then the answer in the given shape.
+fn resume_sql(answer: Answer) -> String {
+    let (conversation, no_conversation) = match answer {
+        Answer::AsRecord => (format!("ROW({CONVERSATION}) AS conversation"), "NULL"),
+        Answer::Spread => (CONVERSATION.to_owned(), NO_CONVERSATION),
+    };
+    format!(
+        "{WINDOW}SELECT {conversation},
+       {NO_MESSAGE}
   FROM c
 UNION ALL
-SELECT NULL::text, NULL::uuid, NULL::text, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
-       NULL::int8, NULL::uuid, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8,
-       x.id, x.sequence, x.role, x.content, x.metadata, x.create_time, x.parts, x.name,
-       x.model, x.input_tokens, x.output_tokens, x.cached_input_tokens, x.reasoning_tokens
-  FROM w AS x";
+SELECT {no_conversation},
+       {MESSAGE}
+  FROM w AS x"
+    )
+}
 
 struct ResumeStatement<'a> {
     user: &'a str,
@@ -142,52 +158,60 @@ struct ResumeStatement<'a> {
     budget: i64,
 }
 
-/// The columns of [`AS_RECORD`], in order: the conversation as one record,
+/// The columns of [`Answer::AsRecord`], in order: the conversation as one record,
 /// or a message's columns, the other part NULL.
 type AsRecordColumns = (
     Nullable<Record<ConversationColumns>>,
     Nullable<ConversationMessageColumns>,
 );
 
-/// The columns of [`SPREAD`], in order: a conversation's or a message's, the
+/// The columns of [`Answer::Spread`], in order: a conversation's or a message's, the
 /// other part NULL.
 type SpreadColumns = (
     Nullable<ConversationColumns>,
     Nullable<ConversationMessageColumns>,
 );
 
-/// The statement with the answer as [`AS_RECORD`] (PostgreSQL).
+/// The statement with the answer as [`Answer::AsRecord`] (PostgreSQL).
 struct AsRecord<'a>(ResumeStatement<'a>);
 
-/// The statement with the answer as [`SPREAD`] (Citus).
+/// The statement with the answer as [`Answer::Spread`] (Citus).
 struct Spread<'a>(ResumeStatement<'a>);
 
 prepared_statement!(AsRecord, sql_type = AsRecordColumns);
 prepared_statement!(Spread, sql_type = SpreadColumns);
 
-/// Both statements, parsed once: on PostgreSQL, then on Citus.
+/// Both statements, parsed once, in the order of [`Answer`].
 static PARSED: LazyLock<[Template; 2]> = LazyLock::new(|| {
     [
-        Template::parse(&format!("{WINDOW}{AS_RECORD}")),
-        Template::parse(&format!("{WINDOW}{SPREAD}")),
+        Template::parse(&resume_sql(Answer::AsRecord)),
+        Template::parse(&resume_sql(Answer::Spread)),
     ]
 });
 
 /// The statement resume runs on Citus (`citus`) or on PostgreSQL, for the
 /// plan checks (see `store::hot_statements`).
 pub(super) fn statement(citus: bool) -> &'static Template {
-    &PARSED[usize::from(citus)]
+    template(if citus {
+        Answer::Spread
+    } else {
+        Answer::AsRecord
+    })
+}
+
+fn template(answer: Answer) -> &'static Template {
+    &PARSED[answer as usize]
 }
 
 impl QueryFragment<Pg> for AsRecord<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.push(&PARSED[0], &mut out)
+        self.0.push(template(Answer::AsRecord), &mut out)
     }
 }
 
 impl QueryFragment<Pg> for Spread<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.push(&PARSED[1], &mut out)
+        self.0.push(template(Answer::Spread), &mut out)
     }
 }
 
@@ -211,7 +235,7 @@ struct ResumeRow {
     message: Option<ConversationMessageRow>,
 }
 
-/// A row of [`AS_RECORD`].
+/// A row of [`Answer::AsRecord`].
 #[derive(Queryable)]
 struct AsRecordRow {
     conversation: Option<ConversationRecord>,
@@ -310,7 +334,7 @@ mod tests {
     #[test]
     fn the_pgbench_script_is_this_statement() {
         let script = pgbench_statement(include_str!("../../benches/pgbench/resume.sql"));
-        let ours = format!("{WINDOW}{AS_RECORD}")
+        let ours = resume_sql(Answer::AsRecord)
             .replace("$max_messages", "50")
             .replace("$tool", &(Role::Tool.number()).to_string())
             .replace("$budget", "4194304")
