@@ -22,8 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     write_migration_scripts(&out_dir)?;
 
+    // Maps as `BTreeMap`: the domain keeps metadata sorted, so a map moves
+    // into a response as it is instead of being rehashed, and its entries go
+    // out in key order, the same bytes for the same map.
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::{FieldViolation, Limits};
 
@@ -19,7 +19,7 @@ impl Metadata {
 
     pub fn parse(
         field: &str,
-        pairs: HashMap<String, String>,
+        pairs: BTreeMap<String, String>,
         limits: &Limits,
     ) -> Result<Self, FieldViolation> {
         if pairs.len() > limits.max_metadata_pairs {
@@ -32,8 +32,7 @@ impl Metadata {
                 ),
             ));
         }
-        let mut sorted = BTreeMap::new();
-        for (key, value) in pairs {
+        for (key, value) in &pairs {
             let key_chars = key.chars().count();
             if key_chars == 0 || key_chars > limits.max_metadata_key_chars {
                 return Err(FieldViolation::new(
@@ -59,9 +58,8 @@ impl Metadata {
                     "metadata must not contain U+0000",
                 ));
             }
-            sorted.insert(key, value);
         }
-        Ok(Self(sorted))
+        Ok(Self(pairs))
     }
 
     /// Rebuilds metadata read back from storage, which was validated on the way in.
@@ -84,7 +82,7 @@ mod tests {
 
     const LIMITS: Limits = Limits::CONTRACT;
 
-    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -93,7 +91,7 @@ mod tests {
 
     #[test]
     fn accepts_up_to_sixteen_pairs_at_the_limits() {
-        let pairs: HashMap<_, _> = (0..16)
+        let pairs: BTreeMap<_, _> = (0..16)
             .map(|i| (format!("{i:0>64}"), "v".repeat(512)))
             .collect();
         assert_eq!(
@@ -103,12 +101,12 @@ mod tests {
                 .len(),
             16
         );
-        assert!(Metadata::parse("metadata", HashMap::new(), &LIMITS).is_ok());
+        assert!(Metadata::parse("metadata", BTreeMap::new(), &LIMITS).is_ok());
     }
 
     #[test]
     fn rejects_each_limit() {
-        let seventeen: HashMap<_, _> = (0..17).map(|i| (i.to_string(), String::new())).collect();
+        let seventeen: BTreeMap<_, _> = (0..17).map(|i| (i.to_string(), String::new())).collect();
         assert!(Metadata::parse("metadata", seventeen, &LIMITS).is_err());
         assert!(Metadata::parse("metadata", map(&[("", "v")]), &LIMITS).is_err());
         assert!(Metadata::parse("metadata", map(&[(&"k".repeat(65), "v")]), &LIMITS).is_err());

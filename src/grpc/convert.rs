@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 
 use super::proto;
 use crate::domain::{
-    Blob, BlobSource, Conversation, Erased, Message, Metadata, Part, PartKind, SearchHit, Usage,
+    Blob, BlobSource, Conversation, ConversationId, Erased, Message, Metadata, Part, PartKind,
+    SearchHit, Usage,
 };
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
@@ -14,8 +15,8 @@ fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-fn metadata(metadata: Metadata) -> std::collections::HashMap<String, String> {
-    metadata.into_pairs().into_iter().collect()
+fn metadata(metadata: Metadata) -> std::collections::BTreeMap<String, String> {
+    metadata.into_pairs()
 }
 
 impl From<Conversation> for proto::Conversation {
@@ -26,7 +27,7 @@ impl From<Conversation> for proto::Conversation {
         };
         Self {
             id: c.id.to_text(),
-            user_id: c.user_id.as_str().to_owned(),
+            user_id: c.user_id.into_string(),
             title: c.title,
             metadata: metadata(c.metadata),
             create_time: Some(timestamp(c.create_time)),
@@ -93,24 +94,46 @@ impl From<Part> for proto::Part {
 
 impl From<Message> for proto::Message {
     fn from(m: Message) -> Self {
-        Self {
-            id: m.id.to_text(),
-            conversation_id: m.conversation_id.to_text(),
-            sequence: m.sequence,
-            role: m.role.number(),
-            content: m.content,
-            metadata: metadata(m.metadata),
-            create_time: Some(timestamp(m.create_time)),
-            parts: m.parts.into_iter().map(Into::into).collect(),
-            name: m.name.into_string(),
-            model: m.model.into_string(),
-            usage: m.usage.map(Into::into),
-        }
+        let conversation_id = m.conversation_id.to_text();
+        message(m, conversation_id)
     }
 }
 
+/// `m` with its conversation's id already written out.
+fn message(m: Message, conversation_id: String) -> proto::Message {
+    proto::Message {
+        id: m.id.to_text(),
+        conversation_id,
+        sequence: m.sequence,
+        role: m.role.number(),
+        content: m.content,
+        metadata: metadata(m.metadata),
+        create_time: Some(timestamp(m.create_time)),
+        parts: m.parts.into_iter().map(Into::into).collect(),
+        name: m.name.into_string(),
+        model: m.model.into_string(),
+        usage: m.usage.map(Into::into),
+    }
+}
+
+/// The messages of one response, which share a conversation: its id is
+/// written out once and copied, not formatted again for every message.
 pub(super) fn messages(messages: Vec<Message>) -> Vec<proto::Message> {
-    messages.into_iter().map(Into::into).collect()
+    let mut written: Option<(ConversationId, String)> = None;
+    messages
+        .into_iter()
+        .map(|m| {
+            let conversation_id = match &written {
+                Some((id, text)) if *id == m.conversation_id => text.clone(),
+                _ => {
+                    let text = m.conversation_id.to_text();
+                    written = Some((m.conversation_id, text.clone()));
+                    text
+                }
+            };
+            message(m, conversation_id)
+        })
+        .collect()
 }
 
 impl From<SearchHit> for proto::SearchHit {

@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use convo::grpc::proto::{
     self, CreateConversationRequest, ListConversationsRequest, UpdateConversationRequest,
@@ -8,7 +8,7 @@ use tonic::Code;
 
 use crate::helpers::{TestApp, append, assert_stored, create, expect_code, expect_invalid, micros};
 
-fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+fn metadata(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -95,14 +95,14 @@ async fn create_with_a_repeated_request_id_returns_the_first_conversation() {
 async fn create_enforces_title_metadata_and_request_id_limits() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
-    let ok = |title: String, metadata: HashMap<String, String>| CreateConversationRequest {
+    let ok = |title: String, metadata: BTreeMap<String, String>| CreateConversationRequest {
         title,
         metadata,
         request_id: String::new(),
     };
     // At the limits: accepted.
     alice
-        .create_conversation(ok("界".repeat(256), HashMap::new()))
+        .create_conversation(ok("界".repeat(256), BTreeMap::new()))
         .await
         .unwrap();
     let sixteen = (0..16)
@@ -116,13 +116,13 @@ async fn create_enforces_title_metadata_and_request_id_limits() {
     // Past them: INVALID_ARGUMENT naming the field, nothing stored.
     expect_invalid(
         alice
-            .create_conversation(ok("界".repeat(257), HashMap::new()))
+            .create_conversation(ok("界".repeat(257), BTreeMap::new()))
             .await,
         "title",
     );
     expect_invalid(
         alice
-            .create_conversation(ok("a\0b".into(), HashMap::new()))
+            .create_conversation(ok("a\0b".into(), BTreeMap::new()))
             .await,
         "title",
     );

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use convo::grpc::proto::{self, ForkConversationRequest, Role};
 use tonic::Code;
@@ -11,7 +11,7 @@ async fn source_with_five_messages(client: &mut Client) -> proto::Conversation {
     let source = client
         .create_conversation(proto::CreateConversationRequest {
             title: "source".into(),
-            metadata: HashMap::from([("project".to_string(), "apollo".to_string())]),
+            metadata: BTreeMap::from([("project".to_string(), "apollo".to_string())]),
             ..Default::default()
         })
         .await
@@ -32,7 +32,7 @@ async fn source_with_five_messages(client: &mut Client) -> proto::Conversation {
                 conversation_id: source.id.clone(),
                 role: role as i32,
                 content: format!("message {}", i + 1),
-                metadata: HashMap::from([("n".to_string(), (i + 1).to_string())]),
+                metadata: BTreeMap::from([("n".to_string(), (i + 1).to_string())]),
                 ..Default::default()
             })
             .await

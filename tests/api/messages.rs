@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use convo::grpc::proto::{
     self, AppendMessageRequest, AppendMessagesRequest, ListMessagesRequest,
@@ -37,7 +37,7 @@ async fn append_assigns_gapless_sequences_and_bumps_the_conversation() {
     let created = create(&mut alice, "chat").await;
     let first = alice
         .append_message(AppendMessageRequest {
-            metadata: HashMap::from([("model".to_string(), "none".to_string())]),
+            metadata: BTreeMap::from([("model".to_string(), "none".to_string())]),
             ..request(&created.id, "hello")
         })
         .await
@@ -60,19 +60,19 @@ async fn append_assigns_gapless_sequences_and_bumps_the_conversation() {
                 proto::NewMessage {
                     role: Role::Assistant as i32,
                     content: "hi".into(),
-                    metadata: HashMap::new(),
+                    metadata: BTreeMap::new(),
                     ..Default::default()
                 },
                 proto::NewMessage {
                     role: Role::Tool as i32,
                     content: "{\"ok\":true}".into(),
-                    metadata: HashMap::new(),
+                    metadata: BTreeMap::new(),
                     ..Default::default()
                 },
                 proto::NewMessage {
                     role: Role::System as i32,
                     content: "be brief".into(),
-                    metadata: HashMap::new(),
+                    metadata: BTreeMap::new(),
                     ..Default::default()
                 },
             ],
@@ -263,7 +263,7 @@ async fn a_retried_append_returns_the_original_and_writes_nothing() {
     expect_code(
         alice
             .append_message(AppendMessageRequest {
-                metadata: HashMap::from([("k".to_string(), "v".to_string())]),
+                metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
                 ..single.clone()
             })
             .await,
@@ -443,7 +443,7 @@ async fn unicode_content_and_metadata_round_trip_exactly() {
         "\u{202e}right-to-left override\u{202c} and zero\u{200b}width".to_string(),
         large,
     ];
-    let metadata = HashMap::from([("ключ".to_string(), "値 🔑".to_string())]);
+    let metadata = BTreeMap::from([("ключ".to_string(), "値 🔑".to_string())]);
     for text in &texts {
         alice
             .append_message(AppendMessageRequest {
@@ -734,7 +734,7 @@ async fn resume_returns_every_field_as_get_and_list_do() {
     let source = alice
         .create_conversation(proto::CreateConversationRequest {
             title: "source".to_owned(),
-            metadata: HashMap::from([("team".to_owned(), "search".to_owned())]),
+            metadata: BTreeMap::from([("team".to_owned(), "search".to_owned())]),
             ..Default::default()
         })
         .await
@@ -744,7 +744,7 @@ async fn resume_returns_every_field_as_get_and_list_do() {
         let n = n as i64;
         alice
             .append_message(AppendMessageRequest {
-                metadata: HashMap::from([("n".to_owned(), n.to_string())]),
+                metadata: BTreeMap::from([("n".to_owned(), n.to_string())]),
                 name: format!("agent-{n}"),
                 model: format!("model-{n}"),
                 usage: Some(proto::Usage {
@@ -787,7 +787,7 @@ async fn resume_returns_every_field_as_get_and_list_do() {
     assert_eq!(forked.forked_at_sequence, 2);
     assert_eq!(
         forked.metadata,
-        HashMap::from([("team".to_owned(), "search".to_owned())])
+        BTreeMap::from([("team".to_owned(), "search".to_owned())])
     );
     let usage = forked.usage.unwrap();
     assert_eq!(

@@ -2,7 +2,7 @@
 //! default client receive limit): a client with default settings can resume
 //! and page through anything.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use convo::grpc::proto::{self, conversation_service_client::ConversationServiceClient};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
@@ -118,7 +118,7 @@ async fn a_default_client_pages_through_every_message_and_hit() {
 async fn a_default_client_pages_through_conversations_with_large_metadata() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
-    let metadata: HashMap<String, String> = (0..16)
+    let metadata: BTreeMap<String, String> = (0..16)
         .map(|i| (format!("key{i}"), "v".repeat(512)))
         .collect();
     for i in 0..500 {
