@@ -3,7 +3,8 @@
 # workload with convo-bench, and prints CPU milliseconds per call of the
 # server (and how much of it was user time, not the kernel's), of the load
 # generator and of all PostgreSQL processes, read from
-# /proc over 5 s in the middle of the run. On a machine whose cores the
+# /proc over 5 s in the middle of the run, and how many cores the three kept
+# busy together (below the machine's count: time lost waiting, not working). On a machine whose cores the
 # three share, these say more about a change than ops/s, which drift with
 # the machine:
 #
@@ -60,5 +61,6 @@ errors = sum(report["errors"].values())
 print(f'{report["workload"]}: {report["per_second"]:,.0f} calls/s, {errors} errors; '
       f'CPU ms per call: server {per_call(s0, s1):.3f} ({(u1 - u0) / max(s1 - s0, 1):.0%} user), '
       f'load generator {per_call(b0, b1):.3f}, '
-      f'PostgreSQL {per_call(p0, p1):.3f}')
+      f'PostgreSQL {per_call(p0, p1):.3f}; '
+      f'cores busy {((s1 - s0) + (b1 - b0) + (p1 - p0)) / hz / (t1 - t0):.2f}')
 PY
