@@ -155,3 +155,40 @@ impl From<Erased> for proto::DeleteUserDataResponse {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::{MessageId, Name, Role};
+
+    fn stored(conversation_id: ConversationId, sequence: i64) -> Message {
+        Message {
+            id: MessageId::generate(),
+            conversation_id,
+            sequence,
+            role: Role::User,
+            content: format!("message {sequence}"),
+            metadata: Metadata::from_stored(Default::default()),
+            create_time: Utc::now(),
+            parts: Vec::new(),
+            name: Name::from_stored(String::new()),
+            model: Name::from_stored(String::new()),
+            usage: None,
+        }
+    }
+
+    /// The id written once is reused only for messages of the same conversation.
+    #[test]
+    fn each_message_keeps_its_own_conversation_id() {
+        let (a, b) = (ConversationId::generate(), ConversationId::generate());
+        let converted = messages(vec![stored(a, 1), stored(a, 2), stored(b, 1), stored(a, 3)]);
+        let ids: Vec<&str> = converted
+            .iter()
+            .map(|m| m.conversation_id.as_str())
+            .collect();
+        let (a, b) = (a.to_text(), b.to_text());
+        assert_eq!(ids, [&a, &a, &b, &a]);
+    }
+}
