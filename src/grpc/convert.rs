@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 
 use super::proto;
 use crate::domain::{
-    Blob, BlobSource, Conversation, ConversationId, Erased, Message, Metadata, Part, PartKind,
-    SearchHit, Usage,
+    Blob, BlobSource, Conversation, ConversationId, Erased, Message, Part, PartKind, SearchHit,
+    Usage,
 };
 
 fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
@@ -13,10 +13,6 @@ fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
         seconds: time.timestamp(),
         nanos: time.timestamp_subsec_nanos() as i32,
     }
-}
-
-fn metadata(metadata: Metadata) -> std::collections::BTreeMap<String, String> {
-    metadata.into_pairs()
 }
 
 impl From<Conversation> for proto::Conversation {
@@ -29,7 +25,7 @@ impl From<Conversation> for proto::Conversation {
             id: c.id.to_text(),
             user_id: c.user_id.into_string(),
             title: c.title,
-            metadata: metadata(c.metadata),
+            metadata: c.metadata.into_pairs(),
             create_time: Some(timestamp(c.create_time)),
             update_time: Some(timestamp(c.update_time)),
             message_count: c.message_count,
@@ -107,7 +103,7 @@ fn message(m: Message, conversation_id: String) -> proto::Message {
         sequence: m.sequence,
         role: m.role.number(),
         content: m.content,
-        metadata: metadata(m.metadata),
+        metadata: m.metadata.into_pairs(),
         create_time: Some(timestamp(m.create_time)),
         parts: m.parts.into_iter().map(Into::into).collect(),
         name: m.name.into_string(),
@@ -161,7 +157,7 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::domain::{MessageId, Name, Role};
+    use crate::domain::{MessageId, Metadata, Name, Role};
 
     fn stored(conversation_id: ConversationId, sequence: i64) -> Message {
         Message {
