@@ -1,29 +1,50 @@
 #!/usr/bin/env bash
-# PostgreSQL's CPU per transaction of a pgbench script: the machine's busy
-# time over the run (/proc/stat) less pgbench's own CPU, divided by the
-# transactions. cpu-per-call.sh does the same for convo's calls; on this
-# shared machine, alternate the scripts being compared and take medians:
+# PostgreSQL's CPU per transaction of a pgbench script, over a window in the
+# middle of the run (after the connections are made, before they close),
+# counted two ways:
+#
+# - the machine's busy time (/proc/stat) less pgbench's own CPU: anything
+#   else running on the machine counts as PostgreSQL's, so run nothing
+#   beside it;
+# - the CPU of PostgreSQL's processes, read from /proc as cpu-per-call.sh
+#   reads it for convo's calls, so the two scripts' PostgreSQL figures
+#   compare directly; and the cores pgbench and PostgreSQL kept busy.
 #
 #   benches/pgbench-cpu.sh benches/pgbench/resume.sql postgres://…/db \
 #       -D user=pgbench-resume -D conversation=00000000-0000-0000-0000-00000000ffff
 #
-# Anything else running on the machine counts as PostgreSQL's: run nothing
-# beside it. Environment: CLIENTS (16), DURATION (6, seconds).
+# On this shared machine, alternate the runs being compared and take
+# medians. Environment: CLIENTS (16), DURATION (6, seconds of the window).
 set -euo pipefail
 script="$1"; url="$2"; shift 2
+window="${DURATION:-6}"
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-times="$(mktemp)"; trap 'rm -f "$times"' EXIT
-before="$(busy)"
-out="$(/usr/bin/time -o "$times" -f "%U %S" env PGOPTIONS="-c plan_cache_mode=force_generic_plan" \
-    pgbench -n -c "${CLIENTS:-16}" -j 2 -T "${DURATION:-6}" -M prepared "$@" -f "$script" "$url" 2>/dev/null)"
-after="$(busy)"
-python3 - "$script" "$before" "$after" "$(getconf CLK_TCK)" "$(tail -1 "$times")" "$out" <<'PY'
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
+postgres_ticks() {
+    for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
+        awk '{s += $1} END {print s + 0}'
+}
+
+# Two seconds either side of the window: connecting, and closing.
+PGOPTIONS="-c plan_cache_mode=force_generic_plan" pgbench -n -c "${CLIENTS:-16}" -j 2 \
+    -T "$((window + 4))" -M prepared "$@" -f "$script" "$url" >"$out" 2>/dev/null &
+pgbench_pid=$!
+sleep 2
+m0=$(busy); b0=$(ticks "$pgbench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
+sleep "$window"
+m1=$(busy); b1=$(ticks "$pgbench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
+wait "$pgbench_pid"
+python3 - "$script" "$(getconf CLK_TCK)" "$m0" "$m1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$(cat "$out")" <<'PY'
 import re, sys
-script, before, after, hz, own, out = sys.argv[1:]
-tx = int(re.search(r"actually processed: (\d+)", out).group(1))
-tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
-user, system = map(float, own.split())
-busy = (int(after) - int(before)) / int(hz)
-print(f"{script}: {tps:,.0f} tps; CPU ms per transaction: PostgreSQL and kernel "
-      f"{(busy - user - system) * 1000 / tx:.3f}, pgbench {(user + system) * 1000 / tx:.3f}")
+script, hz = sys.argv[1], float(sys.argv[2])
+m0, m1, b0, b1, p0, p1, t0, t1 = map(float, sys.argv[3:11])
+tps = float(re.search(r"tps = ([\d.]+)", sys.argv[11]).group(1))
+tx = tps * (t1 - t0)
+per_tx = lambda ticks: ticks / hz * 1000 / tx
+print(f"{script}: {tps:,.0f} tps; CPU ms per transaction: machine less pgbench "
+      f"{per_tx(m1 - m0 - (b1 - b0)):.3f}, PostgreSQL's processes {per_tx(p1 - p0):.3f}, "
+      f"pgbench {per_tx(b1 - b0):.3f}; cores busy {((p1 - p0) + (b1 - b0)) / hz / (t1 - t0):.2f}")
 PY
