@@ -7,7 +7,9 @@
 //! `request_id`, checks the batch's tool exchanges, inserts the messages,
 //! their tool calls and the request record, and reports why it wrote nothing
 //! when it did not. No NOTIFY rides along: live watchers are told after the
-//! commit (see `changes.rs`).
+//! commit (see `changes.rs`). Before it takes a connection, an append takes
+//! its conversation's turn in this replica (`turns.rs`, ADR 0014), so a
+//! burst of appends to one conversation waits here, not in the pool.
 //!
 //! The statement's reads (earlier requests, known tool calls, the count it
 //! reports on refusal) see the snapshot taken when it began, while the row
@@ -663,6 +665,10 @@ impl Store {
         follows: Follows,
     ) -> Result<AppendOutcome, StoreError> {
         let mut messages = unnumbered(append);
+        let _turn = self
+            .append_turns
+            .take(owner, append.conversation_id, self.lock_timeout)
+            .await?;
         self.with_conn(async |conn| {
             let by_function = self.distributed(conn).await?;
             for _ in 0..APPEND_ATTEMPTS {

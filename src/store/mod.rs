@@ -33,6 +33,7 @@ mod script;
 mod search;
 mod statement;
 mod tls;
+mod turns;
 mod users;
 mod values;
 

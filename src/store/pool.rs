@@ -121,6 +121,8 @@ pub struct Store {
     pub(super) watch_reads: std::sync::Arc<tokio::sync::Semaphore>,
     /// Whether `convo distribute` made this a distributed cluster, once known.
     pub(super) distributed: std::sync::Arc<std::sync::OnceLock<bool>>,
+    /// Appends to one conversation take turns here, not in the pool.
+    pub(super) append_turns: std::sync::Arc<super::turns::AppendTurns>,
 }
 
 impl std::fmt::Debug for Store {
@@ -175,6 +177,7 @@ impl Store {
                 settings.max_size,
             ))),
             distributed: std::sync::Arc::default(),
+            append_turns: std::sync::Arc::default(),
         })
     }
 

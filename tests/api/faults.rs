@@ -29,7 +29,7 @@ use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
         Client, TestApp, UserHeader, append, assert_stored, create, expect_code,
-        expect_unavailable_within, health, test_settings, wait_for_health,
+        expect_unavailable_within, health, on_citus, test_settings, wait_for_health,
     },
 };
 
@@ -373,6 +373,97 @@ async fn a_busy_pool_does_not_make_health_fail() {
     holder.batch_execute("ROLLBACK").await.unwrap();
     let stored = append.await.unwrap().expect("the append goes through");
     assert_eq!(stored.into_inner().sequence, 1);
+}
+
+/// Many appends to one conversation at once (here held up by its row lock)
+/// take two of the pool's sessions, not all of them: the rest wait in the
+/// server holding none, and other calls are served meanwhile. Once the row
+/// is free, every one of them is written, in sequences 1..n with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
+    let app = TestApp::spawn_with(|settings| {
+        settings.pool.max_size = 4;
+        settings.pool.lock_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut alice = app.client("alice");
+    let hot = create(&mut alice, "hot").await;
+    let other = create(&mut alice, "other").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
+            hot.id
+        ))
+        .await
+        .unwrap();
+
+    let appends: Vec<_> = (0..8)
+        .map(|i| {
+            let mut client = app.client("alice");
+            let id = hot.id.clone();
+            tokio::spawn(async move {
+                client
+                    .append_message(append_request(&id, &format!("turn {i}"), &format!("k{i}")))
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    // On Citus the appends wait on the worker holding the row: every node's
+    // sessions of this test's database are counted there.
+    let waiting_for_the_lock = format!(
+        "SELECT count(*) AS n FROM {} \
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        if on_citus() {
+            "citus_stat_activity"
+        } else {
+            "pg_stat_activity"
+        }
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.db.count(&waiting_for_the_lock).await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the appends never reached the row lock"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    // Longer than it took the first two to get there: no more follow.
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.db.count(&waiting_for_the_lock).await, 2);
+
+    // Well within the pool's acquire timeout (2 s), though eight appends wait.
+    for _ in 0..3 {
+        let started = Instant::now();
+        alice
+            .resume_conversation(with_deadline(
+                proto::ResumeConversationRequest {
+                    conversation_id: other.id.clone(),
+                    max_messages: 10,
+                },
+                Duration::from_secs(2),
+            ))
+            .await
+            .expect("another conversation is served while the hot one queues");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let mut sequences = Vec::new();
+    for append in appends {
+        let stored = append
+            .await
+            .unwrap()
+            .expect("every queued append is written");
+        sequences.push(stored.sequence);
+    }
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=8).collect::<Vec<i64>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
