@@ -115,8 +115,10 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
         let mut conversations = self.turns.lock();
-        // Clones are made only under this lock, so two references (the
-        // map's and this one) mean no one else holds or waits for a turn.
+        // Everyone else with a reference holds a ticket of their own (made
+        // under this lock) besides any permit, and this ticket's permit is
+        // gone: two references, the map's and this one, mean no one else
+        // holds or waits for a turn.
         if Arc::strong_count(&self.semaphore) == 2 {
             conversations.remove(&key);
         }
