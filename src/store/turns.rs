@@ -80,16 +80,24 @@ impl AppendTurns {
             key: Some(key),
             semaphore,
         };
-        let permit = tokio::time::timeout(timeout, Arc::clone(&ticket.semaphore).acquire_owned())
-            .await
-            .map_err(|_| {
-                StoreError::TimedOut(format!(
-                    "waited longer than {} ms for the conversation's earlier appends",
-                    timeout.as_millis()
-                ))
-            })?
-            // Never closed: the semaphore lives as long as its entry.
-            .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?;
+        // Free permits mean no one waits: a release hands its permit to the
+        // first waiter, so taking one here keeps the arrival order.
+        let permit = match Arc::clone(&ticket.semaphore).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                metrics::counter!("convo_append_turn_waits_total").increment(1);
+                tokio::time::timeout(timeout, Arc::clone(&ticket.semaphore).acquire_owned())
+                    .await
+                    .map_err(|_| {
+                        StoreError::TimedOut(format!(
+                            "waited longer than {} ms for the conversation's earlier appends",
+                            timeout.as_millis()
+                        ))
+                    })?
+                    // Never closed: the semaphore lives as long as its entry.
+                    .map_err(|_| StoreError::Unavailable("the store is closing".to_owned()))?
+            }
+        };
         Ok(Turn {
             _permit: permit,
             _ticket: ticket,

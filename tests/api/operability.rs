@@ -101,6 +101,42 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     // conversations at the same moment.
     assert!(metric(&second, created_ok).unwrap() >= before + 1.0);
     drop(watch);
+
+    // Three appends to a conversation whose row is held: two take their
+    // turns (and wait in PostgreSQL), the third waits in the server, counted.
+    let burst = create(&mut alice, "burst").await;
+    let mut holder = app.db.connect().await;
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut holder,
+        &format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
+            burst.id
+        ),
+    )
+    .await
+    .unwrap();
+    let appends: Vec<_> = (0..3)
+        .map(|i| {
+            let mut client = app.client("alice");
+            let id = burst.id.clone();
+            tokio::spawn(async move { append(&mut client, &id, &format!("burst {i}")).await })
+        })
+        .collect();
+    let waits = "convo_append_turn_waits_total ";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&scrape(metrics_addr).await, waits).unwrap_or(0.0) < 1.0 {
+        assert!(Instant::now() < deadline, "no append waited for its turn");
+        sleep(Duration::from_millis(50)).await;
+    }
+    diesel_async::SimpleAsyncConnection::batch_execute(&mut holder, "ROLLBACK")
+        .await
+        .unwrap();
+    let mut sequences = Vec::new();
+    for append in appends {
+        sequences.push(append.await.unwrap().sequence);
+    }
+    sequences.sort_unstable();
+    assert_eq!(sequences, vec![1, 2, 3]);
 }
 
 #[tokio::test]
