@@ -466,6 +466,53 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
     assert_eq!(sequences, (1..=8).collect::<Vec<i64>>());
 }
 
+/// An append waiting in the server for its turn waits no longer than one
+/// waiting in PostgreSQL for the row: both give up at the lock timeout, with
+/// the same retryable answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_queued_behind_a_held_row_give_up_at_the_lock_timeout() {
+    let app =
+        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
+            .await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "locked").await;
+    let mut holder = app.db.connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
+            created.id
+        ))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let appends: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = app.client("alice");
+            let id = created.id.clone();
+            tokio::spawn(async move {
+                client
+                    .append_message(append_request(&id, "blocked", &format!("k{i}")))
+                    .await
+            })
+        })
+        .collect();
+    for append in appends {
+        let status = expect_code(append.await.unwrap(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "storage is temporarily unavailable; retry with backoff"
+        );
+    }
+    // Two lock timeouts at the most: a turn's wait, then the row's.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(append(&mut alice, &created.id, "free").await.sequence, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
     let app =
