@@ -381,7 +381,9 @@ async fn a_busy_pool_does_not_make_health_fail() {
 /// is free, every one of them is written, in sequences 1..n with no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
-    let app = TestApp::spawn_with(|settings| {
+    // One server: turns are each replica's own (two replicas would let in
+    // two each).
+    let app = TestApp::spawn_alone_with(|settings| {
         settings.pool.max_size = 4;
         settings.pool.lock_timeout = Duration::from_secs(30);
     })
