@@ -177,7 +177,8 @@ pub struct ServeArgs {
     pub statement_timeout: Duration,
 
     /// PostgreSQL lock_timeout: how long a call waits for a locked row (an append for
-    /// its conversation) before failing with UNAVAILABLE.
+    /// its conversation, and first for its turn behind earlier appends to it) before
+    /// failing with UNAVAILABLE; 0 waits without bound, as in PostgreSQL.
     #[arg(long, env = "CONVO_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub lock_timeout: Duration,
 

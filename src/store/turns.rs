@@ -86,8 +86,15 @@ impl AppendTurns {
             Ok(permit) => permit,
             Err(_) => {
                 metrics::counter!("convo_append_turn_waits_total").increment(1);
-                tokio::time::timeout(timeout, Arc::clone(&ticket.semaphore).acquire_owned())
-                    .await
+                let waiting = Arc::clone(&ticket.semaphore).acquire_owned();
+                // Zero is PostgreSQL's "no lock timeout": wait as long as the
+                // row wait would.
+                let acquired = if timeout.is_zero() {
+                    Ok(waiting.await)
+                } else {
+                    tokio::time::timeout(timeout, waiting).await
+                };
+                acquired
                     .map_err(|_| {
                         StoreError::TimedOut(format!(
                             "waited longer than {} ms for the conversation's earlier appends",
@@ -160,6 +167,30 @@ mod tests {
         let third = turns.take(&alice, conversation, LONG).await.expect("turn");
         drop((second, third));
         assert_eq!(turns.len(), 0, "the entry goes with the last turn");
+    }
+
+    #[tokio::test]
+    async fn a_zero_timeout_waits_without_bound_as_postgresql_does() {
+        let turns = Arc::new(AppendTurns::default());
+        let (alice, conversation) = (owner("alice"), ConversationId::generate());
+        let first = turns.take(&alice, conversation, LONG).await.expect("turn");
+        let _second = turns.take(&alice, conversation, LONG).await.expect("turn");
+        let waiter = {
+            let (turns, alice) = (Arc::clone(&turns), alice.clone());
+            tokio::spawn(async move {
+                turns
+                    .take(&alice, conversation, Duration::ZERO)
+                    .await
+                    .map(drop)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "a zero timeout is no bound");
+        drop(first);
+        waiter
+            .await
+            .expect("waiter")
+            .expect("the turn comes when one is free");
     }
 
     #[tokio::test]
