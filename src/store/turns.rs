@@ -18,7 +18,8 @@
 //! replica from queueing in the database.
 //!
 //! The wait is bounded by the session's `lock_timeout`, the bound it had when
-//! it was a wait for the row, and fails the same way.
+//! it was a wait for the row (zero: no bound, as in PostgreSQL), and fails
+//! the same way.
 
 use std::{
     collections::HashMap,
@@ -62,7 +63,8 @@ struct Ticket<'a> {
 }
 
 impl AppendTurns {
-    /// Waits, up to `timeout`, for a turn to append to `conversation`.
+    /// Waits, up to `timeout` (zero: without bound), for a turn to append to
+    /// `conversation`.
     pub async fn take(
         &self,
         owner: &UserId,
