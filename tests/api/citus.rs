@@ -288,14 +288,7 @@ async fn writes_waiting_for_a_row_on_a_worker_give_up_at_the_lock_timeout() {
     let chat = create(&mut alice, "locked").await;
     append(&mut alice, &chat.id, "one").await;
     // The row lock is taken on the worker holding alice's shard.
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            chat.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &chat.id).await;
 
     let id = chat.id.clone();
     let outcomes = [

@@ -279,14 +279,7 @@ async fn one_session_and_a_locked_row() -> (TestApp, proto::Conversation, AsyncP
     })
     .await;
     let locked = create(&mut app.client("alice"), "locked").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            locked.id
-        ))
-        .await
-        .unwrap();
+    let holder = app.db.hold_row("alice", &locked.id).await;
     (app, locked, holder)
 }
 
@@ -391,14 +384,7 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
     let mut alice = app.client("alice");
     let hot = create(&mut alice, "hot").await;
     let other = create(&mut alice, "other").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            hot.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &hot.id).await;
 
     let appends: Vec<_> = (0..8)
         .map(|i| {
@@ -478,14 +464,7 @@ async fn appends_queued_behind_a_held_row_give_up_at_the_lock_timeout() {
             .await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "locked").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
     let started = Instant::now();
     let appends: Vec<_> = (0..4)
         .map(|i| {
@@ -522,14 +501,7 @@ async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
             .await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "locked").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
 
     let started = Instant::now();
     let status = expect_code(
@@ -555,14 +527,7 @@ async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
         TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_secs(30)).await;
     let mut alice = patient.client("alice");
     let created = create(&mut alice, "locked").await;
-    let mut holder = patient.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = patient.db.hold_row("alice", &created.id).await;
     let started = Instant::now();
     let status = alice
         .append_message(with_deadline(
@@ -846,14 +811,7 @@ async fn a_flood_is_refused_fast_instead_of_queued() {
     let mut alice = app.client("alice");
     let created = create(&mut alice, "hot").await;
     // Appends to a locked conversation wait: four of them fill the server.
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
     let flood: Vec<_> = (0..40)
         .map(|i| {
             let mut client = app.client("alice");
@@ -941,14 +899,7 @@ async fn shutdown_lets_in_flight_calls_finish_and_loses_no_acknowledged_message(
     let mut alice = app.client("alice");
     let created = create(&mut alice, "draining").await;
     // One call is certainly in flight: it waits for a row lock.
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
     let mut blocked_client = app.client("alice");
     let blocked_id = created.id.clone();
     let blocked = tokio::spawn(async move {
@@ -1039,14 +990,7 @@ async fn the_drain_timeout_bounds_how_long_shutdown_waits() {
             .await;
     let mut alice = app.client("alice");
     let created = create(&mut alice, "stuck").await;
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
     let stuck = tokio::spawn(async move {
         alice
             .append_message(append_request(&created.id, "stuck", "s1"))

@@ -429,6 +429,20 @@ impl TestDb {
             .expect("connect to the test database")
     }
 
+    /// A transaction of the test's own holding the row lock of `user`'s
+    /// conversation `id` (rolled back when the connection is dropped or told
+    /// to): appends to it wait.
+    pub async fn hold_row(&self, user: &str, id: &str) -> AsyncPgConnection {
+        let mut holder = self.connect().await;
+        holder
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM conversations WHERE user_id = '{user}' AND id = '{id}' FOR UPDATE"
+            ))
+            .await
+            .expect("lock the conversation's row");
+        holder
+    }
+
     /// Runs SQL as the superuser on the server's `postgres` database.
     pub async fn admin(&self, sql: &str) {
         let mut admin = AsyncPgConnection::establish(&self.admin_url)

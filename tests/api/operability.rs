@@ -105,16 +105,7 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     // Three appends to a conversation whose row is held: two take their
     // turns (and wait in PostgreSQL), the third waits in the server, counted.
     let burst = create(&mut alice, "burst").await;
-    let mut holder = app.db.connect().await;
-    diesel_async::SimpleAsyncConnection::batch_execute(
-        &mut holder,
-        &format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            burst.id
-        ),
-    )
-    .await
-    .unwrap();
+    let mut holder = app.db.hold_row("alice", &burst.id).await;
     let appends: Vec<_> = (0..3)
         .map(|i| {
             let mut client = app.client("alice");
@@ -383,14 +374,7 @@ async fn a_call_its_client_abandons_is_logged_and_counted_as_cancelled() {
         .into_inner();
     // The append waits for a row lock another session holds; its client
     // gives up after 300 ms.
-    let mut holder = app.db.connect().await;
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM conversations WHERE user_id = 'alice' AND id = '{}' FOR UPDATE",
-            created.id
-        ))
-        .await
-        .unwrap();
+    let mut holder = app.db.hold_row("alice", &created.id).await;
     let mut request = Request::new(proto::AppendMessageRequest {
         conversation_id: created.id.clone(),
         role: proto::Role::User as i32,
