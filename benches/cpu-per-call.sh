@@ -35,12 +35,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
-user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
-postgres_ticks() {
-    for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
-        awk '{s += $1} END {print s + 0}'
-}
+. "$(dirname "$0")/cpu-ticks.sh"
 
 "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" --database-url "$url" \
     --messages 1000 --workers "${WORKERS:-16}" --connections 4 --warmup 2s --duration 9s \

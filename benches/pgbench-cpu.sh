@@ -22,11 +22,7 @@ out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in clock ticks
-postgres_ticks() {
-    for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
-        awk '{s += $1} END {print s + 0}'
-}
+. "$(dirname "$0")/cpu-ticks.sh"
 
 # Two seconds either side of the window: connecting, and closing.
 PGOPTIONS="-c plan_cache_mode=force_generic_plan" pgbench -n -c "${CLIENTS:-16}" -j 2 \

@@ -153,6 +153,26 @@ impl NewMessage {
     }
 }
 
+#[cfg(test)]
+impl Message {
+    /// A stored user message at `sequence` of `conversation_id`, for tests.
+    pub fn example(conversation_id: ConversationId, sequence: i64) -> Self {
+        Self {
+            id: MessageId::generate(),
+            conversation_id,
+            sequence,
+            role: Role::User,
+            content: format!("message {sequence}"),
+            metadata: Metadata::from_stored(Default::default()),
+            create_time: Utc::now(),
+            parts: Vec::new(),
+            name: Name::default(),
+            model: Name::default(),
+            usage: None,
+        }
+    }
+}
+
 /// What an orchestrator needs to pick a conversation back up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resumed {

@@ -154,32 +154,14 @@ impl From<Erased> for proto::DeleteUserDataResponse {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-
     use super::*;
-    use crate::domain::{MessageId, Metadata, Name, Role};
-
-    fn stored(conversation_id: ConversationId, sequence: i64) -> Message {
-        Message {
-            id: MessageId::generate(),
-            conversation_id,
-            sequence,
-            role: Role::User,
-            content: format!("message {sequence}"),
-            metadata: Metadata::from_stored(Default::default()),
-            create_time: Utc::now(),
-            parts: Vec::new(),
-            name: Name::from_stored(String::new()),
-            model: Name::from_stored(String::new()),
-            usage: None,
-        }
-    }
 
     /// The id written once is reused only for messages of the same conversation.
     #[test]
     fn each_message_keeps_its_own_conversation_id() {
         let (a, b) = (ConversationId::generate(), ConversationId::generate());
-        let converted = messages(vec![stored(a, 1), stored(a, 2), stored(b, 1), stored(a, 3)]);
+        let stored = [(a, 1), (a, 2), (b, 1), (a, 3)].map(|(id, n)| Message::example(id, n));
+        let converted = messages(stored.into());
         let ids: Vec<&str> = converted
             .iter()
             .map(|m| m.conversation_id.as_str())

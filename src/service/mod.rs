@@ -569,22 +569,9 @@ impl Conversations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Metadata, Name, Role};
 
     fn message(sequence: i64) -> Message {
-        Message {
-            id: MessageId::generate(),
-            conversation_id: ConversationId::from_uuid(uuid::Uuid::nil()),
-            sequence,
-            role: Role::User,
-            content: format!("m{sequence}"),
-            metadata: Metadata::from_stored(Default::default()),
-            create_time: chrono::Utc::now(),
-            parts: Vec::new(),
-            name: Name::default(),
-            model: Name::default(),
-            usage: None,
-        }
+        Message::example(ConversationId::from_uuid(uuid::Uuid::nil()), sequence)
     }
 
     fn appended(follows: Option<MessageId>, sequences: std::ops::RangeInclusive<i64>) -> Appended {

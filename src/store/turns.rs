@@ -58,7 +58,7 @@ pub(super) struct Turn<'a> {
 /// A claim on a conversation's entry, held while waiting and while appending.
 struct Ticket<'a> {
     turns: &'a AppendTurns,
-    key: Option<Key>,
+    key: Key,
     semaphore: Arc<Semaphore>,
 }
 
@@ -79,7 +79,7 @@ impl AppendTurns {
         );
         let ticket = Ticket {
             turns: self,
-            key: Some(key),
+            key,
             semaphore,
         };
         // Free permits mean no one waits: a release hands its permit to the
@@ -130,14 +130,13 @@ impl AppendTurns {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
         let mut conversations = self.turns.lock();
         // Everyone else with a reference holds a ticket of their own (made
         // under this lock) besides any permit, and this ticket's permit is
         // gone: two references, the map's and this one, mean no one else
         // holds or waits for a turn.
         if Arc::strong_count(&self.semaphore) == 2 {
-            conversations.remove(&key);
+            conversations.remove(&self.key);
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
         Client, TestApp, UserHeader, append, assert_stored, create, expect_code,
-        expect_unavailable_within, health, on_citus, test_settings, wait_for_health,
+        expect_unavailable_within, health, on_citus, spawn_appends, test_settings, wait_for_health,
     },
 };
 
@@ -386,18 +386,7 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
     let other = create(&mut alice, "other").await;
     let mut holder = app.db.hold_row("alice", &hot.id).await;
 
-    let appends: Vec<_> = (0..8)
-        .map(|i| {
-            let mut client = app.client("alice");
-            let id = hot.id.clone();
-            tokio::spawn(async move {
-                client
-                    .append_message(append_request(&id, &format!("turn {i}"), &format!("k{i}")))
-                    .await
-                    .map(tonic::Response::into_inner)
-            })
-        })
-        .collect();
+    let appends = spawn_appends(&app, "alice", &hot.id, 8);
     // On Citus the appends wait on the worker holding the row: every node's
     // sessions of this test's database are counted there.
     let waiting_for_the_lock = format!(
@@ -448,7 +437,7 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
             .await
             .unwrap()
             .expect("every queued append is written");
-        sequences.push(stored.sequence);
+        sequences.push(stored.into_inner().sequence);
     }
     sequences.sort_unstable();
     assert_eq!(sequences, (1..=8).collect::<Vec<i64>>());
@@ -466,17 +455,7 @@ async fn appends_queued_behind_a_held_row_give_up_at_the_lock_timeout() {
     let created = create(&mut alice, "locked").await;
     let mut holder = app.db.hold_row("alice", &created.id).await;
     let started = Instant::now();
-    let appends: Vec<_> = (0..4)
-        .map(|i| {
-            let mut client = app.client("alice");
-            let id = created.id.clone();
-            tokio::spawn(async move {
-                client
-                    .append_message(append_request(&id, "blocked", &format!("k{i}")))
-                    .await
-            })
-        })
-        .collect();
+    let appends = spawn_appends(&app, "alice", &created.id, 4);
     for append in appends {
         let status = expect_code(append.await.unwrap(), Code::Unavailable);
         assert_eq!(

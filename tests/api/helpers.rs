@@ -880,6 +880,30 @@ pub async fn append(client: &mut Client, conversation_id: &str, content: &str) -
 }
 
 /// Appends `n` messages `"m1".."mN"` in batches of up to 100.
+/// `n` AppendMessage calls to one of `user`'s conversations sent at once,
+/// each on a client and a task of its own, with request ids `k0`, `k1`, …:
+/// their answers, in the order sent.
+pub fn spawn_appends(
+    app: &TestApp,
+    user: &str,
+    conversation_id: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<tonic::Response<proto::Message>, Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut client = app.client(user);
+            let request = proto::AppendMessageRequest {
+                conversation_id: conversation_id.to_owned(),
+                role: proto::Role::User as i32,
+                content: format!("append {i}"),
+                request_id: format!("k{i}"),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.append_message(request).await })
+        })
+        .collect()
+}
+
 pub async fn append_many(client: &mut Client, conversation_id: &str, n: usize) {
     let mut next = 1;
     while next <= n {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use convo::grpc::proto::{self, conversation_service_client::ConversationServiceClient};
+use diesel_async::SimpleAsyncConnection;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     time::{Instant, sleep},
@@ -14,7 +15,7 @@ use crate::{
     fault_harness::Proxy,
     helpers::{
         TestApp, UserHeader, append, append_many, assert_metric_at_least, channel_to, create,
-        metric, start_convo, stop_and_read_json_log, stop_and_read_log, watch,
+        metric, spawn_appends, start_convo, stop_and_read_json_log, stop_and_read_log, watch,
     },
 };
 
@@ -106,25 +107,21 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
     // turns (and wait in PostgreSQL), the third waits in the server, counted.
     let burst = create(&mut alice, "burst").await;
     let mut holder = app.db.hold_row("alice", &burst.id).await;
-    let appends: Vec<_> = (0..3)
-        .map(|i| {
-            let mut client = app.client("alice");
-            let id = burst.id.clone();
-            tokio::spawn(async move { append(&mut client, &id, &format!("burst {i}")).await })
-        })
-        .collect();
+    let appends = spawn_appends(&app, "alice", &burst.id, 3);
     let waits = "convo_append_turn_waits_total ";
     let deadline = Instant::now() + Duration::from_secs(10);
     while metric(&scrape(metrics_addr).await, waits).unwrap_or(0.0) < 1.0 {
         assert!(Instant::now() < deadline, "no append waited for its turn");
         sleep(Duration::from_millis(50)).await;
     }
-    diesel_async::SimpleAsyncConnection::batch_execute(&mut holder, "ROLLBACK")
-        .await
-        .unwrap();
+    holder.batch_execute("ROLLBACK").await.unwrap();
     let mut sequences = Vec::new();
     for append in appends {
-        sequences.push(append.await.unwrap().sequence);
+        let stored = append
+            .await
+            .unwrap()
+            .expect("every queued append is written");
+        sequences.push(stored.into_inner().sequence);
     }
     sequences.sort_unstable();
     assert_eq!(sequences, vec![1, 2, 3]);
