@@ -10,7 +10,8 @@
 //! (55P03, 57014), ended sessions (57P*), deadlocks (40P01) and a Citus
 //! coordinator's lost workers (08*), by
 //! PostgreSQL's English message. English is made sure of where possible:
-//! pooled sessions `SET lc_messages = 'C'` (allowed to superusers), the
+//! a pooled session answering in another language is switched with
+//! `SET lc_messages = 'C'` (allowed to superusers), the
 //! private cluster's application role has `lc_messages = 'C'` set on it, and
 //! a session that cannot have English messages is reported once, at warn,
 //! with the statement an operator runs to fix it (see `store/pool.rs`).

@@ -51,9 +51,13 @@ pub(super) async fn connect(
     }
 }
 
-/// Warns once per process when the session's messages are not English, which
-/// would make timeouts and ended sessions look like internal errors.
-async fn warn_unless_english(conn: &mut AsyncPgConnection) {
+/// Timeouts and ended sessions are recognised by PostgreSQL's English
+/// messages (see StoreError). A session answering in another language is
+/// switched to English, which only a superuser may do; otherwise the setting
+/// belongs on the role, which is said once per process. Asked first, so that
+/// a role already set (as on the private cluster) leaves no failed `SET` in
+/// PostgreSQL's log for every session.
+async fn ensure_english_messages(conn: &mut AsyncPgConnection) {
     static WARNED: std::sync::Once = std::sync::Once::new();
     #[derive(diesel::QueryableByName)]
     struct Setting {
@@ -72,16 +76,17 @@ async fn warn_unless_english(conn: &mut AsyncPgConnection) {
         || value == "POSIX"
         || value.starts_with("C.")
         || value.starts_with("en");
-    if !english {
-        WARNED.call_once(|| {
-            tracing::warn!(
-                lc_messages = %value,
-                "the database answers in another language, so lock and statement timeouts \
-                 would be reported as internal errors: run ALTER ROLE <convo's role> SET \
-                 lc_messages = 'C' as a superuser"
-            );
-        });
+    if english || conn.batch_execute("SET lc_messages = 'C'").await.is_ok() {
+        return;
     }
+    WARNED.call_once(|| {
+        tracing::warn!(
+            lc_messages = %value,
+            "the database answers in another language, so lock and statement timeouts \
+             would be reported as internal errors: run ALTER ROLE <convo's role> SET \
+             lc_messages = 'C' as a superuser"
+        );
+    });
 }
 
 /// `database_url` with TCP keepalive probes after 30 s of silence (a peer
@@ -515,12 +520,7 @@ impl bb8::ManageConnection for Sessions {
         conn.batch_execute(&self.setup).await.map_err(|e| {
             PoolError::ConnectionError(ConnectionError::CouldntSetupConfiguration(e))
         })?;
-        // Timeouts are recognised by PostgreSQL's English messages (see
-        // StoreError). Only superusers may choose the language here;
-        // otherwise it must be set on the role, so say so once.
-        if conn.batch_execute("SET lc_messages = 'C'").await.is_err() {
-            warn_unless_english(&mut conn).await;
-        }
+        ensure_english_messages(&mut conn).await;
         Ok(Session {
             conn,
             abandoned: false,
