@@ -10,7 +10,8 @@
 //! way in is a Unix socket inside the data directory (or a private directory
 //! of its own), which is mode 0700, so no other local account can connect.
 //! The postmaster is told to stop when convo dies, and one left behind by a
-//! hard kill is stopped at the next start. [`Access::Loopback`] listens on a
+//! hard kill is stopped at the next start; one that dies while `convo serve`
+//! runs is started again ([`LocalPostgres::keep_running`]). [`Access::Loopback`] listens on a
 //! 127.0.0.1 port, for the tests and the benchmark suite, whose clusters are
 //! throwaway.
 
@@ -112,7 +113,24 @@ pub struct LocalPostgres {
     endpoint: Endpoint,
     /// A socket directory made outside the data directory, removed at stop.
     own_socket_dir: Option<PathBuf>,
+    /// What starting the postmaster again takes.
+    bin_dir: PathBuf,
+    run_as: Option<RunAs>,
+    fsync: bool,
+    access: Access,
+    log_path: PathBuf,
 }
+
+/// How often [`LocalPostgres::keep_running`] looks whether the postmaster is
+/// still there.
+const EXIT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// The wait before starting an exited postmaster again, doubled at each
+/// start up to the maximum, and back to the minimum once a start has stayed
+/// up for [`STAYED_UP`]. The first wait also lets the old postmaster's
+/// backends notice its death and leave its shared memory.
+const RESTART_DELAY_MIN: Duration = Duration::from_millis(500);
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+const STAYED_UP: Duration = Duration::from_secs(60);
 
 /// The unprivileged account the cluster runs as when convo runs as root.
 #[derive(Debug, Clone, Copy)]
@@ -188,16 +206,35 @@ impl LocalPostgres {
                 }
             }
         };
-        let log_path = data_dir.join("convo-postgres.log");
+        let mut cluster = Self {
+            child: None,
+            log_path: data_dir.join("convo-postgres.log"),
+            data_dir,
+            endpoint,
+            own_socket_dir,
+            bin_dir,
+            run_as,
+            fsync: options.fsync,
+            access: options.access,
+        };
+        cluster.spawn()?;
+        cluster.wait_until_ready().await?;
+        Ok(cluster)
+    }
+
+    /// Starts the postmaster on the cluster's data directory and endpoint;
+    /// its output goes to `convo-postgres.log` there.
+    fn spawn(&mut self) -> Result<(), LocalPostgresError> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
-            .map_err(io(format!("opening {}", log_path.display())))?;
+            .open(&self.log_path)
+            .map_err(io(format!("opening {}", self.log_path.display())))?;
         let log_err = log.try_clone().map_err(io("duplicating the log handle"))?;
-        let mut command = Command::new(bin_dir.join("postgres"));
-        command.arg("-D").arg(&data_dir);
-        match &endpoint {
+        let postgres = self.bin_dir.join("postgres");
+        let mut command = Command::new(&postgres);
+        command.arg("-D").arg(&self.data_dir);
+        match &self.endpoint {
             Endpoint::Tcp { port } => {
                 command
                     .args(["-p", &port.to_string()])
@@ -216,14 +253,7 @@ impl LocalPostgres {
             }
         }
         command
-            .args([
-                "-c",
-                if options.fsync {
-                    "fsync=on"
-                } else {
-                    "fsync=off"
-                },
-            ])
+            .args(["-c", if self.fsync { "fsync=on" } else { "fsync=off" }])
             .args(["-c", "max_connections=200"])
             .stdin(Stdio::null())
             .stdout(log)
@@ -231,24 +261,81 @@ impl LocalPostgres {
             // Its own process group: a Ctrl-C in the terminal reaches convo,
             // which then shuts PostgreSQL down in order.
             .process_group(0);
-        if let Some(user) = run_as {
+        if let Some(user) = self.run_as {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
-        if options.access == Access::Private {
+        if self.access == Access::Private {
             die_with_this_process(&mut command);
         }
-        let child = command.spawn().map_err(io(format!(
-            "starting {}",
-            bin_dir.join("postgres").display()
-        )))?;
-        let mut cluster = Self {
-            child: Some(child),
-            data_dir,
-            endpoint,
-            own_socket_dir,
-        };
-        cluster.wait_until_ready(&log_path).await?;
-        Ok(cluster)
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {}", postgres.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Keeps the cluster running for as long as it is polled, which is never
+    /// to its end: when the postmaster exits on its own (a crash, the OOM
+    /// killer, someone's `pg_ctl stop`), logs how and starts it again on the
+    /// same data directory and socket. PostgreSQL's crash recovery replays
+    /// the WAL, so nothing it committed is lost; meanwhile the server's calls
+    /// fail with UNAVAILABLE as in any outage. Each start waits twice as long
+    /// as the one before (from half a second up to 30 s) until the cluster
+    /// has stayed up for a minute, so a cluster that cannot start, or dies
+    /// again at once, is not restarted in a tight loop. Poll it from the
+    /// thread that started the cluster (see [`die_with_this_process`]).
+    pub async fn keep_running(&mut self) -> std::convert::Infallible {
+        let mut delay = RESTART_DELAY_MIN;
+        let mut up_since = Instant::now();
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RESTART_DELAY_MAX);
+                up_since = Instant::now();
+                match self.start_again().await {
+                    Ok(()) => tracing::info!("the private PostgreSQL accepts connections again"),
+                    // Running, still recovering: watched as any running one.
+                    Err(error) if self.child.is_some() => tracing::warn!(
+                        %error,
+                        "the private PostgreSQL started again but is not ready yet"
+                    ),
+                    Err(error) => tracing::error!(
+                        %error,
+                        retry_in = ?delay,
+                        "could not start the private PostgreSQL again"
+                    ),
+                }
+                continue;
+            };
+            match child.try_wait() {
+                Ok(None) => tokio::time::sleep(EXIT_CHECK_INTERVAL).await,
+                Ok(Some(status)) => {
+                    if up_since.elapsed() >= STAYED_UP {
+                        delay = RESTART_DELAY_MIN;
+                    }
+                    tracing::error!(
+                        %status,
+                        data_dir = %self.data_dir.display(),
+                        log = %log_tail(&self.log_path),
+                        retry_in = ?delay,
+                        "the private PostgreSQL exited on its own; starting it again"
+                    );
+                    self.child = None;
+                }
+                Err(error) => {
+                    // Not expected for a child of ours; keep looking.
+                    tracing::warn!(%error, "could not check on the private PostgreSQL");
+                    tokio::time::sleep(EXIT_CHECK_INTERVAL).await;
+                }
+            }
+        }
+    }
+
+    /// Starts the postmaster after it exited and waits until it accepts
+    /// connections. On a timeout the postmaster is left running.
+    async fn start_again(&mut self) -> Result<(), LocalPostgresError> {
+        self.spawn()?;
+        self.wait_until_ready().await
     }
 
     /// A URL for `database` on this cluster, as the `postgres` superuser.
@@ -330,7 +417,7 @@ impl LocalPostgres {
         let _ = child.wait();
     }
 
-    async fn wait_until_ready(&mut self, log_path: &Path) -> Result<(), LocalPostgresError> {
+    async fn wait_until_ready(&mut self) -> Result<(), LocalPostgresError> {
         let url = self.url("postgres");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -340,8 +427,8 @@ impl LocalPostgres {
                 self.child = None;
                 return Err(LocalPostgresError::Start(format!(
                     "it exited with {status}; its log ({}) ends with: {}",
-                    log_path.display(),
-                    log_tail(log_path)
+                    self.log_path.display(),
+                    log_tail(&self.log_path)
                 )));
             }
             if AsyncPgConnection::establish(&url).await.is_ok() {
@@ -350,7 +437,7 @@ impl LocalPostgres {
             if Instant::now() > deadline {
                 return Err(LocalPostgresError::Start(format!(
                     "not accepting connections after 60 s; see {}",
-                    log_path.display()
+                    self.log_path.display()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

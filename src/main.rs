@@ -31,13 +31,20 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
-    let database = Database::resolve(&args.database).await?;
-    let served = async {
+    let mut database = Database::resolve(&args.database).await?;
+    let built = async {
         database.prepare(!args.skip_migrations).await?;
-        let app = Application::build(args.settings(database.app_url.clone())?).await?;
-        app.run_until(startup::shutdown_signal()).await
+        Application::build(args.settings(database.app_url.clone())?).await
     }
     .await;
+    let served = match built {
+        Ok(app) => {
+            database
+                .supervise(app.run_until(startup::shutdown_signal()))
+                .await
+        }
+        Err(error) => Err(error),
+    };
     database.close().await;
     served
 }

@@ -124,6 +124,21 @@ impl Database {
         Ok(())
     }
 
+    /// Runs `serving` to its end. Meanwhile a private cluster that exits on
+    /// its own is started again (see [`LocalPostgres::keep_running`]): it is
+    /// polled here, in the caller's task, because the kernel's order to stop
+    /// PostgreSQL when convo dies follows the thread that started it, and
+    /// `convo serve` runs this on its main thread.
+    pub async fn supervise<T>(&mut self, serving: impl Future<Output = T>) -> T {
+        let Some(local) = self.local.as_mut() else {
+            return serving.await;
+        };
+        tokio::select! {
+            served = serving => served,
+            never = local.keep_running() => match never {},
+        }
+    }
+
     /// Stops the private cluster, if convo started one.
     pub async fn close(self) {
         if let Some(local) = self.local {

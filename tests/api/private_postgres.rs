@@ -1,8 +1,8 @@
 //! The private PostgreSQL of `convo serve` (no DATABASE_URL): reachable only
-//! by convo's own account (and root and postgres), gone when convo dies,
-//! recovered after a hard kill, and usable as root from a checkout under a
-//! private home directory. Tests that need root (to act as another OS user)
-//! say so and skip otherwise.
+//! by convo's own account (and root and postgres), started again when it dies
+//! under a running convo, gone when convo dies, recovered after a hard kill,
+//! and usable as root from a checkout under a private home directory. Tests
+//! that need root (to act as another OS user) say so and skip otherwise.
 
 use std::{
     net::SocketAddr,
@@ -178,6 +178,95 @@ async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_nex
     );
     create_conversation(addr).await;
     stop_and_read_log(&mut server).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `message` as a request from alice.
+fn as_alice<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-user-id", "alice".parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_postgres_that_dies_is_started_again_with_everything_it_committed() {
+    let data_dir = scratch_dir("convo-restart");
+    let (mut server, addr) = serve(&std::env::temp_dir(), Some(&data_dir)).await;
+    let channel = channel_to(addr).await;
+    let mut client =
+        proto::conversation_service_client::ConversationServiceClient::new(channel.clone());
+    let conversation = create_conversation(addr).await;
+    let append = |content: &str| {
+        as_alice(proto::AppendMessageRequest {
+            conversation_id: conversation.id.clone(),
+            role: proto::Role::User as i32,
+            content: content.to_owned(),
+            ..Default::default()
+        })
+    };
+    client.append_message(append("before")).await.unwrap();
+
+    // As the OOM killer would: no shutdown, no checkpoint.
+    let postmaster = postmaster_pid(&data_dir).expect("the cluster runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    // Calls fail as in any outage until convo has started PostgreSQL again;
+    // then the acknowledged message is there and appends go on after it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resumed = loop {
+        let request = as_alice(proto::ResumeConversationRequest {
+            conversation_id: conversation.id.clone(),
+            max_messages: 10,
+        });
+        match client.resume_conversation(request).await {
+            Ok(resumed) => break resumed.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "PostgreSQL was not started again: {status:?}"
+                );
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let contents: Vec<_> = resumed
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(contents, ["before"]);
+    let after = client.append_message(append("after")).await.unwrap();
+    assert_eq!(after.into_inner().sequence, 2);
+    crate::helpers::wait_for_health(
+        channel,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+
+    let restarted = postmaster_pid(&data_dir).expect("the cluster runs again");
+    assert_ne!(restarted, postmaster);
+    assert!(alive(restarted));
+    let log = stop_and_read_log(&mut server).await;
+    assert!(
+        log.contains("the private PostgreSQL exited on its own"),
+        "{log}"
+    );
+    // The new postmaster stops with convo, as the first one would have.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(restarted) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted postmaster outlived convo"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
