@@ -126,6 +126,15 @@ fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
+/// Waits up to 20 s for process `pid` to be gone; `why` fails the test if not.
+async fn assert_exits_soon(pid: i32, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "{why}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_next_start() {
     let data_dir = scratch_dir("convo-orphan");
@@ -138,14 +147,11 @@ async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_nex
     // A hard kill leaves convo no chance to stop PostgreSQL itself.
     server.start_kill().unwrap();
     server.wait().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(postmaster) {
-        assert!(
-            Instant::now() < deadline,
-            "the postmaster outlived the convo that started it"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+    assert_exits_soon(
+        postmaster,
+        "the postmaster outlived the convo that started it",
+    )
+    .await;
 
     // A postmaster left running on the directory (here started by hand, as a
     // convo without the kernel's help would leave it) is stopped at the
@@ -259,14 +265,7 @@ async fn a_private_postgres_that_dies_is_started_again_with_everything_it_commit
         "{log}"
     );
     // The new postmaster stops with convo, as the first one would have.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while alive(restarted) {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted postmaster outlived convo"
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
+    assert_exits_soon(restarted, "the restarted postmaster outlived convo").await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
