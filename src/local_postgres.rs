@@ -53,6 +53,12 @@ pub enum LocalPostgresError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{} is in use by another convo (process {pid}): stop it first, or give this one \
+         another --data-dir",
+        data_dir.display()
+    )]
+    InUse { data_dir: PathBuf, pid: i32 },
     #[error("initdb failed: {0}")]
     Initdb(String),
     #[error("PostgreSQL did not start: {0}")]
@@ -173,7 +179,7 @@ impl LocalPostgres {
         if !data_dir.join("PG_VERSION").exists() {
             initdb(&bin_dir, &data_dir, run_as)?;
         }
-        stop_stale_postmaster(&data_dir).await;
+        stop_leftover_postmaster(&data_dir).await?;
 
         let (endpoint, own_socket_dir) = match options.access {
             Access::Loopback { port } => {
@@ -431,7 +437,13 @@ impl LocalPostgres {
                     log_tail(&self.log_path)
                 )));
             }
-            if AsyncPgConnection::establish(&url).await.is_ok() {
+            // Ready when it answers and is the postmaster of the directory:
+            // a socket answering for another one (which holds the directory,
+            // so this one will exit) does not count.
+            if AsyncPgConnection::establish(&url).await.is_ok()
+                && self.child.as_ref().map(|child| child.id() as i32)
+                    == postmaster_pid(&self.data_dir)
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -588,27 +600,21 @@ fn die_with_this_process(command: &mut Command) {
 
 /// Stops a postmaster that an earlier convo left running on this data
 /// directory (it was killed too hard to stop it), so this start can proceed.
-/// Only a `postgres` process whose `-D` is this very directory is touched.
-async fn stop_stale_postmaster(data_dir: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(pid_file) = fs::read_to_string(data_dir.join("postmaster.pid")) else {
-        return;
+/// Only a `postgres` process whose `-D` is this very directory is touched,
+/// and not one that a running convo started: that convo is still using it,
+/// and this start is refused instead.
+async fn stop_leftover_postmaster(data_dir: &Path) -> Result<(), LocalPostgresError> {
+    let Some(pid) = postmaster_pid(data_dir) else {
+        return Ok(());
     };
-    let Some(pid) = pid_file
-        .lines()
-        .next()
-        .and_then(|line| line.trim().parse::<i32>().ok())
-    else {
-        return;
-    };
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = args.first().is_some_and(|a| a.ends_with(b"postgres"))
-        && args
-            .windows(2)
-            .any(|w| w[0] == b"-D" && Path::new(std::ffi::OsStr::from_bytes(w[1])) == data_dir);
-    if !ours {
-        return;
+    if !serves(pid, data_dir) {
+        return Ok(());
+    }
+    if let Some(owner) = parent_convo(pid) {
+        return Err(LocalPostgresError::InUse {
+            data_dir: data_dir.to_owned(),
+            pid: owner,
+        });
     }
     tracing::warn!(
         pid,
@@ -626,6 +632,44 @@ async fn stop_stale_postmaster(data_dir: &Path) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// The process id in the data directory's `postmaster.pid`, if there is one.
+fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` is a `postgres` whose `-D` is `data_dir`.
+fn serves(pid: i32, data_dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.first().is_some_and(|a| a.ends_with(b"postgres"))
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"-D" && Path::new(std::ffi::OsStr::from_bytes(w[1])) == data_dir)
+}
+
+/// The process that started `pid`, when it is a running convo other than
+/// this one (its name, in `/proc/<pid>/comm`, is readable by every account).
+fn parent_convo(pid: i32) -> Option<i32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let parent: i32 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let name = fs::read_to_string(format!("/proc/{parent}/comm")).ok()?;
+    (name.trim_end() == "convo" && u32::try_from(parent).ok()? != std::process::id())
+        .then_some(parent)
 }
 
 fn initdb(

@@ -1,8 +1,9 @@
 //! The private PostgreSQL of `convo serve` (no DATABASE_URL): reachable only
 //! by convo's own account (and root and postgres), started again when it dies
-//! under a running convo, gone when convo dies, recovered after a hard kill,
-//! and usable as root from a checkout under a private home directory. Tests
-//! that need root (to act as another OS user) say so and skip otherwise.
+//! under a running convo, never taken from a running convo by a second one,
+//! gone when convo dies, recovered after a hard kill, and usable as root
+//! from a checkout under a private home directory. Tests that need root (to
+//! act as another OS user) say so and skip otherwise.
 
 use std::{
     net::SocketAddr,
@@ -187,6 +188,56 @@ async fn the_postmaster_dies_with_convo_and_a_leftover_one_is_stopped_at_the_nex
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_convo_on_the_same_data_directory_is_refused_and_the_first_keeps_serving() {
+    let data_dir = scratch_dir("convo-shared");
+    let (mut first, addr) = serve(&std::env::temp_dir(), Some(&data_dir)).await;
+    let postmaster = postmaster_pid(&data_dir).expect("the cluster runs");
+
+    let second = crate::helpers::convo_binary()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second convo serve is refused, not left serving")
+        .expect("run a second convo serve");
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("is in use by another convo")
+            && said.contains(&format!("(process {})", first.id().unwrap())),
+        "{said}"
+    );
+
+    // The first one's PostgreSQL was left alone.
+    assert_eq!(postmaster_pid(&data_dir), Some(postmaster));
+    create_conversation(addr).await;
+    let log = stop_and_read_log(&mut first).await;
+    assert!(!log.contains("exited on its own"), "{log}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// The answer of `call`, repeated while it fails with UNAVAILABLE, for up
+/// to 30 s.
+async fn until_available<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(answer) => return answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "still unavailable: {status:?}");
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// `message` as a request from alice.
 fn as_alice<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -209,6 +260,7 @@ async fn a_private_postgres_that_dies_is_started_again_with_everything_it_commit
             conversation_id: conversation.id.clone(),
             role: proto::Role::User as i32,
             content: content.to_owned(),
+            request_id: content.to_owned(),
             ..Default::default()
         })
     };
@@ -221,44 +273,53 @@ async fn a_private_postgres_that_dies_is_started_again_with_everything_it_commit
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-
-    // Calls fail as in any outage until convo has started PostgreSQL again;
-    // then the acknowledged message is there and appends go on after it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let resumed = loop {
+    let restarted = loop {
+        match postmaster_pid(&data_dir) {
+            Some(pid) if pid != postmaster && alive(pid) => break pid,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "PostgreSQL was not started again"
+                );
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // Calls fail as in any outage (a pooled session of the dead cluster is
+    // found dead when used) and succeed on retry, as a client retries
+    // UNAVAILABLE: the acknowledged message is there and appends go on
+    // after it.
+    let resumed = until_available(|| {
+        let mut client = client.clone();
         let request = as_alice(proto::ResumeConversationRequest {
             conversation_id: conversation.id.clone(),
             max_messages: 10,
         });
-        match client.resume_conversation(request).await {
-            Ok(resumed) => break resumed.into_inner(),
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                assert!(
-                    Instant::now() < deadline,
-                    "PostgreSQL was not started again: {status:?}"
-                );
-                sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+        async move { client.resume_conversation(request).await }
+    })
+    .await;
     let contents: Vec<_> = resumed
         .messages
         .iter()
         .map(|m| m.content.as_str())
         .collect();
     assert_eq!(contents, ["before"]);
-    let after = client.append_message(append("after")).await.unwrap();
-    assert_eq!(after.into_inner().sequence, 2);
+    let after = until_available(|| {
+        let mut client = client.clone();
+        let request = append("after");
+        async move { client.append_message(request).await }
+    })
+    .await;
+    assert_eq!(after.sequence, 2);
     crate::helpers::wait_for_health(
         channel,
         tonic_health::pb::health_check_response::ServingStatus::Serving,
     )
     .await;
 
-    let restarted = postmaster_pid(&data_dir).expect("the cluster runs again");
-    assert_ne!(restarted, postmaster);
-    assert!(alive(restarted));
+    assert_eq!(postmaster_pid(&data_dir), Some(restarted));
     let log = stop_and_read_log(&mut server).await;
     assert!(
         log.contains("the private PostgreSQL exited on its own"),
