@@ -10,10 +10,11 @@
 //! way in is a Unix socket inside the data directory (or a private directory
 //! of its own), which is mode 0700, so no other local account can connect.
 //! The postmaster is told to stop when convo dies, and one left behind by a
-//! hard kill is stopped at the next start; one that dies while `convo serve`
-//! runs is started again ([`LocalPostgres::keep_running`]). [`Access::Loopback`] listens on a
-//! 127.0.0.1 port, for the tests and the benchmark suite, whose clusters are
-//! throwaway.
+//! hard kill is stopped at the next start (one a running convo started is
+//! not: that start is refused); one that dies while `convo serve` runs is
+//! started again ([`LocalPostgres::keep_running`]). [`Access::Loopback`]
+//! listens on a 127.0.0.1 port, for the tests and the benchmark suite, whose
+//! clusters are throwaway.
 
 use std::{
     fs,
