@@ -636,8 +636,9 @@ async fn stop_leftover_postmaster(data_dir: &Path) -> Result<(), LocalPostgresEr
     Ok(())
 }
 
-/// The process id in the data directory's `postmaster.pid`, if there is one.
-fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+/// The process id in the data directory's `postmaster.pid`, if there is one
+/// (the tests read it too).
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     fs::read_to_string(data_dir.join("postmaster.pid"))
         .ok()?
         .lines()

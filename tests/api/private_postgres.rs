@@ -15,7 +15,7 @@ use std::{
 
 use convo::{
     grpc::proto,
-    local_postgres::{self, Access, LocalPostgres, LocalPostgresOptions},
+    local_postgres::{self, Access, LocalPostgres, LocalPostgresOptions, postmaster_pid},
 };
 use nix::unistd::{Uid, User};
 use tokio::time::sleep;
@@ -111,16 +111,6 @@ async fn create_conversation(addr: SocketAddr) -> proto::Conversation {
         .await
         .expect("create a conversation")
         .into_inner()
-}
-
-fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 fn alive(pid: i32) -> bool {
