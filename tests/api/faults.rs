@@ -30,6 +30,7 @@ use crate::{
     helpers::{
         Client, TestApp, UserHeader, append, assert_stored, create, expect_code,
         expect_unavailable_within, health, on_citus, spawn_appends, test_settings, wait_for_health,
+        written_sequences,
     },
 };
 
@@ -431,16 +432,22 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
     }
 
     holder.batch_execute("ROLLBACK").await.unwrap();
-    let mut sequences = Vec::new();
-    for append in appends {
-        let stored = append
-            .await
-            .unwrap()
-            .expect("every queued append is written");
-        sequences.push(stored.into_inner().sequence);
-    }
-    sequences.sort_unstable();
-    assert_eq!(sequences, (1..=8).collect::<Vec<i64>>());
+    assert_eq!(
+        written_sequences(appends).await,
+        (1..=8).collect::<Vec<i64>>()
+    );
+}
+
+/// A server whose calls wait 300 ms for a locked row, and alice's
+/// conversation on it, whose row a transaction of the test's holds.
+async fn locked_conversation() -> (TestApp, Client, proto::Conversation, AsyncPgConnection) {
+    let app =
+        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
+            .await;
+    let mut alice = app.client("alice");
+    let created = create(&mut alice, "locked").await;
+    let holder = app.db.hold_row("alice", &created.id).await;
+    (app, alice, created, holder)
 }
 
 /// An append waiting in the server for its turn waits no longer than one
@@ -448,20 +455,11 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
 /// the same retryable answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_queued_behind_a_held_row_give_up_at_the_lock_timeout() {
-    let app =
-        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
-            .await;
-    let mut alice = app.client("alice");
-    let created = create(&mut alice, "locked").await;
-    let mut holder = app.db.hold_row("alice", &created.id).await;
+    let (app, mut alice, created, mut holder) = locked_conversation().await;
     let started = Instant::now();
     let appends = spawn_appends(&app, "alice", &created.id, 4);
     for append in appends {
-        let status = expect_code(append.await.unwrap(), Code::Unavailable);
-        assert_eq!(
-            status.message(),
-            "storage is temporarily unavailable; retry with backoff"
-        );
+        expect_unavailable_within(Duration::from_secs(2), async { append.await.unwrap() }).await;
     }
     // Two lock timeouts at the most: a turn's wait, then the row's.
     assert!(
@@ -475,29 +473,13 @@ async fn appends_queued_behind_a_held_row_give_up_at_the_lock_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lock_held_elsewhere_cannot_wedge_a_call() {
-    let app =
-        TestApp::spawn_with(|settings| settings.pool.lock_timeout = Duration::from_millis(300))
-            .await;
-    let mut alice = app.client("alice");
-    let created = create(&mut alice, "locked").await;
-    let mut holder = app.db.hold_row("alice", &created.id).await;
+    let (_app, mut alice, created, mut holder) = locked_conversation().await;
 
-    let started = Instant::now();
-    let status = expect_code(
-        alice
-            .append_message(append_request(&created.id, "blocked", "k1"))
-            .await,
-        Code::Unavailable,
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        status.message(),
-        "storage is temporarily unavailable; retry with backoff"
-    );
+    expect_unavailable_within(
+        Duration::from_secs(2),
+        alice.append_message(append_request(&created.id, "blocked", "k1")),
+    )
+    .await;
 
     // With a longer lock_timeout, the client's own deadline still ends the call.
     holder.batch_execute("ROLLBACK").await.unwrap();

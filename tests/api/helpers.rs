@@ -904,6 +904,23 @@ pub fn spawn_appends(
         .collect()
 }
 
+/// Awaits appends started by [`spawn_appends`], every one of which must be
+/// written, and returns their sequences in ascending order.
+pub async fn written_sequences(
+    appends: Vec<tokio::task::JoinHandle<Result<tonic::Response<proto::Message>, Status>>>,
+) -> Vec<i64> {
+    let mut sequences = Vec::with_capacity(appends.len());
+    for append in appends {
+        let stored = append
+            .await
+            .expect("the append's task")
+            .expect("every queued append is written");
+        sequences.push(stored.into_inner().sequence);
+    }
+    sequences.sort_unstable();
+    sequences
+}
+
 pub async fn append_many(client: &mut Client, conversation_id: &str, n: usize) {
     let mut next = 1;
     while next <= n {

@@ -16,6 +16,7 @@ use crate::{
     helpers::{
         TestApp, UserHeader, append, append_many, assert_metric_at_least, channel_to, create,
         metric, spawn_appends, start_convo, stop_and_read_json_log, stop_and_read_log, watch,
+        written_sequences,
     },
 };
 
@@ -115,16 +116,7 @@ async fn metrics_count_calls_by_code_and_follow_pool_and_watchers() {
         sleep(Duration::from_millis(50)).await;
     }
     holder.batch_execute("ROLLBACK").await.unwrap();
-    let mut sequences = Vec::new();
-    for append in appends {
-        let stored = append
-            .await
-            .unwrap()
-            .expect("every queued append is written");
-        sequences.push(stored.into_inner().sequence);
-    }
-    sequences.sort_unstable();
-    assert_eq!(sequences, vec![1, 2, 3]);
+    assert_eq!(written_sequences(appends).await, vec![1, 2, 3]);
 }
 
 #[tokio::test]

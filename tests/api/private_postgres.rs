@@ -102,12 +102,8 @@ async fn serve(cwd: &Path, data_dir: Option<&Path>) -> (tokio::process::Child, S
 async fn create_conversation(addr: SocketAddr) -> proto::Conversation {
     let channel = channel_to(addr).await;
     let mut client = proto::conversation_service_client::ConversationServiceClient::new(channel);
-    let mut request = tonic::Request::new(proto::CreateConversationRequest::default());
-    request
-        .metadata_mut()
-        .insert("x-user-id", "alice".parse().unwrap());
     client
-        .create_conversation(request)
+        .create_conversation(as_alice(proto::CreateConversationRequest::default()))
         .await
         .expect("create a conversation")
         .into_inner()
