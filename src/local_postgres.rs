@@ -124,8 +124,6 @@ pub struct LocalPostgres {
     bin_dir: PathBuf,
     run_as: Option<RunAs>,
     fsync: bool,
-    access: Access,
-    log_path: PathBuf,
 }
 
 /// How often [`LocalPostgres::keep_running`] looks whether the postmaster is
@@ -215,14 +213,12 @@ impl LocalPostgres {
         };
         let mut cluster = Self {
             child: None,
-            log_path: data_dir.join("convo-postgres.log"),
             data_dir,
             endpoint,
             own_socket_dir,
             bin_dir,
             run_as,
             fsync: options.fsync,
-            access: options.access,
         };
         cluster.spawn()?;
         cluster.wait_until_ready().await?;
@@ -232,11 +228,12 @@ impl LocalPostgres {
     /// Starts the postmaster on the cluster's data directory and endpoint;
     /// its output goes to `convo-postgres.log` there.
     fn spawn(&mut self) -> Result<(), LocalPostgresError> {
+        let log_path = self.log_path();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log_path)
-            .map_err(io(format!("opening {}", self.log_path.display())))?;
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
         let log_err = log.try_clone().map_err(io("duplicating the log handle"))?;
         let postgres = self.bin_dir.join("postgres");
         let mut command = Command::new(&postgres);
@@ -271,7 +268,8 @@ impl LocalPostgres {
         if let Some(user) = self.run_as {
             command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         }
-        if self.access == Access::Private {
+        // A socket is the private kind's only way in (see Access).
+        if matches!(self.endpoint, Endpoint::Socket { .. }) {
             die_with_this_process(&mut command);
         }
         let child = command
@@ -323,7 +321,7 @@ impl LocalPostgres {
                     tracing::error!(
                         %status,
                         data_dir = %self.data_dir.display(),
-                        log = %log_tail(&self.log_path),
+                        log = %log_tail(&self.log_path()),
                         retry_in = ?delay,
                         "the private PostgreSQL exited on its own; starting it again"
                     );
@@ -378,6 +376,12 @@ impl LocalPostgres {
         &self.data_dir
     }
 
+    /// Where PostgreSQL's own output goes: `convo-postgres.log` in the data
+    /// directory.
+    fn log_path(&self) -> PathBuf {
+        self.data_dir.join("convo-postgres.log")
+    }
+
     /// The postmaster's process id, while it runs. Test support: the test
     /// process stops its cluster from an exit hook.
     #[doc(hidden)]
@@ -426,6 +430,7 @@ impl LocalPostgres {
 
     async fn wait_until_ready(&mut self) -> Result<(), LocalPostgresError> {
         let url = self.url("postgres");
+        let log_path = self.log_path();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(child) = self.child.as_mut()
@@ -434,8 +439,8 @@ impl LocalPostgres {
                 self.child = None;
                 return Err(LocalPostgresError::Start(format!(
                     "it exited with {status}; its log ({}) ends with: {}",
-                    self.log_path.display(),
-                    log_tail(&self.log_path)
+                    log_path.display(),
+                    log_tail(&log_path)
                 )));
             }
             // Ready when it answers and is the postmaster of the directory:
@@ -450,7 +455,7 @@ impl LocalPostgres {
             if Instant::now() > deadline {
                 return Err(LocalPostgresError::Start(format!(
                     "not accepting connections after 60 s; see {}",
-                    self.log_path.display()
+                    log_path.display()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
