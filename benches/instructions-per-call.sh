@@ -60,22 +60,27 @@ wait "$bench_pid"
 python3 - "$rpc" "$out"/out.*.* <<'PY'
 import re, sys
 rpc, files = sys.argv[1], sys.argv[2:]
-handler = ("<convo::grpc::handlers::ConversationApi as "
-           f"convo::grpc::proto::conversation_service_server::ConversationService>::{rpc}")
-total = calls = 0
+# A call is an entry into the handler method, or, where the build inlined
+# it (LTO), into the request parser's method of the same name.
+entries = [("<convo::grpc::handlers::ConversationApi as "
+            f"convo::grpc::proto::conversation_service_server::ConversationService>::{rpc}"),
+           f"convo::grpc::parse::Parser::{rpc}"]
+total, counted = 0, dict.fromkeys(entries, 0)
 for path in files:
-    names, counting = {}, False
+    names, counting = {}, None
     for line in open(path):
         m = re.match(r"c?fn=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
         if m:
             if m.group(2):
                 names[m.group(1)] = m.group(2)
-            counting = line.startswith("cfn=") and names.get(m.group(1)) == handler
+            name = names.get(m.group(1))
+            counting = name if line.startswith("cfn=") and name in counted else None
         elif line.startswith("calls=") and counting:
-            calls += int(line.split("=")[1].split()[0])
-            counting = False
+            counted[counting] += int(line.split("=")[1].split()[0])
+            counting = None
         elif line.startswith("summary: "):
             total += int(line.split()[1])
+calls = next((n for n in counted.values() if n), 0)
 if not calls:
     sys.exit(f"no call of {rpc} in the window: is the workload's RPC {rpc}?")
 print(f"{rpc}: {calls} calls, {total / calls:,.0f} server instructions per call")
