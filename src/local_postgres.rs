@@ -26,7 +26,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use diesel_async::{AsyncConnection, AsyncPgConnection};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::{Gid, Pid, Uid, User, chown},
@@ -395,6 +394,21 @@ impl LocalPostgres {
         self.stop_with(Signal::SIGINT).await;
     }
 
+    /// Shutdown once convo is done with it: a smart shutdown first, which
+    /// lets the sessions still closing behind convo's last tasks end on
+    /// their own instead of being terminated with an error line each in the
+    /// log; after [`SESSIONS_GRACE`] (someone else's session still open), a
+    /// fast one, as [`stop`](Self::stop).
+    pub async fn shut_down(mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            if exited_within(child, SESSIONS_GRACE).await {
+                self.child = None;
+            }
+        }
+        self.stop_with(Signal::SIGINT).await;
+    }
+
     /// Immediate shutdown, as in a crash: no checkpoint; the next start runs
     /// crash recovery from the WAL. Test support: the fault harness crashes
     /// the database with it.
@@ -416,12 +430,8 @@ impl LocalPostgres {
         };
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, signal);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if exited_within(&mut child, Duration::from_secs(30)).await {
+            return;
         }
         tracing::warn!("PostgreSQL did not stop within 30 s; killing it");
         let _ = child.kill();
@@ -429,7 +439,6 @@ impl LocalPostgres {
     }
 
     async fn wait_until_ready(&mut self) -> Result<(), LocalPostgresError> {
-        let url = self.url("postgres");
         let log_path = self.log_path();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -443,13 +452,16 @@ impl LocalPostgres {
                     log_tail(&log_path)
                 )));
             }
-            // Ready when it answers and is the postmaster of the directory:
-            // a socket answering for another one (which holds the directory,
-            // so this one will exit) does not count.
-            if AsyncPgConnection::establish(&url).await.is_ok()
-                && self.child.as_ref().map(|child| child.id() as i32)
-                    == postmaster_pid(&self.data_dir)
-            {
+            // Ready when the directory's postmaster is the one we started
+            // (another one holding the directory makes ours exit) and says
+            // so in `postmaster.pid`, as pg_ctl reads it. Probing with a
+            // connection left a line in the log for every attempt that came
+            // too early or hung up before reading the whole greeting.
+            let ready = self
+                .child
+                .as_ref()
+                .is_some_and(|child| postmaster_ready(&self.data_dir, child.id() as i32));
+            if ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -644,13 +656,42 @@ async fn stop_leftover_postmaster(data_dir: &Path) -> Result<(), LocalPostgresEr
 /// The process id in the data directory's `postmaster.pid`, if there is one
 /// (the tests read it too).
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
-    fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+    pid_line(&fs::read_to_string(data_dir.join("postmaster.pid")).ok()?)
+}
+
+/// The process id on the first line of a `postmaster.pid`.
+fn pid_line(file: &str) -> Option<i32> {
+    file.lines().next()?.trim().parse().ok()
+}
+
+/// How long [`LocalPostgres::shut_down`] lets sessions end on their own.
+const SESSIONS_GRACE: Duration = Duration::from_secs(1);
+
+/// Whether `child` exits within `limit`.
+async fn exited_within(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether postmaster `pid` wrote the directory's `postmaster.pid` and
+/// accepts connections: the file's eighth line holds its status, padded with
+/// spaces (`starting`, `stopping`, `ready` or `standby`; PostgreSQL 10 and
+/// later, and convo needs 13). The line is missing while the file is being
+/// written at start.
+fn postmaster_ready(data_dir: &Path, pid: i32) -> bool {
+    fs::read_to_string(data_dir.join("postmaster.pid")).is_ok_and(|file| says_ready(&file, pid))
+}
+
+fn says_ready(file: &str, pid: i32) -> bool {
+    pid_line(file) == Some(pid) && file.lines().nth(7).map(str::trim) == Some("ready")
 }
 
 /// Whether process `pid` is a `postgres` whose `-D` is `data_dir`.
@@ -729,4 +770,40 @@ fn log_tail(path: &Path) -> String {
     };
     let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says_ready;
+
+    /// As PostgreSQL 15 writes it, with the status padded to eight columns.
+    fn pid_file(pid: i32, status: &str) -> String {
+        format!(
+            "{pid}\n/var/lib/convo/data\n1796321606\n5432\n/var/lib/convo/data\n\n   729204         4\n{status:<8}\n"
+        )
+    }
+
+    #[test]
+    fn only_a_ready_status_line_of_our_postmaster_means_ready() {
+        assert!(says_ready(&pid_file(2285, "ready"), 2285));
+        for status in ["starting", "stopping", "standby"] {
+            assert!(!says_ready(&pid_file(2285, status), 2285), "{status}");
+        }
+        assert!(
+            !says_ready(&pid_file(2285, "ready"), 77),
+            "another postmaster's file"
+        );
+    }
+
+    #[test]
+    fn a_file_still_being_written_is_not_ready() {
+        let file = pid_file(2285, "ready");
+        let partial: String = file
+            .lines()
+            .take(7)
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert!(!says_ready(&partial, 2285));
+        assert!(!says_ready("", 2285));
+    }
 }

@@ -142,7 +142,7 @@ impl Database {
     /// Stops the private cluster, if convo started one.
     pub async fn close(self) {
         if let Some(local) = self.local {
-            local.stop().await;
+            local.shut_down().await;
             tracing::info!("private PostgreSQL stopped");
         }
     }
