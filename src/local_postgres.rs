@@ -391,7 +391,7 @@ impl LocalPostgres {
     /// Fast shutdown: ends sessions, checkpoints and exits. Waits up to 30 s,
     /// then kills the process.
     pub async fn stop(self) {
-        self.stop_with(Signal::SIGINT).await;
+        self.stop_with(&[(Signal::SIGINT, STOP_LIMIT)]).await;
     }
 
     /// Shutdown once convo is done with it: a smart shutdown first, which
@@ -399,14 +399,12 @@ impl LocalPostgres {
     /// their own instead of being terminated with an error line each in the
     /// log; after [`SESSIONS_GRACE`] (someone else's session still open), a
     /// fast one, as [`stop`](Self::stop).
-    pub async fn shut_down(mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            if exited_within(child, SESSIONS_GRACE).await {
-                self.child = None;
-            }
-        }
-        self.stop_with(Signal::SIGINT).await;
+    pub async fn shut_down(self) {
+        self.stop_with(&[
+            (Signal::SIGTERM, SESSIONS_GRACE),
+            (Signal::SIGINT, STOP_LIMIT),
+        ])
+        .await;
     }
 
     /// Immediate shutdown, as in a crash: no checkpoint; the next start runs
@@ -414,28 +412,22 @@ impl LocalPostgres {
     /// the database with it.
     #[doc(hidden)]
     pub async fn stop_immediately(self) {
-        self.stop_with(Signal::SIGQUIT).await;
+        self.stop_with(&[(Signal::SIGQUIT, STOP_LIMIT)]).await;
     }
 
-    async fn stop_with(mut self, signal: Signal) {
-        self.stop_child(signal).await;
+    /// Sends the postmaster each signal in turn until it exits within the
+    /// signal's limit, and kills it if it still runs after the last.
+    async fn stop_with(mut self, steps: &[(Signal, Duration)]) {
+        if let Some(mut child) = self.child.take()
+            && !stops_after(&mut child, steps).await
+        {
+            tracing::warn!("PostgreSQL did not stop; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if let Some(dir) = self.own_socket_dir.take() {
             let _ = fs::remove_dir_all(dir);
         }
-    }
-
-    async fn stop_child(&mut self, signal: Signal) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = kill(pid, signal);
-        if exited_within(&mut child, Duration::from_secs(30)).await {
-            return;
-        }
-        tracing::warn!("PostgreSQL did not stop within 30 s; killing it");
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     async fn wait_until_ready(&mut self) -> Result<(), LocalPostgresError> {
@@ -666,6 +658,22 @@ fn pid_line(file: &str) -> Option<i32> {
 
 /// How long [`LocalPostgres::shut_down`] lets sessions end on their own.
 const SESSIONS_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a shutdown may take before the postmaster is killed.
+const STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Whether `child` exits after one of `steps`: a signal sent, then how long
+/// to wait for it to take effect.
+async fn stops_after(child: &mut Child, steps: &[(Signal, Duration)]) -> bool {
+    let pid = Pid::from_raw(child.id() as i32);
+    for &(signal, limit) in steps {
+        let _ = kill(pid, signal);
+        if exited_within(child, limit).await {
+            return true;
+        }
+    }
+    false
+}
 
 /// Whether `child` exits within `limit`.
 async fn exited_within(child: &mut Child, limit: Duration) -> bool {
