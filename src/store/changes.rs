@@ -468,7 +468,7 @@ async fn listen(target: Result<DatabaseTarget, String>, shared: Arc<Shared>) {
     };
     let mut delay = Duration::from_millis(50);
     loop {
-        match super::pool::connect(&target, CONNECT_TIMEOUT).await {
+        match super::pool::connect_listening(&target, CONNECT_TIMEOUT).await {
             Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
                 Ok(()) => {
                     delay = Duration::from_millis(50);

@@ -8,7 +8,7 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use super::pool::OneRow;
+use super::{pool::OneRow, tls::Opened};
 
 /// The schema, compiled into the binary so `convo serve` and `convo migrate`
 /// need nothing but a database URL. Diesel's harness keeps the books
@@ -99,10 +99,39 @@ pub(super) fn quote_literal(text: &str) -> String {
 }
 
 /// One connection as the URL asks (TLS included; see `store/tls.rs`).
-pub(super) async fn connect(database_url: &str) -> Result<AsyncPgConnection, BoxError> {
+async fn connect(database_url: &str) -> Result<Opened, BoxError> {
     Ok(super::tls::DatabaseTarget::parse(database_url)?
         .connect()
         .await?)
+}
+
+/// Runs `work` on a connection of its own, then ends the session, whatever
+/// `work` returned, before this returns: a command such as `convo migrate`
+/// may exit right after, and PostgreSQL's log keeps no broken pipe of it.
+pub(super) async fn with_connection<T>(
+    database_url: &str,
+    work: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, BoxError>,
+) -> Result<T, BoxError> {
+    let mut opened = connect(database_url).await?;
+    let result = work(&mut opened.conn).await;
+    opened.close().await;
+    result
+}
+
+/// [`with_connection`] for diesel's synchronous migration harness, on a
+/// blocking thread (which also keeps it usable from a current-thread
+/// runtime).
+async fn with_blocking_connection<T: Send + 'static>(
+    database_url: &str,
+    work: impl FnOnce(&mut AsyncConnectionWrapper<AsyncPgConnection>) -> Result<T, BoxError>
+    + Send
+    + 'static,
+) -> Result<T, BoxError> {
+    let Opened { conn, ended } = connect(database_url).await?;
+    let result =
+        tokio::task::spawn_blocking(move || work(&mut AsyncConnectionWrapper::from(conn))).await;
+    ended.wait().await;
+    result?
 }
 
 /// The advisory lock key migrations hold (any fixed number unique to convo).
@@ -116,35 +145,33 @@ pub async fn run_pending_migrations(database_url: &str) -> Result<Vec<String>, B
     let applied = apply_pending(database_url).await?;
     // On a distributed cluster, a table a migration added is distributed
     // before any call can write it on the coordinator alone.
-    let mut conn = connect(database_url).await?;
-    if super::distribute::topology(&mut conn).await? == super::Topology::Distributed {
-        let added = super::distribute::distribute_tables(&mut conn, None).await?;
-        for table in added.distributed.iter().chain(&added.reference) {
-            tracing::info!(%table, "distributed a table a migration added");
+    with_connection(database_url, async |conn| {
+        if super::distribute::topology(conn).await? == super::Topology::Distributed {
+            let added = super::distribute::distribute_tables(conn, None).await?;
+            for table in added.distributed.iter().chain(&added.reference) {
+                tracing::info!(%table, "distributed a table a migration added");
+            }
         }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(applied)
 }
 
 /// Applies every pending migration, as diesel's harness does, and returns
 /// the versions applied.
-///
-/// Diesel's migration harness is synchronous, so it runs on a blocking thread
-/// (which also keeps it usable from a current-thread runtime).
 async fn apply_pending(database_url: &str) -> Result<Vec<String>, BoxError> {
-    let conn = connect(database_url).await?;
-    tokio::task::spawn_blocking(move || {
-        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+    with_blocking_connection(database_url, |conn| {
         // Replicas started together migrate one at a time: the others wait
         // here, then find nothing pending. Released with the session.
         diesel::connection::SimpleConnection::batch_execute(
-            &mut conn,
+            conn,
             &format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"),
         )?;
         let applied = conn.run_pending_migrations(Migrations)?;
         Ok(applied.iter().map(ToString::to_string).collect())
     })
-    .await?
+    .await
 }
 
 /// `convo distribute`: applies pending migrations, then distributes convo's
@@ -154,16 +181,18 @@ pub async fn distribute(
     database_url: &str,
     shard_count: Option<u32>,
 ) -> Result<super::Distribution, BoxError> {
-    let mut conn = connect(database_url).await?;
-    if super::distribute::topology(&mut conn).await? == super::Topology::Plain {
-        return Err(
-            "the database has no citus extension: `convo distribute` is for a Citus \
-                    coordinator (plain PostgreSQL needs no distribution step)"
-                .into(),
-        );
-    }
-    apply_pending(database_url).await?;
-    super::distribute::distribute_tables(&mut conn, shard_count).await
+    with_connection(database_url, async |conn| {
+        if super::distribute::topology(conn).await? == super::Topology::Plain {
+            return Err(
+                "the database has no citus extension: `convo distribute` is for a Citus \
+                 coordinator (plain PostgreSQL needs no distribution step)"
+                    .into(),
+            );
+        }
+        apply_pending(database_url).await?;
+        super::distribute::distribute_tables(conn, shard_count).await
+    })
+    .await
 }
 
 /// Gives `role` (created if missing, with LOGIN and nothing else) what the
@@ -174,11 +203,11 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
     let database = percent_decode(url.path().trim_start_matches('/'))?;
     let (role_q, database_q) = (quote_ident(role), quote_ident(&database));
     let role_literal = quote_literal(role);
-    let mut conn = connect(database_url).await?;
-    diesel_async::SimpleAsyncConnection::batch_execute(
-        &mut conn,
-        &format!(
-            "DO $$ BEGIN \
+    with_connection(database_url, async |conn| {
+        Ok(diesel_async::SimpleAsyncConnection::batch_execute(
+            conn,
+            &format!(
+                "DO $$ BEGIN \
                  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {role_literal}) THEN \
                      CREATE ROLE {role_q} LOGIN; \
                  END IF; \
@@ -187,21 +216,20 @@ pub async fn grant_app_role(database_url: &str, role: &str) -> Result<(), BoxErr
              GRANT USAGE ON SCHEMA public TO {role_q}; \
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role_q}; \
              ALTER ROLE {role_q} SET lc_messages = 'C'"
-        ),
-    )
-    .await?;
-    Ok(())
+            ),
+        )
+        .await?)
+    })
+    .await
 }
 
 /// Reverts the most recently applied migration and returns its version.
 pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxError> {
-    let conn = connect(database_url).await?;
-    tokio::task::spawn_blocking(move || {
-        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+    with_blocking_connection(database_url, |conn| {
         let reverted = conn.revert_last_migration(Migrations)?;
         Ok(reverted.to_string())
     })
-    .await?
+    .await
 }
 
 /// Creates the database named in `database_url` if the server does not have it,
@@ -215,28 +243,31 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<bool, BoxE
     }
     let name = percent_decode(&name)?;
     url.set_path("/postgres");
-    let mut admin = connect(url.as_str()).await?;
-    let exists: i64 = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
-        .bind::<diesel::sql_types::Text, _>(&name)
-        .one_row::<Count>(&mut admin)
-        .await?
-        .n;
-    if exists > 0 {
-        return Ok(false);
-    }
-    match diesel::sql_query(format!("CREATE DATABASE {}", quote_ident(&name)))
-        .execute(&mut admin)
-        .await
-    {
-        Ok(_) => Ok(true),
-        // Another replica created it between the check and now.
-        Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            _,
-        )) => Ok(false),
-        Err(error) if error.to_string().contains("already exists") => Ok(false),
-        Err(error) => Err(error.into()),
-    }
+    with_connection(url.as_str(), async |admin| {
+        let exists: i64 =
+            diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+                .bind::<diesel::sql_types::Text, _>(&name)
+                .one_row::<Count>(admin)
+                .await?
+                .n;
+        if exists > 0 {
+            return Ok(false);
+        }
+        match diesel::sql_query(format!("CREATE DATABASE {}", quote_ident(&name)))
+            .execute(admin)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Another replica created it between the check and now.
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            )) => Ok(false),
+            Err(error) if error.to_string().contains("already exists") => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    })
+    .await
 }
 
 #[derive(diesel::QueryableByName)]
@@ -259,13 +290,16 @@ pub async fn ensure_schema_current(database_url: &str) -> Result<(), BoxError> {
         #[diesel(sql_type = diesel::sql_types::Text)]
         version: String,
     }
-    let mut conn = connect(database_url).await?;
-    let applied: Vec<Applied> = diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
-        .load(&mut conn)
-        .await
-        .map_err(|e| {
-            format!("cannot read the applied migrations ({e}): run `convo migrate` first")
-        })?;
+    let applied: Vec<Applied> = with_connection(database_url, async |conn| {
+        diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+            .load(conn)
+            .await
+            .map_err(|e| {
+                format!("cannot read the applied migrations ({e}): run `convo migrate` first")
+                    .into()
+            })
+    })
+    .await?;
     let applied: std::collections::HashSet<String> =
         applied.into_iter().map(|a| a.version).collect();
     let missing: Vec<String> = MigrationSource::<Pg>::migrations(&EMBEDDED)?

@@ -38,12 +38,28 @@ pub(super) fn connect_timeout(settings: &PoolSettings) -> Duration {
     settings.acquire_timeout.max(Duration::from_secs(1))
 }
 
-/// Opens one connection within `timeout`.
+/// Opens one connection within `timeout`, for as long as it is kept: when
+/// it is dropped, its driver ends the session in the background.
 pub(super) async fn connect(
     target: &DatabaseTarget,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, ConnectionError> {
-    match tokio::time::timeout(timeout, target.connect()).await {
+    within(timeout, async { Ok(target.connect().await?.conn) }).await
+}
+
+/// Opens, within `timeout`, a connection that hears notifications.
+pub(super) async fn connect_listening(
+    target: &DatabaseTarget,
+    timeout: Duration,
+) -> Result<AsyncPgConnection, ConnectionError> {
+    within(timeout, target.connect_listening()).await
+}
+
+async fn within<T>(
+    timeout: Duration,
+    connecting: impl Future<Output = Result<T, ConnectionError>>,
+) -> Result<T, ConnectionError> {
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(connected) => connected,
         Err(_) => Err(ConnectionError::BadConnection(format!(
             "no connection within {timeout:?}"

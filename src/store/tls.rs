@@ -10,10 +10,10 @@
 //! taken out of the URL here and the rest of it goes to tokio-postgres; the
 //! TLS itself is rustls (the same as the gRPC server's).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use diesel::{ConnectionError, ConnectionResult};
-use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_async::AsyncPgConnection;
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::{
@@ -22,10 +22,10 @@ use rustls::{
     },
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
-use tokio::io::BufReader;
+use tokio::{io::BufReader, task::JoinHandle};
 use tokio_postgres::{
-    Socket,
-    tls::{MakeTlsConnect, TlsConnect},
+    NoTls, Socket,
+    tls::{MakeTlsConnect, TlsConnect, TlsStream},
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -133,25 +133,61 @@ impl DatabaseTarget {
         })
     }
 
-    /// Opens one connection as the URL asks.
-    pub async fn connect(&self) -> ConnectionResult<AsyncPgConnection> {
-        let Some(tls) = &self.tls else {
-            return AsyncPgConnection::establish(&self.url).await;
-        };
+    /// Opens one connection as the URL asks, driven by a task of ours.
+    ///
+    /// diesel-async's own driver stops the moment the connection is dropped,
+    /// before the statements it prepared are closed, so PostgreSQL answered
+    /// into a closed socket and logged a broken pipe or a reset for every
+    /// session convo ended. Ours carries on until the session has closed
+    /// them and said goodbye (Terminate), as libpq does. It discards
+    /// notifications: the change listener opens its session with
+    /// [`Self::connect_listening`].
+    pub async fn connect(&self) -> ConnectionResult<Opened> {
+        let config = self.config()?;
+        match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
+                Opened::new(client, connection).await
+            }
+            Some(tls) => {
+                let (client, connection) =
+                    config.connect(tls.clone()).await.map_err(bad_connection)?;
+                Opened::new(client, connection).await
+            }
+        }
+    }
+
+    /// Opens one connection driven by diesel-async, which hands over the
+    /// notifications it receives: for a session that LISTENs.
+    pub async fn connect_listening(&self) -> ConnectionResult<AsyncPgConnection> {
+        let config = self.config()?;
+        match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+            Some(tls) => {
+                let (client, connection) =
+                    config.connect(tls.clone()).await.map_err(bad_connection)?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+        }
+    }
+
+    /// tokio-postgres's settings: the URL as given, TLS as its mode asks.
+    fn config(&self) -> ConnectionResult<tokio_postgres::Config> {
         let mut config: tokio_postgres::Config =
             self.url.parse().map_err(|e: tokio_postgres::Error| {
                 ConnectionError::InvalidConnectionUrl(e.to_string())
             })?;
-        config.ssl_mode(if self.mode == SslMode::Prefer {
-            tokio_postgres::config::SslMode::Prefer
-        } else {
-            tokio_postgres::config::SslMode::Require
-        });
-        let (client, connection) = config
-            .connect(tls.clone())
-            .await
-            .map_err(|e| ConnectionError::BadConnection(with_causes(&e)))?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        if self.tls.is_some() {
+            config.ssl_mode(if self.mode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+        }
+        Ok(config)
     }
 
     /// Asks PostgreSQL to cancel what the session of `token` is running, over
@@ -162,6 +198,69 @@ impl DatabaseTarget {
             None => token.cancel_query(tokio_postgres::NoTls).await,
         };
         sent.map_err(|e| with_causes(&e))
+    }
+}
+
+fn bad_connection(error: tokio_postgres::Error) -> ConnectionError {
+    ConnectionError::BadConnection(with_causes(&error))
+}
+
+/// How long a one-shot session's end is waited for: a goodbye to a server
+/// that no longer answers must not hold up convo's own start or stop.
+const CLOSE_LIMIT: Duration = Duration::from_secs(1);
+
+/// A connection and the task that drives it (see [`DatabaseTarget::connect`]).
+pub(super) struct Opened {
+    pub conn: AsyncPgConnection,
+    pub ended: Ended,
+}
+
+/// The end of an [`Opened`] session's driver: once its connection is
+/// dropped, its statements are closed and PostgreSQL is told goodbye.
+pub(super) struct Ended(JoinHandle<()>);
+
+impl Opened {
+    async fn new<S>(
+        client: tokio_postgres::Client,
+        mut connection: tokio_postgres::Connection<Socket, S>,
+    ) -> ConnectionResult<Self>
+    where
+        S: TlsStream + Unpin + Send + 'static,
+    {
+        let driver = tokio::spawn(async move {
+            let end = loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    // Notices and notifications: nothing on this session asks for them.
+                    Some(Ok(_)) => continue,
+                    end => break end,
+                }
+            };
+            if let Some(Err(error)) = end {
+                tracing::debug!(error = %with_causes(&error), "a database session ended");
+            }
+        });
+        // On failure the client is dropped, and the driver ends the session.
+        let conn = AsyncPgConnection::try_from(client).await?;
+        Ok(Self {
+            conn,
+            ended: Ended(driver),
+        })
+    }
+
+    /// Drops the connection and waits until PostgreSQL has been told
+    /// goodbye: for a session opened for one task, before the process may
+    /// exit.
+    pub async fn close(self) {
+        drop(self.conn);
+        self.ended.wait().await;
+    }
+}
+
+impl Ended {
+    /// Waits (up to [`CLOSE_LIMIT`]) until the session's driver has finished,
+    /// its connection having been dropped.
+    pub async fn wait(self) {
+        let _ = tokio::time::timeout(CLOSE_LIMIT, self.0).await;
     }
 }
 

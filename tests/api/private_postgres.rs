@@ -204,6 +204,69 @@ async fn a_second_convo_on_the_same_data_directory_is_refused_and_the_first_keep
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
+/// Every session convo opens ends as libpq ends one, its prepared
+/// statements closed and a goodbye sent: the private cluster's log, the one
+/// convo quotes when the cluster dies, holds no broken pipe or reset from
+/// `convo migrate`, the pool or the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_private_cluster_logs_no_session_convo_left_without_a_goodbye() {
+    let data_dir = scratch_dir("convo-goodbye");
+    let migrated = crate::helpers::convo_binary()
+        .arg("migrate")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .env_remove("DATABASE_URL")
+        .output();
+    let migrated = tokio::time::timeout(Duration::from_secs(120), migrated)
+        .await
+        .expect("convo migrate finishes")
+        .expect("run convo migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    let (mut server, addr) = serve(&std::env::temp_dir(), Some(&data_dir)).await;
+    let channel = channel_to(addr).await;
+    let mut client = proto::conversation_service_client::ConversationServiceClient::new(channel);
+    let conversation = create_conversation(addr).await;
+    // Prepared statements on pooled sessions, for the shutdown to close.
+    for n in 0..4 {
+        client
+            .append_message(as_alice(proto::AppendMessageRequest {
+                conversation_id: conversation.id.clone(),
+                role: proto::Role::User as i32,
+                content: format!("message {n}"),
+                ..Default::default()
+            }))
+            .await
+            .expect("append");
+    }
+    client
+        .resume_conversation(as_alice(proto::ResumeConversationRequest {
+            conversation_id: conversation.id.clone(),
+            max_messages: 10,
+        }))
+        .await
+        .expect("resume");
+    let log = stop_and_read_log(&mut server).await;
+    assert!(log.contains("private PostgreSQL stopped"), "{log}");
+
+    let cluster_log =
+        std::fs::read_to_string(data_dir.join("convo-postgres.log")).expect("the cluster's log");
+    for noise in [
+        "could not receive data from client",
+        "could not send data to client",
+        "connection to client lost",
+        "unexpected EOF",
+        "FATAL",
+    ] {
+        assert!(!cluster_log.contains(noise), "{noise}:\n{cluster_log}");
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
 /// The answer of `call`, repeated while it fails with UNAVAILABLE, for up
 /// to 30 s.
 async fn until_available<T, F, Fut>(mut call: F) -> T
