@@ -115,6 +115,10 @@ pub struct Setup {
     page_token: String,
 }
 
+/// The messages a resume asks for (the issue's resume(50); `resume.sql`
+/// asks for as many).
+pub const RESUME_PAGE: i32 = 50;
+
 const CONTENT: &str = "The quick brown fox jumps over the lazy dog, again and again, \
     while the orchestrator keeps the whole conversation in PostgreSQL for the next turn.";
 
@@ -341,7 +345,7 @@ impl Worker {
                 self.client
                     .resume_conversation(ResumeConversationRequest {
                         conversation_id: self.conversation.clone(),
-                        max_messages: 50,
+                        max_messages: RESUME_PAGE,
                     })
                     .await?;
             }
@@ -368,7 +372,7 @@ impl Worker {
                     .client
                     .resume_conversation(ResumeConversationRequest {
                         conversation_id: self.conversation.clone(),
-                        max_messages: 50,
+                        max_messages: RESUME_PAGE,
                     })
                     .await?
                     .into_inner();
