@@ -143,33 +143,26 @@ impl DatabaseTarget {
     /// notifications: the change listener opens its session with
     /// [`Self::connect_listening`].
     pub async fn connect(&self) -> ConnectionResult<Opened> {
-        let config = self.config()?;
-        match &self.tls {
-            None => {
-                let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
-                Opened::new(client, connection).await
-            }
-            Some(tls) => {
-                let (client, connection) =
-                    config.connect(tls.clone()).await.map_err(bad_connection)?;
-                Opened::new(client, connection).await
-            }
-        }
+        self.open().await
     }
 
     /// Opens one connection driven by diesel-async, which hands over the
     /// notifications it receives: for a session that LISTENs.
     pub async fn connect_listening(&self) -> ConnectionResult<AsyncPgConnection> {
+        self.open().await
+    }
+
+    async fn open<T: Adopt>(&self) -> ConnectionResult<T> {
         let config = self.config()?;
         match &self.tls {
             None => {
                 let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                T::adopt(client, connection).await
             }
             Some(tls) => {
                 let (client, connection) =
                     config.connect(tls.clone()).await.map_err(bad_connection)?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                T::adopt(client, connection).await
             }
         }
     }
@@ -219,8 +212,31 @@ pub(super) struct Opened {
 /// dropped, its statements are closed and PostgreSQL is told goodbye.
 pub(super) struct Ended(JoinHandle<()>);
 
-impl Opened {
-    async fn new<S>(
+/// What a session just opened becomes, whatever its TLS: the client and the
+/// connection that drives it are adopted together.
+trait Adopt: Sized {
+    async fn adopt<S>(
+        client: tokio_postgres::Client,
+        connection: tokio_postgres::Connection<Socket, S>,
+    ) -> ConnectionResult<Self>
+    where
+        S: TlsStream + Unpin + Send + 'static;
+}
+
+impl Adopt for AsyncPgConnection {
+    async fn adopt<S>(
+        client: tokio_postgres::Client,
+        connection: tokio_postgres::Connection<Socket, S>,
+    ) -> ConnectionResult<Self>
+    where
+        S: TlsStream + Unpin + Send + 'static,
+    {
+        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    }
+}
+
+impl Adopt for Opened {
+    async fn adopt<S>(
         client: tokio_postgres::Client,
         mut connection: tokio_postgres::Connection<Socket, S>,
     ) -> ConnectionResult<Self>
@@ -246,7 +262,9 @@ impl Opened {
             ended: Ended(driver),
         })
     }
+}
 
+impl Opened {
     /// Drops the connection and waits until PostgreSQL has been told
     /// goodbye: for a session opened for one task, before the process may
     /// exit.
