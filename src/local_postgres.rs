@@ -236,7 +236,10 @@ impl LocalPostgres {
         let log_err = log.try_clone().map_err(io("duplicating the log handle"))?;
         let postgres = self.bin_dir.join("postgres");
         let mut command = Command::new(&postgres);
-        command.arg("-D").arg(&self.data_dir);
+        command
+            .arg("-D")
+            .arg(&self.data_dir)
+            .current_dir(NEUTRAL_DIR);
         match &self.endpoint {
             Endpoint::Tcp { port } => {
                 command
@@ -483,7 +486,8 @@ pub fn find_binaries() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH")
         && let Some(dir) = std::env::split_paths(&path).find(|dir| has_both(dir))
     {
-        return Some(dir);
+        // Absolute: the binaries run from another directory (NEUTRAL_DIR).
+        return std::path::absolute(dir).ok();
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .ok()?
@@ -511,6 +515,14 @@ fn run_as() -> Result<Option<RunAs>, LocalPostgresError> {
         gid: user.gid,
     }))
 }
+
+/// Where initdb and the postmaster start: a directory every account may
+/// enter. They find their own binaries from the directory they start in and
+/// go back to it, and from a checkout in root's 0700 home the `postgres`
+/// user could not ("could not change directory to …: Permission denied",
+/// the first line of the cluster's log). Every path given to them is
+/// absolute.
+const NEUTRAL_DIR: &str = "/";
 
 fn absolute(path: &Path) -> Result<PathBuf, LocalPostgresError> {
     std::path::absolute(path).map_err(io(format!("resolving {}", path.display())))
@@ -735,6 +747,7 @@ fn initdb(
 ) -> Result<(), LocalPostgresError> {
     let mut command = Command::new(bin_dir.join("initdb"));
     command
+        .current_dir(NEUTRAL_DIR)
         .arg("-D")
         .arg(data_dir)
         .args([

@@ -446,6 +446,13 @@ async fn the_quick_start_works_as_root_from_a_private_home_directory() {
     let (mut server, addr) = serve(&checkout, None).await;
     create_conversation(addr).await;
     stop_and_read_log(&mut server).await;
+    // PostgreSQL, run as `postgres`, was not started in the private home.
+    let cluster_log =
+        std::fs::read_to_string(data_dir.join("convo-postgres.log")).expect("the cluster's log");
+    assert!(
+        !cluster_log.contains("could not change directory"),
+        "{cluster_log}"
+    );
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_dir_all(&home);
 }
