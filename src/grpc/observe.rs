@@ -150,7 +150,8 @@ impl CallOutcome {
         let duration = self.started.elapsed();
         let code_name = code_name(code);
         record(self.rpc, code_name, duration.as_secs_f64());
-        let duration_ms = duration.as_secs_f64() * 1000.0;
+        // Whole microseconds, so the log reads 8.647, not 8.647248999999999.
+        let duration_ms = duration.as_micros() as f64 / 1000.0;
         // A client that closes its watch is how a watch normally ends.
         let routine_cancel = code == Code::Cancelled && self.rpc == "WatchConversation";
         self.span.in_scope(|| match code {

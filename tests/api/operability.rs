@@ -244,6 +244,10 @@ async fn each_call_logs_one_json_line_without_content() {
         append_line["duration_ms"].as_f64().is_some(),
         "{append_line}"
     );
+    // In whole microseconds: no float noise for a person to read past.
+    let written = append_line["duration_ms"].to_string();
+    let decimals = written.split_once('.').map_or(0, |(_, d)| d.len());
+    assert!(decimals <= 3, "{written}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
