@@ -8,6 +8,7 @@ temporary directory, exactly as a newcomer's `convo serve` runs.
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -54,27 +55,37 @@ def convo_binary() -> Path:
 @contextlib.contextmanager
 def serve(data: Path, *args: str):
     """`convo serve` on a free port with a private PostgreSQL in `data`; yields
-    its address and stops it afterwards."""
+    its address, then stops it and removes `data` (a whole cluster: every run
+    would otherwise leave one in the temporary directory)."""
     os.chmod(data, 0o755)  # as root, the private PostgreSQL runs as `postgres`
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    with open(data / "serve.log", "w") as log:
-        process = subprocess.Popen(
-            [str(convo_binary()), "serve", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", f"{data}/convo-data", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            wait_for_port(port, process)
-            yield f"127.0.0.1:{port}"
-        finally:
-            process.terminate()
+    try:
+        with open(data / "serve.log", "w") as log:
+            process = subprocess.Popen(
+                [str(convo_binary()), "serve", "--listen", f"127.0.0.1:{port}",
+                 "--data-dir", f"{data}/convo-data", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                try:
+                    wait_for_port(port, process)
+                except RuntimeError as failure:
+                    log.flush()
+                    tail = (data / "serve.log").read_text(errors="replace")[-4000:]
+                    raise RuntimeError(f"{failure}; its log ends:\n{tail}") from None
+                yield f"127.0.0.1:{port}"
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
