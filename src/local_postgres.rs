@@ -422,7 +422,10 @@ impl LocalPostgres {
     /// signal's limit, and kills it if it still runs after the last.
     async fn stop_with(mut self, steps: &[(Signal, Duration)]) {
         if let Some(mut child) = self.child.take()
-            && !stops_after(&mut child, steps).await
+            && !stops_after(Pid::from_raw(child.id() as i32), steps, || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            })
+            .await
         {
             tracing::warn!("PostgreSQL did not stop; killing it");
             let _ = child.kill();
@@ -643,17 +646,18 @@ async fn stop_leftover_postmaster(data_dir: &Path) -> Result<(), LocalPostgresEr
         data_dir = %data_dir.display(),
         "a PostgreSQL left behind by an earlier convo still serves this data directory; stopping it"
     );
+    // Not our child: it is gone once the process no longer exists. Should
+    // it outlive both steps, this start fails on the directory it holds.
     let pid = Pid::from_raw(pid);
-    let _ = kill(pid, Signal::SIGINT);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kill(pid, None).is_ok() {
-        if Instant::now() > deadline {
-            let _ = kill(pid, Signal::SIGQUIT);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stops_after(
+        pid,
+        &[
+            (Signal::SIGINT, STOP_LIMIT),
+            (Signal::SIGQUIT, Duration::from_secs(1)),
+        ],
+        || kill(pid, None).is_err(),
+    )
+    .await;
     Ok(())
 }
 
@@ -674,31 +678,27 @@ const SESSIONS_GRACE: Duration = Duration::from_secs(1);
 /// How long a shutdown may take before the postmaster is killed.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 
-/// Whether `child` exits after one of `steps`: a signal sent, then how long
-/// to wait for it to take effect.
-async fn stops_after(child: &mut Child, steps: &[(Signal, Duration)]) -> bool {
-    let pid = Pid::from_raw(child.id() as i32);
+/// Whether process `pid` is gone (as `gone` tells) after one of `steps`: a
+/// signal sent, then how long to wait for it to take effect.
+async fn stops_after(
+    pid: Pid,
+    steps: &[(Signal, Duration)],
+    mut gone: impl FnMut() -> bool,
+) -> bool {
     for &(signal, limit) in steps {
         let _ = kill(pid, signal);
-        if exited_within(child, limit).await {
-            return true;
+        let deadline = Instant::now() + limit;
+        loop {
+            if gone() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     false
-}
-
-/// Whether `child` exits within `limit`.
-async fn exited_within(child: &mut Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Whether postmaster `pid` wrote the directory's `postmaster.pid` and
