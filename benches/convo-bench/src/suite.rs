@@ -161,12 +161,12 @@ async fn measure(
     run(Workload::HotAppend, 0, 0).await?;
     // pgbench resumes the shortest conversation that fills a page, else the
     // shortest one.
-    let paged_length = args
+    let full_page_length = args
         .resume_lengths
         .iter()
         .copied()
-        .find(|&length| length >= FULL_PAGE)
-        .or(args.resume_lengths.first().copied());
+        .find(|&length| length >= FULL_PAGE);
+    let paged_length = full_page_length.or(args.resume_lengths.first().copied());
     let mut paged_resume = None;
     for &length in &args.resume_lengths {
         let setup = run(Workload::Resume, length, 0).await?;
@@ -210,11 +210,7 @@ async fn measure(
     let first_resume = args.resume_lengths.first().map(|l| format!("resume L={l}"));
     let paged_resume_label = paged_length.map(|l| format!("resume L={l}"));
     let last_resume = args.resume_lengths.last().map(|l| format!("resume L={l}"));
-    let full_page_resume = args
-        .resume_lengths
-        .iter()
-        .find(|&&l| l >= FULL_PAGE)
-        .map(|l| format!("resume L={l}"));
+    let full_page_resume = full_page_length.map(|l| format!("resume L={l}"));
     Ok(SuiteReport {
         workers: load.workers,
         connections: load.connections,
