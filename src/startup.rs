@@ -238,7 +238,7 @@ impl Application {
                 PageTokenCodec::rotating(current, previous)
             }
         };
-        let changes = ChangeFeed::start(&settings.database_url, store.clone(), settings.feed);
+        let changes = ChangeFeed::start(store.clone(), settings.feed);
         Ok(Self {
             tokens,
             authenticator,
@@ -262,7 +262,8 @@ impl Application {
     }
 
     /// Serves convo.v1, health and reflection until `shutdown` completes, then
-    /// stops accepting, lets in-flight calls finish and closes the pool.
+    /// stops accepting, lets in-flight calls finish and closes the pool's
+    /// sessions and the change feed's.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartupError> {
         let settings = &self.settings;
         let changes = self.changes;
@@ -305,7 +306,14 @@ impl Application {
         if let Some(sweeper) = sweeper {
             sweeper.abort();
         }
+        let sessions = self.store.open_sessions();
+        changes.shut_down().await;
+        drop(changes);
         drop(self.store);
+        // The pool's sessions and the change feed's close in the background
+        // once dropped; a process that exited now would cut their goodbyes
+        // short, and PostgreSQL would log each one as a reset.
+        sessions.ended().await;
         tracing::info!("server stopped");
         Ok(served?)
     }

@@ -37,10 +37,12 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
 };
-use tokio_stream::StreamExt;
 use uuid::Uuid;
 
-use super::{Store, tls::DatabaseTarget};
+use super::{
+    Store,
+    tls::{DatabaseTarget, Opened},
+};
 use crate::domain::{ConversationId, Message, MessageId, UserId};
 
 /// The channel every replica LISTENs on.
@@ -218,8 +220,11 @@ struct Shared {
     /// Bumped whenever notifications may have been missed (the listener
     /// reconnected): every watcher re-reads from the database.
     resync: watch::Sender<u64>,
-    /// Set when the server shuts down: watch streams end.
+    /// Set when the server shuts down: watch streams end, and the listener
+    /// ends its session.
     closing: watch::Sender<bool>,
+    /// Set by the listener once it has ended its session for the shutdown.
+    stopped_listening: watch::Sender<bool>,
 }
 
 /// A mutex whose holder panicked is still usable: every update here leaves
@@ -293,12 +298,12 @@ impl Drop for AbortOnDrop {
 }
 
 impl ChangeFeed {
-    /// Starts the listener and the publisher, each on its own connection to
-    /// `database_url` (a LISTEN must stay on one session, and a publish must
-    /// not wait behind the pool), and the catch-up reads on `store`'s pool.
+    /// Starts the listener and the publisher, each on its own session to
+    /// `store`'s database (a LISTEN must stay on one session, and a publish
+    /// must not wait behind the pool), and the catch-up reads on its pool.
     /// They connect in the background and reconnect whenever a connection is
     /// lost.
-    pub fn start(database_url: &str, store: Store, settings: FeedSettings) -> Self {
+    pub fn start(store: Store, settings: FeedSettings) -> Self {
         let shared = Arc::new(Shared {
             replica: Uuid::now_v7().simple().to_string(),
             registry: Mutex::default(),
@@ -306,11 +311,14 @@ impl ChangeFeed {
             outbox_filled: Notify::new(),
             resync: watch::Sender::new(0),
             closing: watch::Sender::new(false),
+            stopped_listening: watch::Sender::new(false),
         });
-        let target = |name| DatabaseTarget::parse(&super::pool::session_url(database_url, name));
-        let listener = tokio::spawn(listen(target(Some("convo-listener")), shared.clone()));
+        let listener = tokio::spawn(listen(
+            store.target().named("convo-listener"),
+            shared.clone(),
+        ));
         let publisher = tokio::spawn(publish(
-            target(Some("convo-publisher")),
+            store.target().named("convo-publisher"),
             shared.clone(),
             settings.publish_interval,
         ));
@@ -394,6 +402,22 @@ impl ChangeFeed {
         self.shared.closing.send_replace(true);
     }
 
+    /// Closes (see [`Self::close`]) and waits until the listener has ended
+    /// its session: dropped while listening, it could only hang up on
+    /// notifications still on their way, which PostgreSQL logs as a reset
+    /// or a broken pipe.
+    pub async fn shut_down(&self) {
+        self.close();
+        let mut stopped = self.shared.stopped_listening.subscribe();
+        let waited = tokio::time::timeout(
+            LISTENER_CHECK + LISTENER_CHECK,
+            stopped.wait_for(|stopped| *stopped),
+        );
+        if !matches!(waited.await, Ok(Ok(_))) {
+            tracing::debug!("the change listener did not end its session in time");
+        }
+    }
+
     /// Whether a watcher in this process follows the conversation. One that
     /// subscribes after this answered false reads what it missed.
     pub fn is_watched(&self, conversation: ConversationId) -> bool {
@@ -456,55 +480,82 @@ impl Drop for Subscription {
     }
 }
 
-async fn listen(target: Result<DatabaseTarget, String>, shared: Arc<Shared>) {
-    // The pool was built from the same URL, so it parses; were it not to,
-    // there would be nothing to listen to.
-    let target = match target {
-        Ok(target) => target,
-        Err(why) => {
-            tracing::error!(%why, "the change listener cannot use the database URL");
-            return;
-        }
-    };
+/// Listens until the server begins to shut down, then says it has stopped.
+async fn listen(target: DatabaseTarget, shared: Arc<Shared>) {
+    follow(&target, &shared).await;
+    shared.stopped_listening.send_replace(true);
+}
+
+/// Dispatches notifications, reconnecting whenever the session is lost,
+/// until the server begins to shut down.
+async fn follow(target: &DatabaseTarget, shared: &Shared) {
+    let mut closing = shared.closing.subscribe();
     let mut delay = Duration::from_millis(50);
-    loop {
-        match super::pool::connect_listening(&target, CONNECT_TIMEOUT).await {
-            Ok(mut conn) => match conn.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+    while !*closing.borrow() {
+        match super::pool::connect_listening(target, CONNECT_TIMEOUT).await {
+            Ok(mut session) => match session
+                .conn
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+            {
                 Ok(()) => {
                     delay = Duration::from_millis(50);
                     // Anything committed while no one listened is read now.
                     shared.resync.send_modify(|epoch| *epoch += 1);
                     tracing::info!("listening for changes from every replica");
-                    receive(&mut conn, &shared).await;
-                    tracing::warn!("lost the change listener's connection; reconnecting");
+                    tokio::select! {
+                        () = receive(&mut session, shared) => {
+                            tracing::warn!("lost the change listener's connection; reconnecting");
+                        }
+                        () = shutting_down(&mut closing) => {
+                            stop_listening(session).await;
+                            return;
+                        }
+                    }
                 }
                 Err(error) => tracing::warn!(%error, "could not LISTEN for changes"),
             },
             Err(error) => tracing::debug!(%error, "change listener cannot connect yet"),
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutting_down(&mut closing) => return,
+        }
         delay = (delay * 2).min(MAX_RECONNECT_DELAY);
     }
 }
 
+/// Completes once the server has begun to shut down.
+async fn shutting_down(closing: &mut watch::Receiver<bool>) {
+    // The sender lives in `Shared`, beside the receiver's holder.
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Ends the listener's session so that PostgreSQL sees a goodbye, not a
+/// reset: once UNLISTEN is answered, every notification sent before it has
+/// been read and no more will come, so the goodbye finds nothing unread on
+/// either side.
+async fn stop_listening(mut session: Opened) {
+    let unlisten = session.conn.batch_execute("UNLISTEN *");
+    if matches!(
+        tokio::time::timeout(LISTENER_CHECK, unlisten).await,
+        Ok(Ok(()))
+    ) {
+        session.close().await;
+    }
+}
+
 /// Dispatches notifications until the connection is lost.
-async fn receive(conn: &mut AsyncPgConnection, shared: &Shared) {
+async fn receive(session: &mut Opened, shared: &Shared) {
     loop {
-        let next = {
-            let notifications = conn.notifications_stream();
-            tokio::pin!(notifications);
-            tokio::time::timeout(LISTENER_CHECK, notifications.next()).await
-        };
-        match next {
-            Ok(Some(Ok(notification))) => shared.receive(&notification.payload),
-            Ok(Some(Err(error))) => {
-                tracing::warn!(%error, "change listener failed");
-                return;
-            }
+        match tokio::time::timeout(LISTENER_CHECK, session.notifications.recv()).await {
+            Ok(Some(payload)) => shared.receive(&payload),
+            // The session's driver ended: the connection is gone.
             Ok(None) => return,
             // Quiet for a while: make sure the session is still there (a dead
             // peer may not close the socket).
             Err(_) => {
+                let conn = &mut session.conn;
                 // A peer that vanished without closing the socket would leave
                 // the probe waiting for ever: bound it.
                 if conn.is_broken() {
@@ -521,14 +572,7 @@ async fn receive(conn: &mut AsyncPgConnection, shared: &Shared) {
 
 /// Sends what the outbox holds, one transaction per `interval` at most,
 /// until the task is dropped. What could not be sent stays for the next try.
-async fn publish(target: Result<DatabaseTarget, String>, shared: Arc<Shared>, interval: Duration) {
-    let target = match target {
-        Ok(target) => target,
-        Err(why) => {
-            tracing::error!(%why, "the change publisher cannot use the database URL");
-            return;
-        }
-    };
+async fn publish(target: DatabaseTarget, shared: Arc<Shared>, interval: Duration) {
     let mut conn: Option<AsyncPgConnection> = None;
     let mut delay = Duration::from_millis(50);
     loop {

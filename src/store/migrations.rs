@@ -127,7 +127,7 @@ async fn with_blocking_connection<T: Send + 'static>(
     + Send
     + 'static,
 ) -> Result<T, BoxError> {
-    let Opened { conn, ended } = connect(database_url).await?;
+    let Opened { conn, ended, .. } = connect(database_url).await?;
     let result =
         tokio::task::spawn_blocking(move || work(&mut AsyncConnectionWrapper::from(conn))).await;
     ended.wait().await;

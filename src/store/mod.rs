@@ -82,3 +82,4 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
 /// Test support: the API tests EXPLAIN the search to see its index used.
 #[doc(hidden)]
 pub use search::{SEARCH_SQL, SearchOutcome};
+pub use tls::OpenSessions;

@@ -9,7 +9,10 @@ use diesel_async::{
 };
 use futures_util::FutureExt;
 
-use super::{StoreError, tls::DatabaseTarget};
+use super::{
+    StoreError,
+    tls::{DatabaseTarget, Opened},
+};
 
 pub(super) type Pool = bb8::Pool<Sessions>;
 
@@ -47,12 +50,12 @@ pub(super) async fn connect(
     within(timeout, async { Ok(target.connect().await?.conn) }).await
 }
 
-/// Opens, within `timeout`, a connection that hears notifications.
+/// Opens, within `timeout`, a connection whose notifications are wanted.
 pub(super) async fn connect_listening(
     target: &DatabaseTarget,
     timeout: Duration,
-) -> Result<AsyncPgConnection, ConnectionError> {
-    within(timeout, target.connect_listening()).await
+) -> Result<Opened, ConnectionError> {
+    within(timeout, target.connect()).await
 }
 
 async fn within<T>(
@@ -155,6 +158,17 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
+    /// Where the pool connects: the change feed's own sessions go there too.
+    pub(super) fn target(&self) -> &DatabaseTarget {
+        &self.target
+    }
+
+    /// The sessions this store and its change feed opened, for a shutdown to
+    /// wait for their goodbyes once every clone of the store is dropped.
+    pub fn open_sessions(&self) -> super::OpenSessions {
+        self.target.open_sessions()
+    }
+
     /// Builds the pool without connecting; the first query (or [`Store::ping`])
     /// opens the first connection.
     pub fn new(database_url: &str, settings: PoolSettings) -> Result<Self, StoreError> {

@@ -22,12 +22,13 @@ use rustls::{
     },
     pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
 };
-use tokio::{io::BufReader, task::JoinHandle};
+use tokio::{io::BufReader, sync::mpsc, task::JoinHandle};
 use tokio_postgres::{
-    NoTls, Socket,
+    AsyncMessage, NoTls, Socket,
     tls::{MakeTlsConnect, TlsConnect, TlsStream},
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::task::TaskTracker;
 
 /// How much TLS a URL asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,7 @@ pub(super) struct DatabaseTarget {
     url: String,
     mode: SslMode,
     tls: Option<BufferedTls>,
+    sessions: OpenSessions,
 }
 
 impl std::fmt::Debug for DatabaseTarget {
@@ -71,6 +73,7 @@ impl DatabaseTarget {
                 url: database_url.to_owned(),
                 mode: SslMode::Disable,
                 tls: None,
+                sessions: OpenSessions::default(),
             });
         };
         let mut mode = SslMode::Prefer;
@@ -130,41 +133,82 @@ impl DatabaseTarget {
             url: url.to_string(),
             mode,
             tls: tls.map(|config| BufferedTls(MakeRustlsConnect::new(config))),
+            sessions: OpenSessions::default(),
         })
     }
 
     /// Opens one connection as the URL asks, driven by a task of ours.
     ///
     /// diesel-async's own driver stops the moment the connection is dropped,
-    /// before the statements it prepared are closed, so PostgreSQL answered
-    /// into a closed socket and logged a broken pipe or a reset for every
-    /// session convo ended. Ours carries on until the session has closed
-    /// them and said goodbye (Terminate), as libpq does. It discards
-    /// notifications: the change listener opens its session with
-    /// [`Self::connect_listening`].
+    /// before the statements it prepared are closed or a notification on its
+    /// way is read, so PostgreSQL answered into a closed socket and logged a
+    /// broken pipe or a reset for every session convo ended. Ours carries on
+    /// until the session has closed them and said goodbye (Terminate), as
+    /// libpq does, and hands over the notifications a LISTEN brings.
     pub async fn connect(&self) -> ConnectionResult<Opened> {
-        self.open().await
-    }
-
-    /// Opens one connection driven by diesel-async, which hands over the
-    /// notifications it receives: for a session that LISTENs.
-    pub async fn connect_listening(&self) -> ConnectionResult<AsyncPgConnection> {
-        self.open().await
-    }
-
-    async fn open<T: Adopt>(&self) -> ConnectionResult<T> {
         let config = self.config()?;
         match &self.tls {
             None => {
                 let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
-                T::adopt(client, connection).await
+                self.adopt(client, connection).await
             }
             Some(tls) => {
                 let (client, connection) =
                     config.connect(tls.clone()).await.map_err(bad_connection)?;
-                T::adopt(client, connection).await
+                self.adopt(client, connection).await
             }
         }
+    }
+
+    /// The connection in diesel-async's clothes, and the task that drives it
+    /// among this target's [`OpenSessions`].
+    async fn adopt<S>(
+        &self,
+        client: tokio_postgres::Client,
+        mut connection: tokio_postgres::Connection<Socket, S>,
+    ) -> ConnectionResult<Opened>
+    where
+        S: TlsStream + Unpin + Send + 'static,
+    {
+        let (notify, notifications) = mpsc::unbounded_channel();
+        let driver = self.sessions.0.spawn(async move {
+            let end = loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(notification))) => {
+                        // Nobody to tell once the session is being closed.
+                        let _ = notify.send(notification.payload().to_owned());
+                    }
+                    // Notices: nothing convo runs raises one worth a log line.
+                    Some(Ok(_)) => continue,
+                    end => break end,
+                }
+            };
+            if let Some(Err(error)) = end {
+                tracing::debug!(error = %with_causes(&error), "a database session ended");
+            }
+        });
+        // On failure the client is dropped, and the driver ends the session.
+        let conn = AsyncPgConnection::try_from(client).await?;
+        Ok(Opened {
+            conn,
+            notifications,
+            ended: Ended(driver),
+        })
+    }
+
+    /// The same server under another `application_name` (unless the URL
+    /// names one), its sessions counted with this target's.
+    pub fn named(&self, application_name: &str) -> Self {
+        Self {
+            url: super::pool::session_url(&self.url, Some(application_name)),
+            ..self.clone()
+        }
+    }
+
+    /// The sessions opened through this target and the targets named from
+    /// it, for a shutdown to wait for their goodbyes.
+    pub fn open_sessions(&self) -> OpenSessions {
+        self.sessions.clone()
     }
 
     /// tokio-postgres's settings: the URL as given, TLS as its mode asks.
@@ -205,64 +249,15 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 /// A connection and the task that drives it (see [`DatabaseTarget::connect`]).
 pub(super) struct Opened {
     pub conn: AsyncPgConnection,
+    /// The payloads of the notifications the session receives; closed when
+    /// the session ends, lost or closed.
+    pub notifications: mpsc::UnboundedReceiver<String>,
     pub ended: Ended,
 }
 
 /// The end of an [`Opened`] session's driver: once its connection is
 /// dropped, its statements are closed and PostgreSQL is told goodbye.
 pub(super) struct Ended(JoinHandle<()>);
-
-/// What a session just opened becomes, whatever its TLS: the client and the
-/// connection that drives it are adopted together.
-trait Adopt: Sized {
-    async fn adopt<S>(
-        client: tokio_postgres::Client,
-        connection: tokio_postgres::Connection<Socket, S>,
-    ) -> ConnectionResult<Self>
-    where
-        S: TlsStream + Unpin + Send + 'static;
-}
-
-impl Adopt for AsyncPgConnection {
-    async fn adopt<S>(
-        client: tokio_postgres::Client,
-        connection: tokio_postgres::Connection<Socket, S>,
-    ) -> ConnectionResult<Self>
-    where
-        S: TlsStream + Unpin + Send + 'static,
-    {
-        AsyncPgConnection::try_from_client_and_connection(client, connection).await
-    }
-}
-
-impl Adopt for Opened {
-    async fn adopt<S>(
-        client: tokio_postgres::Client,
-        mut connection: tokio_postgres::Connection<Socket, S>,
-    ) -> ConnectionResult<Self>
-    where
-        S: TlsStream + Unpin + Send + 'static,
-    {
-        let driver = tokio::spawn(async move {
-            let end = loop {
-                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    // Notices and notifications: nothing on this session asks for them.
-                    Some(Ok(_)) => continue,
-                    end => break end,
-                }
-            };
-            if let Some(Err(error)) = end {
-                tracing::debug!(error = %with_causes(&error), "a database session ended");
-            }
-        });
-        // On failure the client is dropped, and the driver ends the session.
-        let conn = AsyncPgConnection::try_from(client).await?;
-        Ok(Self {
-            conn,
-            ended: Ended(driver),
-        })
-    }
-}
 
 impl Opened {
     /// Drops the connection and waits until PostgreSQL has been told
@@ -271,6 +266,26 @@ impl Opened {
     pub async fn close(self) {
         drop(self.conn);
         self.ended.wait().await;
+    }
+}
+
+/// The drivers of every session opened through one target (and the targets
+/// [named](DatabaseTarget::named) from it). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct OpenSessions(TaskTracker);
+
+impl OpenSessions {
+    /// Once everything that could open or hold a session is dropped: waits
+    /// (up to [`CLOSE_LIMIT`]) until every session has said goodbye, which
+    /// the process would otherwise cut short by exiting.
+    pub async fn ended(self) {
+        self.0.close();
+        if tokio::time::timeout(CLOSE_LIMIT, self.0.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(open = self.0.len(), "database sessions still open at exit");
+        }
     }
 }
 

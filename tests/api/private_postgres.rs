@@ -207,7 +207,7 @@ async fn a_second_convo_on_the_same_data_directory_is_refused_and_the_first_keep
 /// Every session convo opens ends as libpq ends one, its prepared
 /// statements closed and a goodbye sent: the private cluster's log, the one
 /// convo quotes when the cluster dies, holds no broken pipe or reset from
-/// `convo migrate`, the pool or the shutdown.
+/// `convo migrate`, the pool, the change listener or the shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_private_cluster_logs_no_session_convo_left_without_a_goodbye() {
     let data_dir = scratch_dir("convo-goodbye");
@@ -228,6 +228,52 @@ async fn the_private_cluster_logs_no_session_convo_left_without_a_goodbye() {
     );
 
     let (mut server, addr) = serve(&std::env::temp_dir(), Some(&data_dir)).await;
+    let direct = format!(
+        "postgres://postgres@localhost/convo?host={}",
+        data_dir.display()
+    );
+    let log = use_then_stop(&mut server, addr, &direct).await;
+    assert!(log.contains("private PostgreSQL stopped"), "{log}");
+    assert_no_session_left_without_a_goodbye(&data_dir);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// The same with a database convo does not own (DATABASE_URL, over TCP):
+/// convo exits right after its shutdown, and the pool's sessions, the
+/// listener's and the publisher's have all said goodbye by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_convo_does_not_own_logs_no_session_left_without_a_goodbye() {
+    let data_dir = scratch_dir("convo-goodbye-external");
+    let cluster = LocalPostgres::start(&LocalPostgresOptions {
+        data_dir: data_dir.clone(),
+        fsync: false,
+        access: Access::Loopback { port: None },
+        relocate_if_unreachable: false,
+    })
+    .await
+    .expect("start a cluster convo does not own");
+    let url = cluster.url("convo");
+    let (mut server, addr) = start_convo(|command| {
+        command.env("DATABASE_URL", &url);
+    })
+    .await;
+    let log = use_then_stop(&mut server, addr, &url).await;
+    assert!(log.contains("server stopped"), "{log}");
+    // Smart: the test's own session may still be closing.
+    cluster.shut_down().await;
+    assert_no_session_left_without_a_goodbye(&data_dir);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Appends to and resumes a conversation through convo at `addr`, then
+/// stops it while notifications keep arriving from another session (at
+/// `database_url`, a URL of convo's database that may open sessions as
+/// `postgres`); returns convo's log.
+async fn use_then_stop(
+    server: &mut tokio::process::Child,
+    addr: SocketAddr,
+    database_url: &str,
+) -> String {
     let channel = channel_to(addr).await;
     let mut client = proto::conversation_service_client::ConversationServiceClient::new(channel);
     let conversation = create_conversation(addr).await;
@@ -250,9 +296,27 @@ async fn the_private_cluster_logs_no_session_convo_left_without_a_goodbye() {
         }))
         .await
         .expect("resume");
-    let log = stop_and_read_log(&mut server).await;
-    assert!(log.contains("private PostgreSQL stopped"), "{log}");
+    // Notifications arriving right up to the listener's last moment, as from
+    // a busy replica: a listener that hung up without reading them left
+    // PostgreSQL a reset or a broken pipe.
+    let mut direct =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
+            .await
+            .expect("connect to convo's database");
+    assert!(
+        notify_while_convo_listens(&mut direct).await,
+        "convo's change listener is connected"
+    );
+    let notifier =
+        tokio::spawn(async move { while notify_while_convo_listens(&mut direct).await {} });
+    let log = stop_and_read_log(server).await;
+    notifier.await.expect("the notifier ends");
+    log
+}
 
+/// The cluster's log at `data_dir` shows no session that ended without a
+/// goodbye, and no session ended by the server.
+fn assert_no_session_left_without_a_goodbye(data_dir: &Path) {
     let cluster_log =
         std::fs::read_to_string(data_dir.join("convo-postgres.log")).expect("the cluster's log");
     for noise in [
@@ -264,7 +328,29 @@ async fn the_private_cluster_logs_no_session_convo_left_without_a_goodbye() {
     ] {
         assert!(!cluster_log.contains(noise), "{noise}:\n{cluster_log}");
     }
-    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Sends a burst of notifications on convo's channel; answers whether
+/// convo's listener session was still there (false once it is gone or the
+/// cluster refuses).
+async fn notify_while_convo_listens(conn: &mut diesel_async::AsyncPgConnection) -> bool {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Listening {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        listening: bool,
+    }
+    // Payloads differ (PostgreSQL folds equal ones sent in one transaction)
+    // and are long, so that the listener is mostly busy reading them.
+    diesel::sql_query(
+        "SELECT bool_and(EXISTS (SELECT FROM pg_stat_activity \
+                                  WHERE application_name = 'convo-listener')) AS listening \
+           FROM generate_series(1, 50) AS n, \
+                LATERAL pg_notify('convo_changes', n || repeat(' from another replica', 350))",
+    )
+    .get_result::<Listening>(conn)
+    .await
+    .is_ok_and(|now| now.listening)
 }
 
 /// The answer of `call`, repeated while it fails with UNAVAILABLE, for up
