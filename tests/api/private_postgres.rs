@@ -303,10 +303,15 @@ async fn use_then_stop(
         <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(database_url)
             .await
             .expect("connect to convo's database");
-    assert!(
-        notify_while_convo_listens(&mut direct).await,
-        "convo's change listener is connected"
-    );
+    // The listener connects in the background once convo serves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !notify_while_convo_listens(&mut direct).await {
+        assert!(
+            Instant::now() < deadline,
+            "convo's change listener did not connect"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
     let notifier =
         tokio::spawn(async move { while notify_while_convo_listens(&mut direct).await {} });
     let log = stop_and_read_log(server).await;
