@@ -59,6 +59,10 @@ const MAX_OUTBOX: usize = 50_000;
 /// How often the listener checks its connection when nothing arrives.
 const LISTENER_CHECK: Duration = Duration::from_secs(1);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How long a shutdown waits for the listener to end its session: its
+/// UNLISTEN gets [`LISTENER_CHECK`], its goodbye about as long.
+const STOP_LISTENING: Duration = Duration::from_secs(2);
+
 /// How long the listener or the publisher may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -409,10 +413,7 @@ impl ChangeFeed {
     pub async fn shut_down(&self) {
         self.close();
         let mut stopped = self.shared.stopped_listening.subscribe();
-        let waited = tokio::time::timeout(
-            LISTENER_CHECK + LISTENER_CHECK,
-            stopped.wait_for(|stopped| *stopped),
-        );
+        let waited = tokio::time::timeout(STOP_LISTENING, stopped.wait_for(|stopped| *stopped));
         if !matches!(waited.await, Ok(Ok(_))) {
             tracing::debug!("the change listener did not end its session in time");
         }
@@ -492,36 +493,48 @@ async fn follow(target: &DatabaseTarget, shared: &Shared) {
     let mut closing = shared.closing.subscribe();
     let mut delay = Duration::from_millis(50);
     while !*closing.borrow() {
-        match super::pool::connect_listening(target, CONNECT_TIMEOUT).await {
-            Ok(mut session) => match session
-                .conn
-                .batch_execute(&format!("LISTEN {CHANNEL}"))
-                .await
-            {
-                Ok(()) => {
-                    delay = Duration::from_millis(50);
-                    // Anything committed while no one listened is read now.
-                    shared.resync.send_modify(|epoch| *epoch += 1);
-                    tracing::info!("listening for changes from every replica");
-                    tokio::select! {
-                        () = receive(&mut session, shared) => {
-                            tracing::warn!("lost the change listener's connection; reconnecting");
-                        }
-                        () = shutting_down(&mut closing) => {
-                            stop_listening(session).await;
-                            return;
-                        }
-                    }
+        if let Some(mut session) = listening_session(target).await {
+            delay = Duration::from_millis(50);
+            // Anything committed while no one listened is read now.
+            shared.resync.send_modify(|epoch| *epoch += 1);
+            tracing::info!("listening for changes from every replica");
+            tokio::select! {
+                () = receive(&mut session, shared) => {
+                    tracing::warn!("lost the change listener's connection; reconnecting");
                 }
-                Err(error) => tracing::warn!(%error, "could not LISTEN for changes"),
-            },
-            Err(error) => tracing::debug!(%error, "change listener cannot connect yet"),
+                () = shutting_down(&mut closing) => {
+                    stop_listening(session).await;
+                    return;
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shutting_down(&mut closing) => return,
         }
         delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+    }
+}
+
+/// A session that LISTENs on the channel, or none yet (the reason logged).
+async fn listening_session(target: &DatabaseTarget) -> Option<Opened> {
+    let mut session = match super::pool::open(target, CONNECT_TIMEOUT).await {
+        Ok(session) => session,
+        Err(error) => {
+            tracing::debug!(%error, "change listener cannot connect yet");
+            return None;
+        }
+    };
+    match session
+        .conn
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+    {
+        Ok(()) => Some(session),
+        Err(error) => {
+            tracing::warn!(%error, "could not LISTEN for changes");
+            None
+        }
     }
 }
 

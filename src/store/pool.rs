@@ -47,22 +47,15 @@ pub(super) async fn connect(
     target: &DatabaseTarget,
     timeout: Duration,
 ) -> Result<AsyncPgConnection, ConnectionError> {
-    within(timeout, async { Ok(target.connect().await?.conn) }).await
+    Ok(open(target, timeout).await?.conn)
 }
 
-/// Opens, within `timeout`, a connection whose notifications are wanted.
-pub(super) async fn connect_listening(
+/// [`connect`], with the notifications the session receives.
+pub(super) async fn open(
     target: &DatabaseTarget,
     timeout: Duration,
 ) -> Result<Opened, ConnectionError> {
-    within(timeout, target.connect()).await
-}
-
-async fn within<T>(
-    timeout: Duration,
-    connecting: impl Future<Output = Result<T, ConnectionError>>,
-) -> Result<T, ConnectionError> {
-    match tokio::time::timeout(timeout, connecting).await {
+    match tokio::time::timeout(timeout, target.connect()).await {
         Ok(connected) => connected,
         Err(_) => Err(ConnectionError::BadConnection(format!(
             "no connection within {timeout:?}"
