@@ -30,7 +30,7 @@ impl From<ServiceError> for Status {
             ),
             ServiceError::SequenceMismatch { expected, current } => Status::aborted(format!(
                 "expected_last_sequence is {expected} but the conversation's last sequence is \
-                 {current}; nothing was written: re-read the conversation and retry"
+                 {current}; nothing was changed: re-read the conversation and retry"
             )),
             ServiceError::ForkBeyondEnd { requested, length } => {
                 invalid_argument(&[FieldViolation::new(
@@ -143,10 +143,14 @@ fn undecodable_field(message: &str) -> FieldViolation {
     let (path, why) = detail.split_once(": ").unwrap_or(("", detail));
     let field = path.split_once('.').map_or("request", |(_, field)| field);
     let field = if field.is_empty() { "request" } else { field };
-    FieldViolation::new(
-        field,
-        format!("{field} cannot be decoded ({why}): strings must be valid UTF-8"),
-    )
+    // The hint fits the cause: a string that is not UTF-8, or a body that is
+    // not this RPC's request message at all (a wrong type or a torn frame).
+    let hint = if why.contains("UTF-8") {
+        "strings must be valid UTF-8"
+    } else {
+        "send this RPC's request message, encoded as protobuf"
+    };
+    FieldViolation::new(field, format!("{field} cannot be decoded ({why}): {hint}"))
 }
 
 /// FAILED_PRECONDITION with a `google.rpc.PreconditionFailure` naming the
@@ -199,6 +203,21 @@ mod tests {
         assert_eq!(garbled.code(), Code::InvalidArgument);
         let details = garbled.get_details_bad_request().unwrap();
         assert_eq!(details.field_violations[0].field, "conversation_id");
+        assert!(
+            garbled.message().contains("valid UTF-8"),
+            "{}",
+            garbled.message()
+        );
+        let torn = transport_refusal(Status::internal(
+            "failed to decode Protobuf message: invalid varint",
+        ))
+        .unwrap();
+        assert_eq!(torn.code(), Code::InvalidArgument);
+        assert_eq!(
+            torn.message(),
+            "request: request cannot be decoded (invalid varint): send this RPC's request \
+             message, encoded as protobuf"
+        );
         assert!(transport_refusal(Status::internal("internal error")).is_none());
         assert!(transport_refusal(Status::not_found("conversation not found")).is_none());
     }
