@@ -344,6 +344,7 @@ impl ServeArgs {
             feed: FeedSettings {
                 publish_interval: self.change_publish_interval,
                 catch_up_interval: self.watch_catch_up_interval,
+                ..FeedSettings::default()
             },
             limits: self.limits(),
             page_token_secret: self.page_token_secret.clone().map(String::into_bytes),

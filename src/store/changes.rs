@@ -16,6 +16,8 @@
 //!   time of every conversation watched in this process and wakes those that
 //!   moved. A notification lost to a crash between a commit and its publish,
 //!   or to a listener that reconnected, delays delivery; it never loses it.
+//!   A listener that falls behind re-reads too: its session holds a bounded
+//!   backlog of notifications and drops the rest (see `tls::Notifications`).
 //!
 //! A wake-up only says "read again" (or hands over an append that exactly
 //! continues the stream): watchers read committed rows themselves, so a
@@ -41,7 +43,7 @@ use uuid::Uuid;
 
 use super::{
     Store,
-    tls::{DatabaseTarget, Opened},
+    tls::{DatabaseTarget, Notice, Opened},
 };
 use crate::domain::{ConversationId, Message, MessageId, UserId};
 
@@ -75,6 +77,10 @@ pub struct FeedSettings {
     /// How often watched conversations are checked for changes that no
     /// notification announced.
     pub catch_up_interval: Duration,
+    /// How many notifications the listener's session holds while the
+    /// listener is busy; past that it drops them and every watcher re-reads
+    /// (memory stays bounded, no message is lost).
+    pub backlog: usize,
 }
 
 impl Default for FeedSettings {
@@ -82,6 +88,7 @@ impl Default for FeedSettings {
         Self {
             publish_interval: Duration::from_millis(10),
             catch_up_interval: Duration::from_secs(1),
+            backlog: 1024,
         }
     }
 }
@@ -318,7 +325,10 @@ impl ChangeFeed {
             stopped_listening: watch::Sender::new(false),
         });
         let listener = tokio::spawn(listen(
-            store.target().named("convo-listener"),
+            store
+                .target()
+                .named("convo-listener")
+                .holding(settings.backlog),
             shared.clone(),
         ));
         let publisher = tokio::spawn(publish(
@@ -562,7 +572,13 @@ async fn stop_listening(mut session: Opened) {
 async fn receive(session: &mut Opened, shared: &Shared) {
     loop {
         match tokio::time::timeout(LISTENER_CHECK, session.notifications.recv()).await {
-            Ok(Some(payload)) => shared.receive(&payload),
+            Ok(Some(Notice::Payload(payload))) => shared.receive(&payload),
+            // Announcements were dropped while this task was behind: what
+            // they announced is read again, as after a reconnect.
+            Ok(Some(Notice::Missed)) => {
+                tracing::debug!("the change listener fell behind; every watcher re-reads");
+                shared.resync.send_modify(|epoch| *epoch += 1);
+            }
             // The session's driver ended: the connection is gone.
             Ok(None) => return,
             // Quiet for a while: make sure the session is still there (a dead

@@ -10,7 +10,13 @@
 //! taken out of the URL here and the rest of it goes to tokio-postgres; the
 //! TLS itself is rustls (the same as the gRPC server's).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::AsyncPgConnection;
@@ -49,7 +55,14 @@ pub(super) struct DatabaseTarget {
     mode: SslMode,
     tls: Option<BufferedTls>,
     sessions: OpenSessions,
+    /// How many notifications a session holds for its reader.
+    backlog: usize,
 }
+
+/// How many notifications a session holds for a reader that has fallen
+/// behind before it drops them (and says so, see [`Notice::Missed`]): a
+/// payload is at most 8,000 bytes, so a few MB at worst.
+const NOTIFICATION_BACKLOG: usize = 1024;
 
 impl std::fmt::Debug for DatabaseTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -74,6 +87,7 @@ impl DatabaseTarget {
                 mode: SslMode::Disable,
                 tls: None,
                 sessions: OpenSessions::default(),
+                backlog: NOTIFICATION_BACKLOG,
             });
         };
         let mut mode = SslMode::Prefer;
@@ -134,6 +148,7 @@ impl DatabaseTarget {
             mode,
             tls: tls.map(|config| BufferedTls(MakeRustlsConnect::new(config))),
             sessions: OpenSessions::default(),
+            backlog: NOTIFICATION_BACKLOG,
         })
     }
 
@@ -170,13 +185,26 @@ impl DatabaseTarget {
     where
         S: TlsStream + Unpin + Send + 'static,
     {
-        let (notify, notifications) = mpsc::unbounded_channel();
+        let (notify, payloads) = mpsc::channel(self.backlog);
+        let missed = Arc::new(AtomicBool::new(false));
+        let notifications = Notifications {
+            payloads,
+            missed: Arc::clone(&missed),
+        };
         let driver = self.sessions.0.spawn(async move {
             let end = loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(notification))) => {
-                        // Nobody to tell once the session is being closed.
-                        let _ = notify.send(notification.payload().to_owned());
+                        // A reader that fell behind is told it missed some,
+                        // rather than let the backlog grow without bound or
+                        // stop reading (PostgreSQL's queue would fill for
+                        // every listener of the cluster). Nobody to tell
+                        // once the session is being closed.
+                        let payload = notification.payload().to_owned();
+                        if let Err(mpsc::error::TrySendError::Full(_)) = notify.try_send(payload) {
+                            missed.store(true, Ordering::Release);
+                            metrics::counter!("convo_notifications_dropped_total").increment(1);
+                        }
                     }
                     // Notices: nothing convo runs raises one worth a log line.
                     Some(Ok(_)) => continue,
@@ -202,6 +230,15 @@ impl DatabaseTarget {
         Self {
             url: super::pool::session_url(&self.url, Some(application_name)),
             ..self.clone()
+        }
+    }
+
+    /// The same target, its sessions holding up to `backlog` notifications
+    /// for a reader that falls behind.
+    pub fn holding(self, backlog: usize) -> Self {
+        Self {
+            backlog: backlog.max(1),
+            ..self
         }
     }
 
@@ -249,10 +286,43 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 /// A connection and the task that drives it (see [`DatabaseTarget::connect`]).
 pub(super) struct Opened {
     pub conn: AsyncPgConnection,
-    /// The payloads of the notifications the session receives; closed when
-    /// the session ends, lost or closed.
-    pub notifications: mpsc::UnboundedReceiver<String>,
+    /// What the session receives by LISTEN; closed when the session ends,
+    /// lost or closed.
+    pub notifications: Notifications,
     pub ended: Ended,
+}
+
+/// The notifications a session has received and its reader has not yet
+/// taken, up to the target's backlog.
+pub(super) struct Notifications {
+    payloads: mpsc::Receiver<String>,
+    /// Set by the driver when the backlog was full and a payload dropped.
+    missed: Arc<AtomicBool>,
+}
+
+/// One thing a LISTENing session has to say.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Notice {
+    /// A notification's payload.
+    Payload(String),
+    /// The reader fell behind and payloads were dropped: whatever they
+    /// announced must be found some other way (a fresh read).
+    Missed,
+}
+
+impl Notifications {
+    /// The next notice, or `None` once the session has ended. A drop is
+    /// reported at the next call, ahead of the payloads still held: a reader
+    /// that re-reads on `Missed` then sees what the dropped ones announced,
+    /// since it was committed before they arrived.
+    pub async fn recv(&mut self) -> Option<Notice> {
+        // The flag is only ever set while the backlog is full, that is while
+        // this reader is not waiting below.
+        if self.missed.swap(false, Ordering::AcqRel) {
+            return Some(Notice::Missed);
+        }
+        self.payloads.recv().await.map(Notice::Payload)
+    }
 }
 
 /// The end of an [`Opened`] session's driver: once its connection is

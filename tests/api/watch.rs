@@ -360,6 +360,51 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_flooded_past_its_backlog_drops_announcements_but_no_message() {
+    use crate::helpers::{Client, UserHeader, channel_to, execute_on, start_convo};
+    use convo::grpc::proto::conversation_service_client::ConversationServiceClient;
+
+    // Replica B holds four notifications for its listener, and its catch-up
+    // read is too rare to matter here: only the listener can deliver.
+    let replica_b = TestApp::spawn_with(|settings| {
+        settings.feed.catch_up_interval = Duration::from_secs(600);
+        settings.feed.backlog = 4;
+    })
+    .await;
+    // Replica A announces its first write, then holds the next for a minute.
+    let (mut replica_a, addr) = start_convo(|command| {
+        command.args([
+            "--database-url",
+            &replica_b.db.url,
+            "--change-publish-interval",
+            "60s",
+        ]);
+    })
+    .await;
+    let mut a: Client = ConversationServiceClient::with_interceptor(
+        channel_to(addr).await.into(),
+        UserHeader::new("alice"),
+    );
+    let created = create(&mut a, "a flooded listener").await;
+    let mut stream = watch(&mut replica_b.client("alice"), &created.id, 0).await;
+    append(&mut a, &created.id, "announced").await;
+    expect_sequences(&mut stream, 1, 1).await;
+    let unannounced = append(&mut a, &created.id, "not announced yet").await;
+
+    // A burst of 1,000 notifications of no interest, far past the backlog:
+    // the listener drops what it cannot hold, and every watcher re-reads.
+    execute_on(
+        &replica_b.db.url,
+        "SELECT pg_notify('convo_changes', 'flood:' || g) FROM generate_series(1, 1000) g",
+    )
+    .await;
+    let message = next(&mut stream).await.expect("the message arrives");
+    assert_eq!(message.sequence, 2);
+    assert_eq!(message.id, unannounced.id);
+    replica_a.start_kill().expect("stop replica A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_are_capped_per_user_and_per_server() {
     use convo::service::WatchLimits;
 
