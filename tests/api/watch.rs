@@ -318,23 +318,25 @@ async fn wait_for_watched(app: &TestApp, wanted: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_message() {
+/// A watched conversation whose next append commits without being
+/// announced: a writer process (replica A) that tells the others of its
+/// writes at most once a minute, so after its first announcement the next
+/// one waits in its memory. Returns A, the unannounced message and
+/// `watcher_replica`'s stream, which has received the first message.
+async fn an_append_waiting_to_be_announced(
+    watcher_replica: &TestApp,
+) -> (
+    tokio::process::Child,
+    proto::Message,
+    Streaming<proto::Message>,
+) {
     use crate::helpers::{Client, UserHeader, channel_to, start_convo};
     use convo::grpc::proto::conversation_service_client::ConversationServiceClient;
 
-    // Replica B serves the watcher and re-reads what it watches every 200 ms.
-    let replica_b = TestApp::spawn_with(|settings| {
-        settings.feed.catch_up_interval = Duration::from_millis(200);
-    })
-    .await;
-    // Replica A, a process, tells the others of its writes at most once a
-    // minute: after its first announcement the next one waits in its memory,
-    // where a crash loses it.
-    let (mut replica_a, addr) = start_convo(|command| {
+    let (replica_a, addr) = start_convo(|command| {
         command.args([
             "--database-url",
-            &replica_b.db.url,
+            &watcher_replica.db.url,
             "--change-publish-interval",
             "60s",
         ]);
@@ -344,12 +346,23 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
         channel_to(addr).await.into(),
         UserHeader::new("alice"),
     );
-    let created = create(&mut a, "the writer dies").await;
-    let mut stream = watch(&mut replica_b.client("alice"), &created.id, 0).await;
+    let created = create(&mut a, "announced late").await;
+    let mut stream = watch(&mut watcher_replica.client("alice"), &created.id, 0).await;
     append(&mut a, &created.id, "announced").await;
     expect_sequences(&mut stream, 1, 1).await;
+    let unannounced = append(&mut a, &created.id, "committed, not announced").await;
+    (replica_a, unannounced, stream)
+}
 
-    let acknowledged = append(&mut a, &created.id, "committed, never announced").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_message() {
+    // Replica B serves the watcher and re-reads what it watches every 200 ms.
+    let replica_b = TestApp::spawn_with(|settings| {
+        settings.feed.catch_up_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (mut replica_a, acknowledged, mut stream) =
+        an_append_waiting_to_be_announced(&replica_b).await;
     replica_a.start_kill().expect("kill replica A");
     replica_a.wait().await.expect("replica A is gone");
 
@@ -361,9 +374,6 @@ async fn a_replica_that_dies_between_a_commit_and_its_announcement_loses_no_mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_flooded_past_its_backlog_drops_announcements_but_no_message() {
-    use crate::helpers::{Client, UserHeader, channel_to, execute_on, start_convo};
-    use convo::grpc::proto::conversation_service_client::ConversationServiceClient;
-
     // Replica B holds four notifications for its listener, and its catch-up
     // read is too rare to matter here: only the listener can deliver.
     let replica_b = TestApp::spawn_with(|settings| {
@@ -371,29 +381,12 @@ async fn a_listener_flooded_past_its_backlog_drops_announcements_but_no_message(
         settings.feed.backlog = 4;
     })
     .await;
-    // Replica A announces its first write, then holds the next for a minute.
-    let (mut replica_a, addr) = start_convo(|command| {
-        command.args([
-            "--database-url",
-            &replica_b.db.url,
-            "--change-publish-interval",
-            "60s",
-        ]);
-    })
-    .await;
-    let mut a: Client = ConversationServiceClient::with_interceptor(
-        channel_to(addr).await.into(),
-        UserHeader::new("alice"),
-    );
-    let created = create(&mut a, "a flooded listener").await;
-    let mut stream = watch(&mut replica_b.client("alice"), &created.id, 0).await;
-    append(&mut a, &created.id, "announced").await;
-    expect_sequences(&mut stream, 1, 1).await;
-    let unannounced = append(&mut a, &created.id, "not announced yet").await;
+    let (mut replica_a, unannounced, mut stream) =
+        an_append_waiting_to_be_announced(&replica_b).await;
 
     // A burst of 1,000 notifications of no interest, far past the backlog:
     // the listener drops what it cannot hold, and every watcher re-reads.
-    execute_on(
+    crate::helpers::execute_on(
         &replica_b.db.url,
         "SELECT pg_notify('convo_changes', 'flood:' || g) FROM generate_series(1, 1000) g",
     )
