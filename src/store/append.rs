@@ -34,7 +34,7 @@ use diesel::{
     QueryableByName,
     pg::Pg,
     prelude::*,
-    query_builder::{AstPass, QueryFragment},
+    query_builder::{AstPass, Query, QueryFragment, QueryId},
     result::{DatabaseErrorKind, Error as DieselError},
     sql_types::{
         Array, BigInt, Integer, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid,
@@ -49,7 +49,7 @@ use super::{
     parts,
     pool::OneRow,
     schema::messages,
-    statement::{Template, prepared_statement, unknown_parameter},
+    statement::{Template, unknown_parameter},
     values::{message_size, metadata_to_json, now_micros, size_of},
 };
 use crate::domain::{
@@ -375,26 +375,24 @@ struct AppendStatement<'a> {
     answered_at: Vec<i32>,
 }
 
-prepared_statement!(
-    AppendStatement,
-    by_text,
-    sql_type = diesel::sql_types::Untyped
-);
-
-impl QueryFragment<Pg> for AppendStatement<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let shape = Shape {
+impl AppendStatement<'_> {
+    /// The statement this batch runs, as an index: [`Shape::index`] into
+    /// [`APPEND`], or [`Shape::COUNT`] for the Citus function.
+    fn statement_index(&self) -> usize {
+        if self.by_function {
+            return Shape::COUNT;
+        }
+        Shape {
             request: self.request_id.is_some(),
             tools: !(self.call_ids.is_empty() && self.answered_ids.is_empty()),
             follows: self.follows,
             single: self.count == 1,
-        };
-        let template = if self.by_function {
-            &BY_FUNCTION
-        } else {
-            &APPEND[shape.index()]
-        };
-        template.push(&mut out, |name, out| match name {
+        }
+        .index()
+    }
+
+    fn push<'b>(&'b self, template: &Template, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        template.push(out, |name, out| match name {
             "lock_timeout" => out.push_bind_param::<Text, _>(&self.lock_timeout),
             "user" => out.push_bind_param::<Text, _>(self.user),
             "conversation" => out.push_bind_param::<SqlUuid, _>(self.conversation),
@@ -440,6 +438,52 @@ impl QueryFragment<Pg> for AppendStatement<'_> {
             "answered_at" => out.push_bind_param::<Array<Integer>, _>(&self.answered_at),
             other => Err(unknown_parameter(other)),
         })
+    }
+
+    /// Runs the statement as the type of its shape (see [`Shaped`]) and
+    /// returns its report once it has committed (see `OneRow`).
+    async fn run(&self, conn: &mut AsyncPgConnection) -> QueryResult<AppendReport> {
+        macro_rules! by_shape {
+            ($($index:literal)*) => {
+                match self.statement_index() {
+                    $($index => Shaped::<$index>(self).one_row::<AppendReport>(conn).await,)*
+                    Shape::COUNT => Shaped::<{ Shape::COUNT }>(self)
+                        .one_row::<FunctionReport>(conn)
+                        .await
+                        .map(AppendReport::from),
+                    other => Err(DieselError::QueryBuilderError(
+                        format!("no append statement {other}").into(),
+                    )),
+                }
+            };
+        }
+        by_shape!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
+    }
+}
+
+/// The append as statement `S` (see [`AppendStatement::statement_index`]),
+/// a type of its own: diesel keys its cache of prepared statements by a
+/// statement's type when it has a fixed one, and otherwise by its text,
+/// which it then hashes (SipHash over several KB) and compares at every
+/// call, about a sixth of an append's server instructions.
+struct Shaped<'s, 'a, const S: usize>(&'s AppendStatement<'a>);
+
+impl<const S: usize> QueryId for Shaped<'_, '_, S> {
+    type QueryId = Shaped<'static, 'static, S>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<const S: usize> Query for Shaped<'_, '_, S> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<const S: usize> QueryFragment<Pg> for Shaped<'_, '_, S> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let template = match APPEND.get(S) {
+            Some(shape) => shape,
+            None => &BY_FUNCTION,
+        };
+        self.0.push(template, &mut out)
     }
 }
 
@@ -680,16 +724,7 @@ impl Store {
                     follows,
                     self.lock_timeout,
                 );
-                // Its report once it has committed (see `OneRow`).
-                let reported = if by_function {
-                    statement
-                        .one_row::<FunctionReport>(conn)
-                        .await
-                        .map(AppendReport::from)
-                } else {
-                    statement.one_row::<AppendReport>(conn).await
-                };
-                let report = match reported {
+                let report = match statement.run(conn).await {
                     Ok(report) => report,
                     Err(error) if lost_a_race(&error) => continue,
                     Err(error) => return Err(error.into()),

@@ -110,23 +110,13 @@ pub(super) fn unknown_parameter(name: &str) -> DieselError {
 /// Declares `$statement<'a>` a cacheable query, given its `QueryFragment<Pg>`
 /// impl, whose rows are read by position into a `Queryable` of `sql_type`
 /// (or by name, with `Untyped`); diesel-async's `RunQueryDsl` then runs it.
-/// A statement of one SQL text is cached by its type; `by_text` caches each
-/// text it may write (a statement with several shapes) by the text itself.
+/// It is cached by its type, so it must write one SQL text (a statement of
+/// several shapes makes each a type, as the append's `Shaped` does).
 macro_rules! prepared_statement {
     ($statement:ident, sql_type = $sql_type:ty) => {
         impl diesel::query_builder::QueryId for $statement<'_> {
             type QueryId = $statement<'static>;
             const HAS_STATIC_QUERY_ID: bool = true;
-        }
-
-        impl diesel::query_builder::Query for $statement<'_> {
-            type SqlType = $sql_type;
-        }
-    };
-    ($statement:ident, by_text, sql_type = $sql_type:ty) => {
-        impl diesel::query_builder::QueryId for $statement<'_> {
-            type QueryId = ();
-            const HAS_STATIC_QUERY_ID: bool = false;
         }
 
         impl diesel::query_builder::Query for $statement<'_> {
