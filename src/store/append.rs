@@ -852,6 +852,83 @@ mod tests {
         assert!(!text.contains("unnest($ids"));
     }
 
+    /// Each statement index is a type of its own that writes its own
+    /// statement: the shapes of [`APPEND`], then the Citus function.
+    #[test]
+    fn each_statement_index_is_a_type_writing_its_statement() {
+        use diesel::query_builder::QueryId;
+        let conversation = Uuid::nil();
+        let statement = |by_function: bool, request_id: Option<&'static str>| AppendStatement {
+            by_function,
+            follows: false,
+            lock_timeout: "300ms".to_owned(),
+            user: "alice",
+            conversation: &conversation,
+            request_id,
+            expected: None,
+            count: 1,
+            now: Utc::now(),
+            usage: Usage::default(),
+            ids: vec![Uuid::nil()],
+            roles: vec![1],
+            contents: vec!["hi"],
+            metadata: vec![serde_json::json!({})],
+            parts: vec![None],
+            names: vec![None],
+            models: vec![None],
+            inputs: vec![None],
+            outputs: vec![None],
+            cached: vec![None],
+            reasoning: vec![None],
+            call_ids: Vec::new(),
+            call_at: Vec::new(),
+            answered_ids: Vec::new(),
+            answered_at: Vec::new(),
+        };
+        let (plain, replayable, citus) = (
+            statement(false, None),
+            statement(false, Some("r1")),
+            statement(true, None),
+        );
+        assert_eq!(plain.statement_index(), SINGLE.index());
+        let with_request = Shape {
+            request: true,
+            ..SINGLE
+        };
+        assert_eq!(replayable.statement_index(), with_request.index());
+        assert_eq!(citus.statement_index(), Shape::COUNT);
+
+        let sql = |text: String| {
+            text.split(" -- binds")
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        const S: usize = 8; // SINGLE's index
+        const R: usize = 9; // with a request_id
+        assert_eq!((SINGLE.index(), with_request.index()), (S, R));
+        let single = sql(diesel::debug_query::<Pg, _>(&Shaped::<S>(&plain)).to_string());
+        let request = sql(diesel::debug_query::<Pg, _>(&Shaped::<R>(&replayable)).to_string());
+        let function =
+            sql(diesel::debug_query::<Pg, _>(&Shaped::<{ Shape::COUNT }>(&citus)).to_string());
+        assert!(single.contains("INSERT INTO messages") && !single.contains("append_requests"));
+        assert!(request.contains("append_requests"));
+        assert!(
+            function.starts_with("SELECT convo_append_v1("),
+            "{function}"
+        );
+        let ids = [
+            Shaped::<S>::query_id(),
+            Shaped::<R>::query_id(),
+            Shaped::<{ Shape::COUNT }>::query_id(),
+        ];
+        assert!(
+            ids.iter().all(Option::is_some),
+            "every shape is cached by type"
+        );
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    }
+
     /// One message with no request_id, no tools and no watcher.
     const SINGLE: Shape = Shape {
         request: false,
