@@ -43,6 +43,7 @@ use uuid::Uuid;
 
 use super::{
     Store,
+    statement::{fixed, fixed_text},
     tls::{DatabaseTarget, Notice, Opened},
 };
 use crate::domain::{ConversationId, Message, MessageId, UserId};
@@ -666,9 +667,7 @@ async fn send(
         slot => slot.insert(publisher_session(target).await?),
     };
     let sent =
-        diesel::sql_query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
-            .bind::<Text, _>(CHANNEL)
-            .bind::<Array<Text>, _>(payloads)
+        fixed::<SendPayloads, _>(|q| q.bind::<Text, _>(CHANNEL).bind::<Array<Text>, _>(payloads))
             .execute(conn);
     match tokio::time::timeout(CONNECT_TIMEOUT, sent).await {
         Ok(Ok(_)) => Ok(()),
@@ -676,6 +675,11 @@ async fn send(
         Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     }
 }
+
+fixed_text!(
+    /// Sends each payload on the channel, in one statement.
+    SendPayloads = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+);
 
 /// Once per `interval`, reads the version of every conversation watched here
 /// and wakes the watchers of those that moved since the last read (or that

@@ -11,6 +11,7 @@ use super::{
     Store, StoreError,
     pool::OneRow,
     schema::conversations,
+    statement::{fixed, fixed_text, one_text},
     values::{StoredMetadata, StoredTime, Tally, metadata_to_json, now_micros, tallied},
 };
 use crate::domain::{
@@ -23,7 +24,16 @@ extern "SQL" {
     /// PostgreSQL's GREATEST for timestamps: `update_time` never moves back,
     /// even when replica clocks disagree.
     fn greatest(a: Timestamptz, b: Timestamptz) -> Timestamptz;
+
+    /// PostgreSQL's COALESCE: a new value when one is given, else the old.
+    fn coalesce<T: diesel::sql_types::SingleValue>(new: Nullable<T>, old: T) -> T;
 }
+
+/// [`record_messages`]'s statement, which writes one text.
+enum RecordMessages {}
+
+/// [`Store::update_conversation`]'s statement, which writes one text.
+enum UpdateConversation {}
 
 #[derive(Debug, Queryable, Selectable)]
 #[diesel(table_name = conversations, check_for_backend(diesel::pg::Pg))]
@@ -129,8 +139,11 @@ impl From<ConversationRow> for Conversation {
 }
 
 /// A new conversation: created empty, or forked with messages copied in.
+/// `None` is written as NULL (the columns' default), not as `DEFAULT`: the
+/// statement's text then never varies, so diesel keeps it prepared instead
+/// of preparing it at every call.
 #[derive(Insertable)]
-#[diesel(table_name = conversations)]
+#[diesel(table_name = conversations, treat_none_as_default_value = false)]
 struct NewConversationRow<'a> {
     user_id: &'a str,
     id: Uuid,
@@ -146,13 +159,6 @@ struct NewConversationRow<'a> {
     usage_output_tokens: i64,
     usage_cached_input_tokens: i64,
     usage_reasoning_tokens: i64,
-}
-
-#[derive(AsChangeset)]
-#[diesel(table_name = conversations)]
-struct ConversationChangeset<'a> {
-    title: Option<&'a str>,
-    metadata: Option<serde_json::Value>,
 }
 
 /// What a fork did.
@@ -230,7 +236,7 @@ pub(super) async fn record_messages(
     at: DateTime<Utc>,
 ) -> Result<Conversation, StoreError> {
     let (added_usage, removed_usage) = (added.usage(), removed.usage());
-    diesel::update(conversations::table)
+    let statement = diesel::update(conversations::table)
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
         .set((
@@ -250,7 +256,8 @@ pub(super) async fn record_messages(
                 - removed_usage.reasoning_tokens),
             conversations::total_bytes.eq(conversations::total_bytes + added.bytes - removed.bytes),
         ))
-        .returning(ConversationRow::as_returning())
+        .returning(ConversationRow::as_returning());
+    one_text::<RecordMessages, _>(statement)
         .one_row(conn)
         .await
         .map(Conversation::from)
@@ -274,8 +281,7 @@ impl Store {
                 // anew) or waits for this conversation, and erases it too. A
                 // plain DO NOTHING took no lock, so an erasure could remove
                 // the row before the conversation's foreign key was checked.
-                diesel::sql_query(LOCK_USER)
-                    .bind::<Text, _>(owner.as_str())
+                fixed::<LockUser, _>(|q| q.bind::<Text, _>(owner.as_str()))
                     .execute(conn)
                     .await?;
                 let now = now_micros();
@@ -339,20 +345,22 @@ impl Store {
         changes: &ConversationChanges,
     ) -> Result<Conversation, StoreError> {
         let update = async |conn: &mut AsyncPgConnection| {
-            let changeset = ConversationChangeset {
-                title: changes.title.as_ref().map(Title::as_str),
-                metadata: changes.metadata.as_ref().map(metadata_to_json),
-            };
-            // In autocommit: the row once committed (see `OneRow`).
-            diesel::update(conversations::table)
+            let title = changes.title.as_ref().map(Title::as_str);
+            let metadata = changes.metadata.as_ref().map(metadata_to_json);
+            // Both columns at every call, each kept when not given: one
+            // statement text, which diesel then keeps prepared.
+            let statement = diesel::update(conversations::table)
                 .filter(conversations::user_id.eq(owner.as_str()))
                 .filter(conversations::id.eq(id.as_uuid()))
                 .set((
-                    changeset,
+                    conversations::title.eq(coalesce(title, conversations::title)),
+                    conversations::metadata.eq(coalesce(metadata, conversations::metadata)),
                     conversations::update_time
                         .eq(greatest(now_micros(), conversations::update_time)),
                 ))
-                .returning(ConversationRow::as_returning())
+                .returning(ConversationRow::as_returning());
+            // In autocommit: the row once committed (see `OneRow`).
+            one_text::<UpdateConversation, _>(statement)
                 .one_row(conn)
                 .await
                 .optional()?
@@ -406,8 +414,7 @@ impl Store {
                 // The user row first, as an erasure locks it first: the new
                 // conversation's foreign key would otherwise take it after
                 // the source's lock, the opposite order (a deadlock).
-                diesel::sql_query(LOCK_USER)
-                    .bind::<Text, _>(owner.as_str())
+                fixed::<LockUser, _>(|q| q.bind::<Text, _>(owner.as_str()))
                     .execute(conn)
                     .await?;
                 // FOR KEY SHARE keeps the source from being deleted mid-copy
@@ -452,28 +459,30 @@ impl Store {
                 // One fresh UUIDv7 for the whole copy; message n's id is it
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
-                let inserted: Tally = diesel::sql_query(tallied(COPY_MESSAGES))
-                    .bind::<Text, _>(owner.as_str())
-                    .bind::<diesel::sql_types::Uuid, _>(created.id)
-                    .bind::<BigInt, _>(base.0 as i64)
-                    .bind::<diesel::sql_types::Uuid, _>(source_row.id)
-                    .bind::<BigInt, _>(copied)
-                    .bind::<BigInt, _>(base.1 as i64)
-                    .one_row(conn)
-                    .await?;
+                let inserted: Tally = fixed::<CopyMessages, _>(|q| {
+                    q.bind::<Text, _>(owner.as_str())
+                        .bind::<diesel::sql_types::Uuid, _>(created.id)
+                        .bind::<BigInt, _>(base.0 as i64)
+                        .bind::<diesel::sql_types::Uuid, _>(source_row.id)
+                        .bind::<BigInt, _>(copied)
+                        .bind::<BigInt, _>(base.1 as i64)
+                })
+                .one_row(conn)
+                .await?;
                 if inserted.count != copied {
                     return Err(StoreError::Corrupt(format!(
                         "conversation {source} counts {copied} messages up to the fork point but {} were copied",
                         inserted.count
                     )));
                 }
-                diesel::sql_query(COPY_TOOL_CALLS)
-                    .bind::<Text, _>(owner.as_str())
-                    .bind::<diesel::sql_types::Uuid, _>(created.id)
-                    .bind::<diesel::sql_types::Uuid, _>(source_row.id)
-                    .bind::<BigInt, _>(copied)
-                    .execute(conn)
-                    .await?;
+                fixed::<CopyToolCalls, _>(|q| {
+                    q.bind::<Text, _>(owner.as_str())
+                        .bind::<diesel::sql_types::Uuid, _>(created.id)
+                        .bind::<diesel::sql_types::Uuid, _>(source_row.id)
+                        .bind::<BigInt, _>(copied)
+                })
+                .execute(conn)
+                .await?;
                 let id = ConversationId::from_uuid(created.id);
                 let forked = record_messages(
                     conn,
@@ -491,6 +500,10 @@ impl Store {
         .await
     }
 }
+
+fixed_text!(LockUser = LOCK_USER);
+fixed_text!(CopyMessages = tallied(COPY_MESSAGES));
+fixed_text!(CopyToolCalls = COPY_TOOL_CALLS);
 
 /// Inserts the user row, or locks it if it exists: `ON CONFLICT DO UPDATE`
 /// locks the conflicting row even when its `WHERE` updates nothing.

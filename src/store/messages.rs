@@ -12,6 +12,7 @@ use super::{
     parts,
     pool::OneRow,
     schema::messages,
+    statement::{fixed, fixed_text},
     values::{StoredMetadata, StoredTime, Tally, now_micros, tallied},
 };
 use crate::domain::{
@@ -229,18 +230,20 @@ impl Store {
                 if after > count {
                     return Ok(TruncateOutcome::BeyondEnd { length: count });
                 }
-                let removed: Tally = diesel::sql_query(tallied(REMOVE_AFTER))
-                    .bind::<Text, _>(owner.as_str())
-                    .bind::<sql::Uuid, _>(conversation_id.as_uuid())
-                    .bind::<BigInt, _>(after)
-                    .one_row(conn)
-                    .await?;
-                diesel::sql_query(FORGET_REQUESTS_AFTER)
-                    .bind::<Text, _>(owner.as_str())
-                    .bind::<sql::Uuid, _>(conversation_id.as_uuid())
-                    .bind::<BigInt, _>(after)
-                    .execute(conn)
-                    .await?;
+                let removed: Tally = fixed::<RemoveAfter, _>(|q| {
+                    q.bind::<Text, _>(owner.as_str())
+                        .bind::<sql::Uuid, _>(conversation_id.as_uuid())
+                        .bind::<BigInt, _>(after)
+                })
+                .one_row(conn)
+                .await?;
+                fixed::<ForgetRequestsAfter, _>(|q| {
+                    q.bind::<Text, _>(owner.as_str())
+                        .bind::<sql::Uuid, _>(conversation_id.as_uuid())
+                        .bind::<BigInt, _>(after)
+                })
+                .execute(conn)
+                .await?;
                 let now = now_micros().max(update_time);
                 let conversation = conversations::record_messages(
                     conn,
@@ -272,3 +275,6 @@ const FORGET_REQUESTS_AFTER: &str = "\
 const REMOVE_AFTER: &str = "\
     DELETE FROM messages \
     WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3";
+
+fixed_text!(ForgetRequestsAfter = FORGET_REQUESTS_AFTER);
+fixed_text!(RemoveAfter = tallied(REMOVE_AFTER));

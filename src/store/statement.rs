@@ -4,18 +4,21 @@
 //!
 //! `diesel::sql_query` is never cached: diesel-async prepares it again at
 //! every call, which costs a round trip of its own before the one that runs
-//! it. A statement declared with [`prepared_statement!`] is kept in the
-//! connection's statement cache after its first use, so every later call is
-//! one round trip.
+//! it. A statement declared with [`prepared_statement!`], or a `sql_query`
+//! of a fixed text run through [`fixed`], is kept in the connection's
+//! statement cache after its first use, so every later call is one round
+//! trip.
 //!
 //! Its SQL names parameters (`$user`, `$conversation`). A [`Template`], parsed
 //! once per statement text, turns them into PostgreSQL's `$1`, `$2`, … in order
 //! of first appearance and asks the statement to bind each once, so one value
 //! used in several places is sent once.
 
+use std::marker::PhantomData;
+
 use diesel::{
     pg::Pg,
-    query_builder::AstPass,
+    query_builder::{AstPass, Query, QueryFragment, QueryId, SqlQuery},
     result::{Error as DieselError, QueryResult},
 };
 
@@ -102,6 +105,79 @@ impl Template {
     }
 }
 
+/// Names one hand-written statement of a fixed text, for [`fixed`].
+pub(super) trait FixedText: 'static {
+    /// The statement, the same at every call.
+    fn text() -> &'static str;
+}
+
+/// A `diesel::sql_query` whose text is `M`'s, with its binds, kept prepared
+/// on its connection. diesel never caches a bare `sql_query` (its text could
+/// be anything), so every call paid a prepare round trip before its own;
+/// this one is cached under the type `M`, which stands for one text.
+pub(super) struct Fixed<M, Q> {
+    query: Q,
+    text: PhantomData<M>,
+}
+
+/// `M`'s statement, its values bound by `bind` (`.bind::<Text, _>(…)`…).
+pub(super) fn fixed<M: FixedText, Q>(bind: impl FnOnce(SqlQuery) -> Q) -> Fixed<M, Q> {
+    Fixed {
+        query: bind(diesel::sql_query(M::text())),
+        text: PhantomData,
+    }
+}
+
+/// A statement built with diesel's DSL that diesel will not keep prepared
+/// (it never caches an UPDATE, whose changeset could vary), kept prepared
+/// under the type `M`. Only for a statement that writes one text at every
+/// call: `M` stands for that text.
+pub(super) fn one_text<M: 'static, Q>(query: Q) -> Fixed<M, Q> {
+    Fixed {
+        query,
+        text: PhantomData,
+    }
+}
+
+impl<M: 'static, Q> QueryId for Fixed<M, Q> {
+    type QueryId = M;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<M, Q: Query> Query for Fixed<M, Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<M, Q: QueryFragment<Pg>> QueryFragment<Pg> for Fixed<M, Q> {
+    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.query.walk_ast(pass)
+    }
+
+    /// The text is `M`'s at every call, which a bare `sql_query` cannot say.
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+/// Declares `$marker`, the [`FixedText`] standing for the statement `$text`
+/// (an expression, evaluated once).
+macro_rules! fixed_text {
+    ($(#[$meta:meta])* $marker:ident = $text:expr) => {
+        $(#[$meta])*
+        enum $marker {}
+
+        impl $crate::store::statement::FixedText for $marker {
+            fn text() -> &'static str {
+                static TEXT: std::sync::LazyLock<String> =
+                    std::sync::LazyLock::new(|| String::from($text));
+                &TEXT
+            }
+        }
+    };
+}
+
+pub(super) use fixed_text;
+
 /// The error for a `$name` that the statement does not bind.
 pub(super) fn unknown_parameter(name: &str) -> DieselError {
     DieselError::QueryBuilderError(format!("no value for parameter ${name}").into())
@@ -185,5 +261,27 @@ mod tests {
             shown,
             "SELECT $1, $2::int8 + 1, $1, '$1' -- binds: [\"ada\", 2]"
         );
+    }
+
+    fixed_text!(LockUser = "SELECT pg_advisory_xact_lock(hashtext($1))");
+
+    /// A `sql_query` of a fixed text is kept prepared: a static query id,
+    /// safe to cache, its text exactly `M`'s; a bare one is neither.
+    #[test]
+    fn a_fixed_text_is_cached_by_its_type() {
+        use diesel::pg::Pg;
+        let query = super::fixed::<LockUser, _>(|q| q.bind::<Text, _>("alice"));
+        assert_eq!(query.is_safe_to_cache_prepared(&Pg).ok(), Some(true));
+        assert!(
+            <super::Fixed<LockUser, diesel::query_builder::SqlQuery> as QueryId>::query_id()
+                .is_some()
+        );
+        let sql = debug_query::<Pg, _>(&query).to_string();
+        assert!(
+            sql.starts_with("SELECT pg_advisory_xact_lock(hashtext($1)) -- binds"),
+            "{sql}"
+        );
+        let bare = diesel::sql_query("SELECT 1");
+        assert_eq!(bare.is_safe_to_cache_prepared(&Pg).ok(), Some(false));
     }
 }

@@ -4,6 +4,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use super::{
     Store, StoreError,
     schema::{append_requests, conversations, messages, users},
+    statement::{fixed, fixed_text},
 };
 use crate::domain::{Erased, UserId};
 
@@ -13,6 +14,8 @@ const LOCK_ERASED: &str = "\
     SELECT c.id FROM conversations c \
     WHERE c.user_id = $1 AND EXISTS (SELECT 1 FROM owner) \
     ORDER BY c.id FOR UPDATE OF c";
+
+fixed_text!(LockErased = LOCK_ERASED);
 
 impl Store {
     /// Erases everything stored for `owner` in one transaction: messages,
@@ -28,8 +31,7 @@ impl Store {
                 // batch) locks the conversation before its messages too, so
                 // an erasure running beside them waits instead of
                 // deadlocking, and a create waits on the user row.
-                diesel::sql_query(LOCK_ERASED)
-                    .bind::<diesel::sql_types::Text, _>(owner.as_str())
+                fixed::<LockErased, _>(|q| q.bind::<diesel::sql_types::Text, _>(owner.as_str()))
                     .execute(conn)
                     .await?;
                 // Deleted child-first so each count is exact; the cascade from
