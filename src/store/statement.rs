@@ -111,10 +111,11 @@ pub(super) trait FixedText: 'static {
     fn text() -> &'static str;
 }
 
-/// A `diesel::sql_query` whose text is `M`'s, with its binds, kept prepared
-/// on its connection. diesel never caches a bare `sql_query` (its text could
-/// be anything), so every call paid a prepare round trip before its own;
-/// this one is cached under the type `M`, which stands for one text.
+/// A statement of one text with its binds, kept prepared on its connection
+/// under the type `M`, which stands for that text: built by [`fixed`] (a
+/// `sql_query`, which diesel never caches, its text could be anything) or by
+/// [`one_text`] (a DSL statement diesel will not cache). Uncached, every call
+/// paid a prepare round trip before its own.
 pub(super) struct Fixed<M, Q> {
     query: Q,
     text: PhantomData<M>,
