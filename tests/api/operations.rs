@@ -88,6 +88,13 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+    // Each reflection service lists both, as grpcurl's `list` shows.
+    for reflection in [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.contains(&reflection.to_string()), "{names:?}");
+    }
 
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
