@@ -89,7 +89,7 @@ impl Default for FeedSettings {
         Self {
             publish_interval: Duration::from_millis(10),
             catch_up_interval: Duration::from_secs(1),
-            backlog: 1024,
+            backlog: super::tls::NOTIFICATION_BACKLOG,
         }
     }
 }
@@ -248,6 +248,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Every watcher in this process reads again: notifications may have
+    /// been missed.
+    fn everyone_rereads(&self) {
+        self.resync.send_modify(|epoch| *epoch += 1);
+    }
+
     fn receive(&self, payload: &str) {
         metrics::counter!("convo_notifications_received_total").increment(1);
         let Some(announcement) = parse_payload(payload, &self.replica) else {
@@ -507,7 +513,7 @@ async fn follow(target: &DatabaseTarget, shared: &Shared) {
         if let Some(mut session) = listening_session(target).await {
             delay = Duration::from_millis(50);
             // Anything committed while no one listened is read now.
-            shared.resync.send_modify(|epoch| *epoch += 1);
+            shared.everyone_rereads();
             tracing::info!("listening for changes from every replica");
             tokio::select! {
                 () = receive(&mut session, shared) => {
@@ -578,7 +584,7 @@ async fn receive(session: &mut Opened, shared: &Shared) {
             // they announced is read again, as after a reconnect.
             Ok(Some(Notice::Missed)) => {
                 tracing::debug!("the change listener fell behind; every watcher re-reads");
-                shared.resync.send_modify(|epoch| *epoch += 1);
+                shared.everyone_rereads();
             }
             // The session's driver ended: the connection is gone.
             Ok(None) => return,

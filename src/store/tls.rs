@@ -62,7 +62,7 @@ pub(super) struct DatabaseTarget {
 /// How many notifications a session holds for a reader that has fallen
 /// behind before it drops them (and says so, see [`Notice::Missed`]): a
 /// payload is at most 8,000 bytes, so a few MB at worst.
-const NOTIFICATION_BACKLOG: usize = 1024;
+pub(super) const NOTIFICATION_BACKLOG: usize = 1024;
 
 impl std::fmt::Debug for DatabaseTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
