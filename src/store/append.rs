@@ -34,7 +34,7 @@ use diesel::{
     QueryableByName,
     pg::Pg,
     prelude::*,
-    query_builder::{AstPass, Query, QueryFragment, QueryId},
+    query_builder::{AstPass, Query, QueryFragment},
     result::{DatabaseErrorKind, Error as DieselError},
     sql_types::{
         Array, BigInt, Integer, Jsonb, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid,
@@ -49,7 +49,7 @@ use super::{
     parts,
     pool::OneRow,
     schema::messages,
-    statement::{Template, unknown_parameter},
+    statement::{Template, one_text, unknown_parameter},
     values::{message_size, metadata_to_json, now_micros, size_of},
 };
 use crate::domain::{
@@ -440,14 +440,16 @@ impl AppendStatement<'_> {
         })
     }
 
-    /// Runs the statement as the type of its shape (see [`Shaped`]) and
-    /// returns its report once it has committed (see `OneRow`).
+    /// Runs the statement as the type of its shape (see [`AppendShape`])
+    /// and returns its report once it has committed (see `OneRow`).
     async fn run(&self, conn: &mut AsyncPgConnection) -> QueryResult<AppendReport> {
         macro_rules! by_shape {
             ($($index:literal)*) => {
                 match self.statement_index() {
-                    $($index => Shaped::<$index>(self).one_row::<AppendReport>(conn).await,)*
-                    Shape::COUNT => Shaped::<{ Shape::COUNT }>(self)
+                    $($index => one_text::<AppendShape<$index>, _>(self)
+                        .one_row::<AppendReport>(conn)
+                        .await,)*
+                    Shape::COUNT => one_text::<AppendShape<{ Shape::COUNT }>, _>(self)
                         .one_row::<FunctionReport>(conn)
                         .await
                         .map(AppendReport::from),
@@ -461,29 +463,22 @@ impl AppendStatement<'_> {
     }
 }
 
-/// The append as statement `S` (see [`AppendStatement::statement_index`]),
-/// a type of its own: diesel keys its cache of prepared statements by a
-/// statement's type when it has a fixed one, and otherwise by its text,
-/// which it then hashes (SipHash over several KB) and compares at every
-/// call, about a sixth of an append's server instructions.
-struct Shaped<'s, 'a, const S: usize>(&'s AppendStatement<'a>);
+/// The type standing for statement `S` (see
+/// [`AppendStatement::statement_index`]) in diesel's statement cache, through
+/// [`one_text`]: a statement without a fixed type is found by its text, which
+/// diesel hashes (SipHash over several KB) and compares at every call, 9 % of
+/// an append's server instructions (BENCHMARKS.md). `run` only ever gives
+/// statement `S` this type, so each type writes one text.
+struct AppendShape<const S: usize>;
 
-impl<const S: usize> QueryId for Shaped<'_, '_, S> {
-    type QueryId = Shaped<'static, 'static, S>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<const S: usize> Query for Shaped<'_, '_, S> {
+impl Query for AppendStatement<'_> {
     type SqlType = diesel::sql_types::Untyped;
 }
 
-impl<const S: usize> QueryFragment<Pg> for Shaped<'_, '_, S> {
+impl QueryFragment<Pg> for AppendStatement<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let template = match APPEND.get(S) {
-            Some(shape) => shape,
-            None => &BY_FUNCTION,
-        };
-        self.0.push(template, &mut out)
+        let template = APPEND.get(self.statement_index()).unwrap_or(&BY_FUNCTION);
+        self.push(template, &mut out)
     }
 }
 
@@ -907,21 +902,24 @@ mod tests {
         const S: usize = 8; // SINGLE's index
         const R: usize = 9; // with a request_id
         assert_eq!((SINGLE.index(), with_request.index()), (S, R));
-        let single = sql(diesel::debug_query::<Pg, _>(&Shaped::<S>(&plain)).to_string());
-        let request = sql(diesel::debug_query::<Pg, _>(&Shaped::<R>(&replayable)).to_string());
-        let function =
-            sql(diesel::debug_query::<Pg, _>(&Shaped::<{ Shape::COUNT }>(&citus)).to_string());
+        let (single, request, function) = (
+            one_text::<AppendShape<S>, _>(&plain),
+            one_text::<AppendShape<R>, _>(&replayable),
+            one_text::<AppendShape<{ Shape::COUNT }>, _>(&citus),
+        );
+        fn id_of<T: QueryId>(_: &T) -> Option<std::any::TypeId> {
+            T::query_id()
+        }
+        let ids = [id_of(&single), id_of(&request), id_of(&function)];
+        let single = sql(diesel::debug_query::<Pg, _>(&single).to_string());
+        let request = sql(diesel::debug_query::<Pg, _>(&request).to_string());
+        let function = sql(diesel::debug_query::<Pg, _>(&function).to_string());
         assert!(single.contains("INSERT INTO messages") && !single.contains("append_requests"));
         assert!(request.contains("append_requests"));
         assert!(
             function.starts_with("SELECT convo_append_v1("),
             "{function}"
         );
-        let ids = [
-            Shaped::<S>::query_id(),
-            Shaped::<R>::query_id(),
-            Shaped::<{ Shape::COUNT }>::query_id(),
-        ];
         assert!(
             ids.iter().all(Option::is_some),
             "every shape is cached by type"

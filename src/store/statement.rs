@@ -188,7 +188,7 @@ pub(super) fn unknown_parameter(name: &str) -> DieselError {
 /// impl, whose rows are read by position into a `Queryable` of `sql_type`
 /// (or by name, with `Untyped`); diesel-async's `RunQueryDsl` then runs it.
 /// It is cached by its type, so it must write one SQL text (a statement of
-/// several shapes makes each a type, as the append's `Shaped` does).
+/// several shapes gives each a type, as the append's `AppendShape` does).
 macro_rules! prepared_statement {
     ($statement:ident, sql_type = $sql_type:ty) => {
         impl diesel::query_builder::QueryId for $statement<'_> {
