@@ -16,7 +16,7 @@ use super::{
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId, Metadata,
-    NewConversation, RequestId, Title, Usage, UserId,
+    Title, Usage, UserId,
 };
 
 #[diesel::declare_sql_function]
@@ -144,21 +144,21 @@ impl From<ConversationRow> for Conversation {
 /// of preparing it at every call.
 #[derive(Insertable)]
 #[diesel(table_name = conversations, treat_none_as_default_value = false)]
-struct NewConversationRow<'a> {
-    user_id: &'a str,
-    id: Uuid,
-    title: &'a str,
-    metadata: serde_json::Value,
-    create_time: DateTime<Utc>,
-    update_time: DateTime<Utc>,
-    message_count: i64,
-    forked_from_conversation_id: Option<Uuid>,
-    forked_at_sequence: Option<i64>,
-    request_id: Option<&'a str>,
-    usage_input_tokens: i64,
-    usage_output_tokens: i64,
-    usage_cached_input_tokens: i64,
-    usage_reasoning_tokens: i64,
+pub(super) struct NewConversationRow<'a> {
+    pub(super) user_id: &'a str,
+    pub(super) id: Uuid,
+    pub(super) title: &'a str,
+    pub(super) metadata: serde_json::Value,
+    pub(super) create_time: DateTime<Utc>,
+    pub(super) update_time: DateTime<Utc>,
+    pub(super) message_count: i64,
+    pub(super) forked_from_conversation_id: Option<Uuid>,
+    pub(super) forked_at_sequence: Option<i64>,
+    pub(super) request_id: Option<&'a str>,
+    pub(super) usage_input_tokens: i64,
+    pub(super) usage_output_tokens: i64,
+    pub(super) usage_cached_input_tokens: i64,
+    pub(super) usage_reasoning_tokens: i64,
 }
 
 /// What a fork did.
@@ -265,69 +265,6 @@ pub(super) async fn record_messages(
 }
 
 impl Store {
-    /// Creates a conversation, or returns the one this owner first created with
-    /// the same `request_id`.
-    pub async fn create_conversation(
-        &self,
-        owner: &UserId,
-        new: &NewConversation,
-    ) -> Result<Conversation, StoreError> {
-        let request_id = new.request_id.as_ref();
-        self.with_conn(async |conn| {
-            conn.transaction(async |conn| {
-                self.bound_lock_waits(conn).await?;
-                // The user row, created or locked (never rewritten): an erasure
-                // of this user either finished before (and the row is made
-                // anew) or waits for this conversation, and erases it too. A
-                // plain DO NOTHING took no lock, so an erasure could remove
-                // the row before the conversation's foreign key was checked.
-                fixed::<LockUser, _>(|q| q.bind::<Text, _>(owner.as_str()))
-                    .execute(conn)
-                    .await?;
-                let now = now_micros();
-                let row = NewConversationRow {
-                    user_id: owner.as_str(),
-                    id: *ConversationId::generate().as_uuid(),
-                    title: new.title.as_str(),
-                    metadata: metadata_to_json(&new.metadata),
-                    create_time: now,
-                    update_time: now,
-                    message_count: 0,
-                    forked_from_conversation_id: None,
-                    forked_at_sequence: None,
-                    request_id: request_id.map(RequestId::as_str),
-                    usage_input_tokens: 0,
-                    usage_output_tokens: 0,
-                    usage_cached_input_tokens: 0,
-                    usage_reasoning_tokens: 0,
-                };
-                let created = diesel::insert_into(conversations::table)
-                    .values(&row)
-                    .on_conflict((conversations::user_id, conversations::request_id))
-                    .do_nothing()
-                    .returning(ConversationRow::as_returning())
-                    .one_row(conn)
-                    .await
-                    .optional()?;
-                let row = match created {
-                    Some(row) => row,
-                    // Only a request_id can conflict: this is a retry.
-                    None => {
-                        conversations::table
-                            .filter(conversations::user_id.eq(owner.as_str()))
-                            .filter(conversations::request_id.eq(request_id.map(RequestId::as_str)))
-                            .select(ConversationRow::as_select())
-                            .one_row(conn)
-                            .await?
-                    }
-                };
-                Ok(row.into())
-            })
-            .await
-        })
-        .await
-    }
-
     pub async fn get_conversation(
         &self,
         owner: &UserId,
@@ -501,7 +438,7 @@ impl Store {
     }
 }
 
-fixed_text!(LockUser = LOCK_USER);
+fixed_text!(pub(super) LockUser = LOCK_USER);
 fixed_text!(CopyMessages = tallied(COPY_MESSAGES));
 fixed_text!(CopyToolCalls = COPY_TOOL_CALLS);
 

@@ -4,9 +4,10 @@
 //! and scopes its SQL by it (the retention sweep, an operator's policy over
 //! all users, is the one exception); nothing here knows about gRPC or
 //! protobuf. Each table's queries live beside its row types
-//! (`conversations.rs`, `messages.rs`, `search.rs`, `users.rs`); the two hot
-//! paths, each one statement, have their own (`append.rs`, `resume.rs`,
-//! prepared through `statement.rs`); live changes are in `changes.rs`; conversions
+//! (`conversations.rs`, `messages.rs`, `search.rs`, `users.rs`); the
+//! statements of the hot paths, each one statement, have their own
+//! (`append.rs`, `resume.rs`, `create.rs`, prepared through `statement.rs`);
+//! live changes are in `changes.rs`; conversions
 //! of column values shared by them are in `values.rs`.
 //!
 //! Rules that must hold under concurrency are decided inside the write's
@@ -18,6 +19,7 @@
 mod append;
 mod changes;
 mod conversations;
+mod create;
 mod distribute;
 mod error;
 mod list;
@@ -76,6 +78,10 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
     }));
     let (sql, binds) = resume::statement(citus).numbered();
     statements.push(("resume".to_owned(), sql, binds));
+    if !citus {
+        let (sql, binds) = create::statement().numbered();
+        statements.push(("create conversation".to_owned(), sql, binds));
+    }
     statements
 }
 

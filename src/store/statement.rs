@@ -163,9 +163,9 @@ impl<M, Q: QueryFragment<Pg>> QueryFragment<Pg> for Fixed<M, Q> {
 /// Declares `$marker`, the [`FixedText`] standing for the statement `$text`
 /// (an expression, evaluated once).
 macro_rules! fixed_text {
-    ($(#[$meta:meta])* $marker:ident = $text:expr) => {
+    ($(#[$meta:meta])* $vis:vis $marker:ident = $text:expr) => {
         $(#[$meta])*
-        enum $marker {}
+        $vis enum $marker {}
 
         impl $crate::store::statement::FixedText for $marker {
             fn text() -> &'static str {

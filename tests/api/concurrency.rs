@@ -1,8 +1,10 @@
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use convo::grpc::proto::{self, AppendMessageRequest, Role};
+use diesel_async::SimpleAsyncConnection;
+use tokio::time::{Instant, sleep};
 
-use crate::helpers::{TestApp, all_messages, create, micros};
+use crate::helpers::{TestApp, all_messages, create, micros, on_citus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_never_share_or_skip_a_sequence() {
@@ -138,6 +140,72 @@ async fn concurrent_creates_with_one_request_id_create_once() {
         ids.insert(task.await.unwrap());
     }
     assert_eq!(ids.len(), 1);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM conversations")
+            .await,
+        1
+    );
+}
+
+/// A retry that reaches the database while the first create is still
+/// committing waits for it on the request_id's key, and then returns the
+/// conversation the first made: it committed after the retry's statement
+/// began, so the retry reads it in a statement of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_retried_while_the_first_commits_returns_the_first() {
+    let app = TestApp::spawn().await;
+    let first_id = "0190f5a8-0000-7000-8000-000000000001";
+    let mut first = app.db.connect().await;
+    first
+        .batch_execute(&format!(
+            "BEGIN; \
+             INSERT INTO users (user_id) VALUES ('alice'); \
+             INSERT INTO conversations (user_id, id, title, request_id, create_time, update_time) \
+             VALUES ('alice', '{first_id}', 'first', 'create-race', now(), now())"
+        ))
+        .await
+        .expect("the first create, not yet committed");
+
+    let mut alice = app.client("alice");
+    let retry = tokio::spawn(async move {
+        alice
+            .create_conversation(proto::CreateConversationRequest {
+                title: "retry".into(),
+                request_id: "create-race".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    let waiting_for_the_first = format!(
+        "SELECT count(*) AS n FROM {} \
+          WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        if on_citus() {
+            "citus_stat_activity"
+        } else {
+            "pg_stat_activity"
+        }
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.db.count(&waiting_for_the_first).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the retry never waited for the first create"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    first
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit the first");
+
+    let created = retry
+        .await
+        .unwrap()
+        .expect("the retry succeeds")
+        .into_inner();
+    assert_eq!(created.id, first_id);
+    assert_eq!(created.title, "first");
     assert_eq!(
         app.db
             .count("SELECT count(*) AS n FROM conversations")

@@ -24,7 +24,8 @@ struct PlanLine {
 /// Every scan in `plan` is an index scan bounded to one conversation: the
 /// conversation row and earlier requests by primary key, messages by a
 /// sequence range of the primary key (a listing of conversations: the
-/// owner's, in the order of the update-time index). Tool calls may be read through either
+/// owner's, in the order of the update-time index; a create's retry: by its
+/// request_id). Tool calls may be read through either
 /// of their indexes (both lead with the conversation): before statistics
 /// exist the planner cannot tell them apart, and either reads one
 /// conversation's calls only.
@@ -61,6 +62,11 @@ fn assert_reads_by_key(name: &str, sql: &str, plan: &[String]) {
             }
             // A listing of conversations walks the owner's in update order,
             // already sorted for its ORDER BY and LIMIT.
+            // A create's retry reads the conversation its request_id made.
+            "conversations" if name == "create conversation" => assert!(
+                line.contains("conversations_request_id_key") && condition.contains("request_id"),
+                "{name}: a retry read other than by its request_id:\n{text}"
+            ),
             "conversations" if name.starts_with("list conversations") => assert!(
                 line.contains("conversations_by_update_time") && !text.contains("Sort"),
                 "{name}: conversations listed other than in index order:\n{text}"
