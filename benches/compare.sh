@@ -12,7 +12,7 @@
 # Environment: ROUNDS (6), DURATION (6s), WORKLOADS ("append resume"),
 # MESSAGES (1000, the length of the resumed conversation), WORKERS (16).
 # PGBENCH=1 also runs, in every round, pgbench's ceilings on a database of
-# their own (benches/pgbench: append.sql, resume.sql, list.sql) at the same
+# their own (benches/pgbench: append.sql, resume.sql, list.sql, create.sql) at the same
 # concurrency, so every ratio comes from one sitting.
 # PIN=1 (PostgreSQL on this machine only) gives PostgreSQL cores of its own
 # for the sitting: its processes run on PG_CPUS (0), convo, convo-bench and
@@ -93,13 +93,13 @@ fi
 
 pgbench_round() { # round
     local url; url="$(database convo_compare_pgbench)"
-    for script in list resume append; do
+    for script in list resume append create; do
         # The append scripts leave dead rows and stale statistics behind; a
         # list planned on those picks the wrong index (seen: 4x slower).
         psql -q "$url" -c "VACUUM ANALYZE conversations, messages"
         # The plans convo's sessions use (see store/pool.rs).
         tps="$(PGOPTIONS="-c plan_cache_mode=force_generic_plan" ${app[@]+"${app[@]}"} pgbench -n -c "$workers" -j 2 -T "${duration%s}" -M prepared \
-            -D user="$([ $script = list ] && echo pgbench-list || echo pgbench-resume)" \
+            -D user="$(case $script in list) echo pgbench-list;; create) echo pgbench-create;; *) echo pgbench-resume;; esac)" \
             -D conversation=00000000-0000-0000-0000-00000000ffff \
             -f "$here/pgbench/$script.sql" "$url" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | head -1)"
         echo "$1 pgbench $script ${tps%.*} 0 0" | tee -a "$results"
@@ -155,7 +155,7 @@ for workload in sorted({w for w, side in runs if side != "pgbench"}):
               f"{statistics.median(r[1] for r in rows):>14.2f} {sum(r[2] for r in rows):>7}")
     print(f"{workload:<18} after/before: {medians['after'] / medians['before']:.2f}x")
     ceiling = ("append" if workload == "append" else "resume" if workload.startswith("resume_L=")
-               else "list" if workload == "list_depth=0" else None)
+               else "list" if workload == "list_depth=0" else "create" if workload == "create" else None)
     if ceiling in ceilings:
         for side in ("before", "after"):
             print(f"{workload:<18} {side} / pgbench {ceiling}: {medians[side] / ceilings[ceiling]:.2f}x")

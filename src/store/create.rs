@@ -202,3 +202,28 @@ async fn made_by_request(
         .await?;
     Ok(row.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::statement::pgbench_statement;
+
+    /// pgbench's create ceiling must run the very statement convo runs.
+    #[test]
+    fn the_pgbench_script_is_this_statement() {
+        let script = pgbench_statement(include_str!("../../benches/pgbench/create.sql"));
+        let (ours, _) = statement().numbered();
+        let ours = ours
+            .replace(
+                "$2",
+                "(lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000000)::bigint), 16, '0') \
+                 || lpad(to_hex(:n::bigint), 16, '0'))::uuid",
+            )
+            .replace("$3", "'A new chat'")
+            .replace("$4", r#"'{"channel": "bench"}'::jsonb"#)
+            .replace("$5", "now()")
+            .replace("$6", "('pgbench-' || :n)")
+            .replace("$1", ":user");
+        assert_eq!(script, ours);
+    }
+}

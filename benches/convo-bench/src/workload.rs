@@ -49,6 +49,9 @@ pub enum Workload {
     /// ListMessages(50), newest first, of a conversation of --messages
     /// messages: the latest page of its history, as a client shows it.
     History,
+    /// Each worker starts new chats: CreateConversation with a title, a
+    /// metadata pair and a request_id of its own.
+    Create,
 }
 
 /// How hard and how long to drive.
@@ -171,7 +174,7 @@ impl Setup {
                 setup.label = format!("tool-resume L={messages}");
             }
             Workload::ToolAppend => setup.label = "tool-append".into(),
-            Workload::Append | Workload::Turn | Workload::Watch => {}
+            Workload::Append | Workload::Turn | Workload::Watch | Workload::Create => {}
         }
         Ok(setup)
     }
@@ -338,6 +341,18 @@ impl Worker {
                         conversation_id: self.conversation.clone(),
                         messages: vec![message],
                         ..Default::default()
+                    })
+                    .await?;
+            }
+            Workload::Create => {
+                // The worker's own conversation id makes its request ids
+                // unique across workers and runs.
+                self.turn += 1;
+                self.client
+                    .create_conversation(proto::CreateConversationRequest {
+                        title: "A new chat".into(),
+                        metadata: [("channel".to_owned(), "bench".to_owned())].into(),
+                        request_id: format!("{}-{}", self.conversation, self.turn),
                     })
                     .await?;
             }
