@@ -22,15 +22,21 @@ struct Deleted {
 /// without locks, and the DELETE checks the idle time again on each row it
 /// locks, so a conversation written to since is kept, and a row another
 /// sweeper deleted first is simply not found (each id is reported once).
+///
+/// Idle time is compared as `timezone('UTC', update_time)`, the key of
+/// `conversations_by_idle_time` (the same order as the column's), so both
+/// the candidates and the re-check read that index: an index on the column
+/// itself was also chosen for listings, where it read other users'
+/// conversations (see its migration, 2026-12-04-000009).
 const DELETE_IDLE: &str = "\
     DELETE FROM conversations c \
     WHERE (c.user_id, c.id) IN ( \
         SELECT user_id, id FROM conversations \
-        WHERE update_time < $1 \
-        ORDER BY update_time \
+        WHERE timezone('UTC', update_time) < timezone('UTC', $1) \
+        ORDER BY timezone('UTC', update_time) \
         LIMIT $2 \
     ) \
-    AND c.update_time < $1 \
+    AND timezone('UTC', c.update_time) < timezone('UTC', $1) \
     RETURNING c.id";
 
 impl Store {
