@@ -1,10 +1,9 @@
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
 use convo::grpc::proto::{self, AppendMessageRequest, Role};
 use diesel_async::SimpleAsyncConnection;
-use tokio::time::{Instant, sleep};
 
-use crate::helpers::{TestApp, all_messages, create, micros, on_citus};
+use crate::helpers::{TestApp, all_messages, create, micros};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_never_share_or_skip_a_sequence() {
@@ -177,23 +176,9 @@ async fn a_create_retried_while_the_first_commits_returns_the_first() {
             })
             .await
     });
-    let waiting_for_the_first = format!(
-        "SELECT count(*) AS n FROM {} \
-          WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        if on_citus() {
-            "citus_stat_activity"
-        } else {
-            "pg_stat_activity"
-        }
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.db.count(&waiting_for_the_first).await < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the retry never waited for the first create"
-        );
-        sleep(Duration::from_millis(20)).await;
-    }
+    app.db
+        .until_waiting_for_a_lock(1, "the retry never waited for the first create")
+        .await;
     first
         .batch_execute("COMMIT")
         .await

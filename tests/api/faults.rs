@@ -29,7 +29,7 @@ use crate::{
     fault_harness::{DedicatedCluster, Proxy},
     helpers::{
         Client, TestApp, UserHeader, append, assert_stored, create, expect_code,
-        expect_unavailable_within, health, on_citus, spawn_appends, test_settings, wait_for_health,
+        expect_unavailable_within, health, spawn_appends, test_settings, wait_for_health,
         written_sequences,
     },
 };
@@ -388,28 +388,12 @@ async fn appends_queued_on_one_conversation_leave_the_pool_to_other_calls() {
     let mut holder = app.db.hold_row("alice", &hot.id).await;
 
     let appends = spawn_appends(&app, "alice", &hot.id, 8);
-    // On Citus the appends wait on the worker holding the row: every node's
-    // sessions of this test's database are counted there.
-    let waiting_for_the_lock = format!(
-        "SELECT count(*) AS n FROM {} \
-          WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        if on_citus() {
-            "citus_stat_activity"
-        } else {
-            "pg_stat_activity"
-        }
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.db.count(&waiting_for_the_lock).await < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the appends never reached the row lock"
-        );
-        sleep(Duration::from_millis(20)).await;
-    }
+    app.db
+        .until_waiting_for_a_lock(2, "the appends never reached the row lock")
+        .await;
     // Longer than it took the first two to get there: no more follow.
     sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.db.count(&waiting_for_the_lock).await, 2);
+    assert_eq!(app.db.sessions_waiting_for_a_lock().await, 2);
 
     // Well within the pool's acquire timeout (2 s), though eight appends wait.
     for _ in 0..3 {

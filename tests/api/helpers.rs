@@ -495,6 +495,32 @@ impl TestDb {
     pub async fn count(&self, sql: &str) -> i64 {
         count_on(&self.url, sql).await
     }
+
+    /// How many sessions of this test's database wait for a lock. On Citus
+    /// a write waits on the worker holding the row, so every node's
+    /// sessions are counted.
+    pub async fn sessions_waiting_for_a_lock(&self) -> i64 {
+        let activity = if on_citus() {
+            "citus_stat_activity"
+        } else {
+            "pg_stat_activity"
+        };
+        self.count(&format!(
+            "SELECT count(*) AS n FROM {activity} \
+              WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ))
+        .await
+    }
+
+    /// Returns once at least `sessions` wait for a lock; fails with `never`
+    /// after 10 s.
+    pub async fn until_waiting_for_a_lock(&self, sessions: i64, never: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.sessions_waiting_for_a_lock().await < sessions {
+            assert!(tokio::time::Instant::now() < deadline, "{never}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// `CREATE DATABASE name TEMPLATE template` on one node. Clones of one
