@@ -116,13 +116,12 @@ impl Store {
         owner: &UserId,
         new: &NewConversation,
     ) -> Result<Conversation, StoreError> {
-        let now = now_micros();
         let create = Create {
             user: owner.as_str(),
             id: *ConversationId::generate().as_uuid(),
             title: new.title.as_str(),
             metadata: metadata_to_json(&new.metadata),
-            now,
+            now: now_micros(),
             request_id: new.request_id.as_ref().map(RequestId::as_str),
         };
         self.with_conn(async |conn| {

@@ -210,6 +210,12 @@ impl Store {
     /// cascade) and the request_ids that wrote them go; the conversation's
     /// count and usage follow. Watchers are told by the caller, after the
     /// commit.
+    ///
+    /// Not one statement, as a create or an append is: a statement reads with
+    /// the snapshot it began with, so if its lock on the conversation waited
+    /// for an append, its DELETE would not see that append's messages, and
+    /// they would outlive the cut. Each statement after the lock takes a
+    /// snapshot that holds every message written before the lock was granted.
     pub async fn truncate_conversation(
         &self,
         owner: &UserId,
