@@ -439,8 +439,8 @@ impl Store {
 }
 
 fixed_text!(pub(super) LockUser = LOCK_USER);
-fixed_text!(CopyMessages = tallied(COPY_MESSAGES));
-fixed_text!(CopyToolCalls = COPY_TOOL_CALLS);
+fixed_text!(pub(super) CopyMessages = tallied(COPY_MESSAGES));
+fixed_text!(pub(super) CopyToolCalls = COPY_TOOL_CALLS);
 
 /// Inserts the user row, or locks it if it exists: `ON CONFLICT DO UPDATE`
 /// locks the conflicting row even when its `WHERE` updates nothing.

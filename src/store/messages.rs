@@ -282,5 +282,5 @@ const REMOVE_AFTER: &str = "\
     DELETE FROM messages \
     WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3";
 
-fixed_text!(ForgetRequestsAfter = FORGET_REQUESTS_AFTER);
-fixed_text!(RemoveAfter = tallied(REMOVE_AFTER));
+fixed_text!(pub(super) ForgetRequestsAfter = FORGET_REQUESTS_AFTER);
+fixed_text!(pub(super) RemoveAfter = tallied(REMOVE_AFTER));

@@ -50,9 +50,9 @@ pub use migrations::{
     revert_last_migration, run_pending_migrations,
 };
 pub use pool::{DatabaseHealth, HealthProbe, PoolSettings, Store};
-/// Test support: the statements of the hot paths as PostgreSQL receives
-/// them (`$1`…`$n`) with their number of parameters, for the API tests to
-/// check their plans.
+/// Test support: the statements of the hot paths, and the per-conversation
+/// statements of fork and truncate, as PostgreSQL receives them (`$1`…`$n`)
+/// with their number of parameters, for the API tests to check their plans.
 #[doc(hidden)]
 ///
 /// On a Citus cluster (`citus`), the append is the call of its function.
@@ -82,7 +82,46 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
         let (sql, binds) = create::statement().numbered();
         statements.push(("create conversation".to_owned(), sql, binds));
     }
+    if citus {
+        // On Citus, a statement summed by `tallied` runs in two steps: the
+        // write on the user's worker, then its RETURNING rows summed on the
+        // coordinator. It works, but it is not the one task that check wants.
+        return statements;
+    }
+    // Fork's copies and truncate's removals: one conversation's rows each,
+    // prepared like the rest.
+    use statement::FixedText;
+    let per_conversation = [
+        ("fork: copy messages", conversations::CopyMessages::text()),
+        (
+            "fork: copy tool calls",
+            conversations::CopyToolCalls::text(),
+        ),
+        ("truncate: remove messages", messages::RemoveAfter::text()),
+        (
+            "truncate: forget requests",
+            messages::ForgetRequestsAfter::text(),
+        ),
+    ];
+    statements.extend(
+        per_conversation
+            .map(|(name, sql)| (name.to_owned(), sql.to_owned(), highest_parameter(sql))),
+    );
     statements
+}
+
+/// The highest `$n` in `sql`: how many values it binds.
+fn highest_parameter(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|after| {
+            let digits = after
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(after.len());
+            after[..digits].parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Test support: the API tests EXPLAIN the search to see its index used.

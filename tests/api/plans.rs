@@ -21,7 +21,8 @@ struct PlanLine {
     line: String,
 }
 
-/// Every scan in `plan` is an index scan bounded to one conversation: the
+/// Every scan in `plan` is an index scan (or a bitmap scan of an index)
+/// bounded to one conversation: the
 /// conversation row and earlier requests by primary key, messages by a
 /// sequence range of the primary key (a listing of conversations: the
 /// owner's, in the order of the update-time index; a create's retry: by its
@@ -39,7 +40,20 @@ fn assert_reads_by_key(name: &str, sql: &str, plan: &[String]) {
         else {
             continue;
         };
-        let condition = plan.get(at + 1).map(String::as_str).unwrap_or_default();
+        // A bitmap scan names its index and condition on the lines below it.
+        let (line, condition) = if line.contains("Bitmap Heap Scan") {
+            let below = |what: &str| {
+                plan[at + 1..]
+                    .iter()
+                    .find(|l| l.contains(what))
+                    .map(String::as_str)
+                    .unwrap_or_default()
+            };
+            (below("Bitmap Index Scan"), below("Index Cond"))
+        } else {
+            let next = plan.get(at + 1).map(String::as_str).unwrap_or_default();
+            (line.as_str(), next)
+        };
         assert!(
             line.contains("Index Scan")
                 && condition.contains("Index Cond")
