@@ -162,7 +162,7 @@ mod tests {
         let script = pgbench_statement(include_str!("../../benches/pgbench/list.sql"));
         let ours = list_sql(false)
             .replace("$user", ":user")
-            .replace("$limit", "51");
+            .replace("$limit", ":limit");
         assert_eq!(script, ours);
     }
 
