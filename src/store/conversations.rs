@@ -74,6 +74,13 @@ pub(super) type ConversationColumns = (
     BigInt,
 );
 
+/// The columns of a [`ConversationRow`] in the order of
+/// [`ConversationColumns`], for hand-written statements.
+pub(super) const CONVERSATION_COLUMNS: &str = "\
+user_id, id, title, metadata, create_time, update_time, message_count,
+       forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
+       usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens";
+
 /// A [`ConversationRow`] read as one `record` column (`ROW(...)` of its
 /// columns in the order of [`ConversationColumns`]): a statement whose other
 /// rows are messages then carries one NULL column on each, not thirteen.

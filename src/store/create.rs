@@ -38,19 +38,15 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    conversations::{ConversationColumns, ConversationRow, LockUser, NewConversationRow},
+    conversations::{
+        CONVERSATION_COLUMNS, ConversationColumns, ConversationRow, LockUser, NewConversationRow,
+    },
     pool::OneRow,
     schema::conversations,
     statement::{Template, fixed, prepared_statement, unknown_parameter},
     values::{metadata_to_json, now_micros},
 };
 use crate::domain::{Conversation, ConversationId, NewConversation, RequestId, UserId};
-
-/// The conversation's columns, as every statement here returns them.
-const COLUMNS: &str = "\
-user_id, id, title, metadata, create_time, update_time, message_count,
-       forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
-       usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens";
 
 /// The user row made or locked (as [`LockUser`]), then the conversation
 /// inserted, or else the one this `request_id` made before. The columns not
@@ -67,12 +63,12 @@ WITH owner AS (
     SELECT $user, $id, $title, $metadata, $now, $now, $request_id
       FROM (SELECT count(*) FROM owner) AS after_owner
     ON CONFLICT (user_id, request_id) DO NOTHING
-    RETURNING {COLUMNS}
+    RETURNING {CONVERSATION_COLUMNS}
 )
-SELECT {COLUMNS}
+SELECT {CONVERSATION_COLUMNS}
   FROM made
 UNION ALL
-SELECT {COLUMNS}
+SELECT {CONVERSATION_COLUMNS}
   FROM conversations
  WHERE user_id = $user AND request_id = $request_id AND NOT EXISTS (SELECT FROM made)"
     ))

@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    conversations::{ConversationColumns, ConversationRow},
+    conversations::{CONVERSATION_COLUMNS, ConversationColumns, ConversationRow},
     statement::{Template, prepared_statement, unknown_parameter},
 };
 use crate::domain::{Conversation, ConversationCursor, ListConversations, Page, UserId};
@@ -36,9 +36,7 @@ fn list_sql(after_cursor: bool) -> String {
     };
     format!(
         "\
-SELECT user_id, id, title, metadata, create_time, update_time, message_count,
-       forked_from_conversation_id, forked_at_sequence, usage_input_tokens,
-       usage_output_tokens, usage_cached_input_tokens, usage_reasoning_tokens
+SELECT {CONVERSATION_COLUMNS}
   FROM conversations
  WHERE user_id = $user{cursor}
  ORDER BY update_time DESC, id DESC
