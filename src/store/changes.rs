@@ -432,7 +432,7 @@ impl ChangeFeed {
         let mut stopped = self.shared.stopped_listening.subscribe();
         let waited = tokio::time::timeout(STOP_LISTENING, stopped.wait_for(|stopped| *stopped));
         if !matches!(waited.await, Ok(Ok(_))) {
-            tracing::debug!("the change listener did not end its session in time");
+            tracing::warn!("the change listener did not end its session in time");
         }
     }
 

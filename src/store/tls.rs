@@ -354,7 +354,7 @@ impl OpenSessions {
             .await
             .is_err()
         {
-            tracing::debug!(open = self.0.len(), "database sessions still open at exit");
+            tracing::warn!(open = self.0.len(), "database sessions still open at exit");
         }
     }
 }
