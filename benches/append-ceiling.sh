@@ -8,8 +8,8 @@
 # cargo build --release --workspace --bins
 set -u
 cd "$(dirname "$0")/.."; R="${CARGO_TARGET_DIR:-target}/release"; PG="${1:-postgres://postgres@127.0.0.1:5432}"
-psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS convo_ceiling" 2>/dev/null
-$R/convo migrate --database-url $PG/convo_ceiling >/dev/null 2>&1
+. benches/serve.sh
+fresh_database "$PG" convo_ceiling "$R"
 psql -q "$PG/convo_ceiling" <<'SQL'
 INSERT INTO users (user_id) VALUES ('pgbench');
 INSERT INTO conversations (user_id, id, create_time, update_time)
@@ -19,7 +19,7 @@ SQL
 pg() { pgbench -n -c 16 -j 2 -T 8 -M prepared -f "$1" "$PG/convo_ceiling" 2>/dev/null | grep -o "tps = [0-9.]*" | head -1; }
 convo() {
   RUST_LOG=warn $R/convo serve --listen 127.0.0.1:50801 --database-url $PG/convo_ceiling >/dev/null 2>&1 & local pid=$!
-  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/50801) 2>/dev/null && break; sleep 0.1; done
+  wait_for_port 50801 || { kill $pid; return 1; }
   $R/convo-bench run --addr http://127.0.0.1:50801 --workload append --workers 16 --connections 4 --warmup 2s --duration 8s --json \
     | python3 -c 'import json,sys; m=json.load(sys.stdin); print("convo append", round(m["per_second"]), "ops/s, errors", sum(m["errors"].values()))'
   kill $pid; wait $pid 2>/dev/null

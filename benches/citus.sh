@@ -24,9 +24,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 
-psql -q "${plain%/}/postgres" -c "DROP DATABASE IF EXISTS convo_citus_bench" \
-    -c "CREATE DATABASE convo_citus_bench"
-"$bin/convo" migrate --database-url "${plain%/}/convo_citus_bench" >/dev/null 2>&1
+. "$here/serve.sh"
+fresh_database "$plain" convo_citus_bench "$bin"
 for name in convo_citus_bench convo_citus_bench_cte; do
     # A database of that name on every node, with the nodes added.
     CITUS_DATABASE="$name" CITUS_PORT="$(python3 -c 'import sys, urllib.parse; print(urllib.parse.urlparse(sys.argv[1]).port)' "$coordinator")" \
@@ -50,10 +49,7 @@ for round in $(seq 1 "$rounds"); do
         RUST_LOG=warn "$bin/convo" serve --listen "127.0.0.1:$port" \
             --database-url "$(url_of "$side")" >/dev/null 2>&1 &
         server=$!
-        for _ in $(seq 1 100); do
-            (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-            sleep 0.1
-        done
+        wait_for_port "$port"
         for workload in $workloads; do
             "$bin/convo-bench" run --addr "http://127.0.0.1:$port" --workload "$workload" \
                 --database-url "$(url_of "$side")" --messages "${MESSAGES:-1000}" \

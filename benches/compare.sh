@@ -50,20 +50,15 @@ database() { # name → its URL on the server (given without a database)
     printf '%s/%s' "${server%/}" "$1"
 }
 
+. "$here/serve.sh"
 port=50700
 for side in before after; do
-    bin="${!side}"
-    url="$(database "convo_compare_$side")"
-    psql -q "$(database postgres)" -c "DROP DATABASE IF EXISTS convo_compare_$side" \
-        -c "CREATE DATABASE convo_compare_$side"
-    "$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
+    fresh_database "$server" "convo_compare_$side" "${!side}"
 done
 
 if [ "${PGBENCH:-0}" = 1 ]; then
     url="$(database convo_compare_pgbench)"
-    psql -q "$(database postgres)" -c "DROP DATABASE IF EXISTS convo_compare_pgbench" \
-        -c "CREATE DATABASE convo_compare_pgbench"
-    "$after/convo" migrate --database-url "$url" >/dev/null 2>&1
+    fresh_database "$server" convo_compare_pgbench "$after"
     psql -q "$url" -v messages="${MESSAGES:-1000}" -v clients="$workers" <<'SQL'
 INSERT INTO users (user_id) VALUES ('pgbench'), ('pgbench-resume'), ('pgbench-list');
 -- append.sql: one conversation per client.
@@ -111,10 +106,7 @@ serve() { # side port
     RUST_LOG=warn ${app[@]+"${app[@]}"} "$bin/convo" serve --listen "127.0.0.1:$2" \
         --database-url "$(database "convo_compare_$1")" >/dev/null 2>&1 &
     server_pid=$!
-    for _ in $(seq 1 100); do
-        (exec 3<>/dev/tcp/127.0.0.1/"$2") 2>/dev/null && return
-        sleep 0.1
-    done
+    wait_for_port "$2"
 }
 
 for round in $(seq 1 "$rounds"); do

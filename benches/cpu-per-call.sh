@@ -20,22 +20,17 @@ set -euo pipefail
 bin="$1"; workload="$2"
 server="${SERVER:-postgres://postgres@127.0.0.1:5432}"
 bench="${BENCH:-$bin/convo-bench}"; port="${PORT:-50999}"
+. "$(dirname "$0")/serve.sh"
+. "$(dirname "$0")/cpu-ticks.sh"
 url="${server%/}/convo_cpu_per_call"
-psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_cpu_per_call" \
-    -c "CREATE DATABASE convo_cpu_per_call"
-"$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
+fresh_database "$server" convo_cpu_per_call "$bin"
 # The server's log: to /dev/null, or through a pipe into $LOG.
 if [ -n "${LOG:-}" ]; then exec 4> >(cat >"$LOG"); else exec 4>/dev/null; fi
 RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&4 &
 server_pid=$!
 report="$(mktemp)"
 trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$report"' EXIT
-for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-    sleep 0.1
-done
-
-. "$(dirname "$0")/cpu-ticks.sh"
+wait_for_port "$port"
 
 "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" --database-url "$url" \
     --messages 1000 --workers "${WORKERS:-16}" --connections 4 --warmup 2s --duration 9s \

@@ -38,17 +38,13 @@ fi
 url="${server%/}/convo_instructions"
 out=/tmp/convo-callgrind
 rm -rf "$out"; mkdir -p "$out"
-psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_instructions" \
-    -c "CREATE DATABASE convo_instructions"
-"$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
+. "$(dirname "$0")/serve.sh"
+fresh_database "$server" convo_instructions "$bin"
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out/out.%p" \
     "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>"$out/valgrind.log" &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-    sleep 0.2
-done
+wait_for_port "$port" 120 # callgrind starts the server slowly
 "$bench" run --addr "http://127.0.0.1:$port" --workload "$workload" --database-url "$url" \
     --messages 1000 --workers 4 --connections 2 --warmup 20s --duration 40s >/dev/null &
 bench_pid=$!

@@ -26,19 +26,15 @@ fi
 mkdir -p "$work/gen"
 (cd "$here/proto" && "$work/venv/bin/python" -m grpc_tools.protoc -I. --python_out="$work/gen" \
     --grpc_python_out="$work/gen" $(find . -name '*.proto'))
+. "$(dirname "$0")/serve.sh"
 url="${server%/}/convo_round_trips?sslmode=disable"
-psql -q "${server%/}/postgres" -c "DROP DATABASE IF EXISTS convo_round_trips" \
-    -c "CREATE DATABASE convo_round_trips"
-"$bin/convo" migrate --database-url "$url" >/dev/null 2>&1
+fresh_database "$server" convo_round_trips "$bin"
 RUST_LOG=warn "$bin/convo" serve --listen "127.0.0.1:$port" --pool-size 1 --database-url "$url" \
     >/dev/null 2>&1 &
 server_pid=$!
 trace="$(mktemp)"
 trap 'kill "$server_pid" 2>/dev/null || true; rm -f "$trace"' EXIT
-for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break
-    sleep 0.1
-done
+wait_for_port "$port"
 # The client sets up (a conversation of three messages), says "ready", waits
 # for a line, then makes the calls.
 cat >"$work/client.py" <<'PY'
