@@ -432,7 +432,11 @@ impl ChangeFeed {
         let mut stopped = self.shared.stopped_listening.subscribe();
         let waited = tokio::time::timeout(STOP_LISTENING, stopped.wait_for(|stopped| *stopped));
         if !matches!(waited.await, Ok(Ok(_))) {
-            tracing::warn!("the change listener did not end its session in time");
+            tracing::warn!(
+                waited = ?STOP_LISTENING,
+                "the change listener did not end its session in time (notifications still arriving?); \
+                 PostgreSQL may log its end as a reset"
+            );
         }
     }
 

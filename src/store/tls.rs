@@ -354,7 +354,11 @@ impl OpenSessions {
             .await
             .is_err()
         {
-            tracing::warn!(open = self.0.len(), "database sessions still open at exit");
+            tracing::warn!(
+                open = self.0.len(),
+                waited = ?CLOSE_LIMIT,
+                "database sessions still open at exit; PostgreSQL may log their end as a reset"
+            );
         }
     }
 }
