@@ -35,7 +35,7 @@ enum RecordMessages {}
 /// [`Store::update_conversation`]'s statement, which writes one text.
 enum UpdateConversation {}
 
-#[derive(Debug, Queryable, Selectable)]
+#[derive(Debug, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = conversations, check_for_backend(diesel::pg::Pg))]
 pub(super) struct ConversationRow {
     pub(super) user_id: String,

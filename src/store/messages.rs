@@ -7,13 +7,14 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::{
-    Store, StoreError, conversations,
+    Store, StoreError,
+    conversations::{self, CONVERSATION_COLUMNS},
     list::{ListStatement, NewestFirst, OldestFirst},
     parts,
     pool::OneRow,
     schema::messages,
     statement::{fixed, fixed_text},
-    values::{StoredMetadata, StoredTime, Tally, now_micros, tallied},
+    values::{StoredMetadata, StoredTime, now_micros, tally_of, tally_returning},
 };
 use crate::domain::{
     Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
@@ -211,11 +212,12 @@ impl Store {
     /// count and usage follow. Watchers are told by the caller, after the
     /// commit.
     ///
-    /// Not one statement, as a create or an append is: a statement reads with
-    /// the snapshot it began with, so if its lock on the conversation waited
-    /// for an append, its DELETE would not see that append's messages, and
-    /// they would outlive the cut. Each statement after the lock takes a
-    /// snapshot that holds every message written before the lock was granted.
+    /// Two statements, the lock and then the cut, not one as a create or an
+    /// append is: a statement reads with the snapshot it began with, so if
+    /// its lock on the conversation waited for an append, its DELETE would
+    /// not see that append's messages, and they would outlive the cut. The
+    /// cut, a statement of its own after the lock, takes a snapshot that
+    /// holds every message written before the lock was granted.
     pub async fn truncate_conversation(
         &self,
         owner: &UserId,
@@ -236,33 +238,18 @@ impl Store {
                 if after > count {
                     return Ok(TruncateOutcome::BeyondEnd { length: count });
                 }
-                let removed: Tally = fixed::<RemoveAfter, _>(|q| {
+                let now = now_micros().max(update_time);
+                let cut: Truncated = fixed::<Truncate, _>(|q| {
                     q.bind::<Text, _>(owner.as_str())
                         .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                         .bind::<BigInt, _>(after)
+                        .bind::<sql::Timestamptz, _>(now)
                 })
                 .one_row(conn)
                 .await?;
-                fixed::<ForgetRequestsAfter, _>(|q| {
-                    q.bind::<Text, _>(owner.as_str())
-                        .bind::<sql::Uuid, _>(conversation_id.as_uuid())
-                        .bind::<BigInt, _>(after)
-                })
-                .execute(conn)
-                .await?;
-                let now = now_micros().max(update_time);
-                let conversation = conversations::record_messages(
-                    conn,
-                    owner,
-                    conversation_id,
-                    after,
-                    (&Tally::default(), &removed),
-                    now,
-                )
-                .await?;
                 Ok(TruncateOutcome::Truncated {
-                    conversation,
-                    removed: removed.count,
+                    conversation: cut.conversation.into(),
+                    removed: cut.removed,
                 })
             })
             .await
@@ -271,16 +258,47 @@ impl Store {
     }
 }
 
-/// Forgets the request_ids that wrote any message after `$3`: a retry of
-/// such a call appends anew instead of returning removed messages.
-const FORGET_REQUESTS_AFTER: &str = "\
-    DELETE FROM append_requests \
-    WHERE user_id = $1 AND conversation_id = $2 AND first_sequence + message_count - 1 > $3";
+/// The cut, once the conversation is locked: the messages after `$3` go
+/// (their tool calls by cascade), the request_ids that wrote any of them are
+/// forgotten (a retry of such a call appends anew instead of returning
+/// removed messages), and the conversation's count, usage and size drop by
+/// what went, its update time set to `$4`. One statement: three would be
+/// three round trips, in a transaction already holding the lock.
+fn truncate_statement() -> String {
+    format!(
+        "\
+WITH forgotten AS (
+    DELETE FROM append_requests
+     WHERE user_id = $1 AND conversation_id = $2 AND first_sequence + message_count - 1 > $3
+), removed AS (
+    DELETE FROM messages
+     WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3
+    {returning}
+), cut AS ({tally})
+UPDATE conversations
+   SET message_count = $3,
+       update_time = $4,
+       usage_input_tokens = usage_input_tokens - cut.input_tokens,
+       usage_output_tokens = usage_output_tokens - cut.output_tokens,
+       usage_cached_input_tokens = usage_cached_input_tokens - cut.cached_input_tokens,
+       usage_reasoning_tokens = usage_reasoning_tokens - cut.reasoning_tokens,
+       total_bytes = total_bytes - cut.bytes
+  FROM cut
+ WHERE user_id = $1 AND id = $2
+RETURNING {CONVERSATION_COLUMNS}, cut.count AS removed",
+        returning = tally_returning(),
+        tally = tally_of("removed"),
+    )
+}
 
-/// Deletes the messages after `$3`; summed by [`tallied`].
-const REMOVE_AFTER: &str = "\
-    DELETE FROM messages \
-    WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3";
+fixed_text!(pub(super) Truncate = truncate_statement());
 
-fixed_text!(pub(super) ForgetRequestsAfter = FORGET_REQUESTS_AFTER);
-fixed_text!(pub(super) RemoveAfter = tallied(REMOVE_AFTER));
+/// What [`Truncate`] returns: the conversation after the cut, and how many
+/// messages went.
+#[derive(QueryableByName)]
+struct Truncated {
+    #[diesel(embed)]
+    conversation: conversations::ConversationRow,
+    #[diesel(sql_type = BigInt)]
+    removed: i64,
+}

@@ -87,7 +87,7 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
     }
     let (sql, binds) = create::statement().numbered();
     statements.push(("create conversation".to_owned(), sql, binds));
-    // Fork's copies and truncate's removals: one conversation's rows each,
+    // Fork's copies and truncate's cut: one conversation's rows each,
     // prepared like the rest.
     use statement::FixedText;
     let per_conversation = [
@@ -96,11 +96,7 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
             "fork: copy tool calls",
             conversations::CopyToolCalls::text(),
         ),
-        ("truncate: remove messages", messages::RemoveAfter::text()),
-        (
-            "truncate: forget requests",
-            messages::ForgetRequestsAfter::text(),
-        ),
+        ("truncate", messages::Truncate::text()),
     ];
     statements.extend(
         per_conversation

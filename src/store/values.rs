@@ -153,18 +153,34 @@ pub(super) fn message_size(row: &str) -> String {
 /// `statement` (an INSERT or DELETE of messages, without RETURNING) with
 /// its rows summed into a [`Tally`]: their count, usage and size.
 pub(super) fn tallied(statement: &str) -> String {
+    format!(
+        "WITH rows AS ({statement} {}) {}",
+        tally_returning(),
+        tally_of("rows")
+    )
+}
+
+/// The RETURNING clause that gives [`tally_of`] a written or removed
+/// message's usage and size.
+pub(super) fn tally_returning() -> String {
     let size = message_size("messages");
     format!(
-        "WITH rows AS ({statement} \
-             RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-                       {size} AS bytes) \
-         SELECT count(*) AS count, \
+        "RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
+                   {size} AS bytes"
+    )
+}
+
+/// The [`Tally`] of the rows of `rows` (a CTE with [`tally_returning`]'s
+/// columns), as one row.
+pub(super) fn tally_of(rows: &str) -> String {
+    format!(
+        "SELECT count(*) AS count, \
                 coalesce(sum(input_tokens), 0)::bigint AS input_tokens, \
                 coalesce(sum(output_tokens), 0)::bigint AS output_tokens, \
                 coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens, \
                 coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens, \
                 coalesce(sum(bytes), 0)::bigint AS bytes \
-         FROM rows"
+         FROM {rows}"
     )
 }
 
