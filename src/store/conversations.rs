@@ -12,7 +12,7 @@ use super::{
     pool::OneRow,
     schema::conversations,
     statement::{fixed, fixed_text, one_text},
-    values::{StoredMetadata, StoredTime, Tally, metadata_to_json, now_micros, tallied},
+    values::{StoredMetadata, StoredTime, message_size, metadata_to_json, now_micros, tally_of},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId, Metadata,
@@ -28,9 +28,6 @@ extern "SQL" {
     /// PostgreSQL's COALESCE: a new value when one is given, else the old.
     fn coalesce<T: diesel::sql_types::SingleValue>(new: Nullable<T>, old: T) -> T;
 }
-
-/// [`record_messages`]'s statement, which writes one text.
-enum RecordMessages {}
 
 /// [`Store::update_conversation`]'s statement, which writes one text.
 enum UpdateConversation {}
@@ -231,46 +228,6 @@ pub(super) async fn lock_for_append(
         .ok_or(StoreError::NotFound)
 }
 
-/// Records a change of the conversation's messages on its row (locked by
-/// [`lock_for_append`], or new): the new message count, the usage and size
-/// of the messages added and removed, and the time of the change.
-pub(super) async fn record_messages(
-    conn: &mut AsyncPgConnection,
-    owner: &UserId,
-    id: ConversationId,
-    message_count: i64,
-    (added, removed): (&Tally, &Tally),
-    at: DateTime<Utc>,
-) -> Result<Conversation, StoreError> {
-    let (added_usage, removed_usage) = (added.usage(), removed.usage());
-    let statement = diesel::update(conversations::table)
-        .filter(conversations::user_id.eq(owner.as_str()))
-        .filter(conversations::id.eq(id.as_uuid()))
-        .set((
-            conversations::message_count.eq(message_count),
-            conversations::update_time.eq(at),
-            conversations::usage_input_tokens
-                .eq(conversations::usage_input_tokens + added_usage.input_tokens
-                    - removed_usage.input_tokens),
-            conversations::usage_output_tokens.eq(conversations::usage_output_tokens
-                + added_usage.output_tokens
-                - removed_usage.output_tokens),
-            conversations::usage_cached_input_tokens.eq(conversations::usage_cached_input_tokens
-                + added_usage.cached_input_tokens
-                - removed_usage.cached_input_tokens),
-            conversations::usage_reasoning_tokens.eq(conversations::usage_reasoning_tokens
-                + added_usage.reasoning_tokens
-                - removed_usage.reasoning_tokens),
-            conversations::total_bytes.eq(conversations::total_bytes + added.bytes - removed.bytes),
-        ))
-        .returning(ConversationRow::as_returning());
-    one_text::<RecordMessages, _>(statement)
-        .one_row(conn)
-        .await
-        .map(Conversation::from)
-        .map_err(StoreError::from)
-}
-
 impl Store {
     pub async fn get_conversation(
         &self,
@@ -339,12 +296,14 @@ impl Store {
     }
 
     /// Copies messages 1..=`up_to` (all when `None`) of a conversation into a
-    /// new conversation of the same owner, in one transaction and one
-    /// `INSERT … SELECT`. The new ids are derived in SQL from one id the
-    /// service generates, so the copy has no volatile function (it stays on
-    /// one shard under Citus) and no per-message array is built. The source is
-    /// held with `FOR KEY SHARE` (it cannot be deleted mid-copy), which
-    /// appends to it (`FOR NO KEY UPDATE`) do not wait for.
+    /// new conversation of the same owner, in one transaction: the locks,
+    /// then one statement ([`Fork`]) that makes the conversation and copies
+    /// the messages and their tool calls. The new ids are derived in SQL from
+    /// one id the service generates, so the copy has no volatile function (on
+    /// Citus it runs on the user's worker) and no per-message array is built.
+    /// The source is held with `FOR KEY SHARE` (it cannot be deleted
+    /// mid-copy), which appends to it (`FOR NO KEY UPDATE`) do not wait for;
+    /// the copy, a statement after that lock, sees every message it counted.
     pub async fn fork_conversation(
         &self,
         owner: &UserId,
@@ -378,66 +337,30 @@ impl Store {
                     Some(n) if n.get() <= length => n.get(),
                     Some(_) => return Ok(ForkOutcome::BeyondEnd { length }),
                 };
-                let now = now_micros();
-                let row = NewConversationRow {
-                    user_id: owner.as_str(),
-                    id: *ConversationId::generate().as_uuid(),
-                    title: title.map_or(source_row.title.as_str(), Title::as_str),
-                    metadata: metadata_to_json(&source_row.metadata),
-                    create_time: now,
-                    update_time: now,
-                    message_count: copied,
-                    forked_from_conversation_id: Some(source_row.id),
-                    forked_at_sequence: Some(copied),
-                    request_id: None,
-                    usage_input_tokens: 0,
-                    usage_output_tokens: 0,
-                    usage_cached_input_tokens: 0,
-                    usage_reasoning_tokens: 0,
-                };
-                let created: ConversationRow = diesel::insert_into(conversations::table)
-                    .values(&row)
-                    .returning(ConversationRow::as_returning())
-                    .one_row(conn)
-                    .await?;
                 // One fresh UUIDv7 for the whole copy; message n's id is it
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
-                let inserted: Tally = fixed::<CopyMessages, _>(|q| {
+                let id = ConversationId::generate();
+                let forked: Forked = fixed::<Fork, _>(|q| {
                     q.bind::<Text, _>(owner.as_str())
-                        .bind::<diesel::sql_types::Uuid, _>(created.id)
+                        .bind::<diesel::sql_types::Uuid, _>(id.as_uuid())
                         .bind::<BigInt, _>(base.0 as i64)
                         .bind::<diesel::sql_types::Uuid, _>(source_row.id)
                         .bind::<BigInt, _>(copied)
                         .bind::<BigInt, _>(base.1 as i64)
+                        .bind::<Text, _>(title.map_or(source_row.title.as_str(), Title::as_str))
+                        .bind::<Jsonb, _>(metadata_to_json(&source_row.metadata))
+                        .bind::<Timestamptz, _>(now_micros())
                 })
                 .one_row(conn)
                 .await?;
-                if inserted.count != copied {
+                if forked.copied != copied {
                     return Err(StoreError::Corrupt(format!(
                         "conversation {source} counts {copied} messages up to the fork point but {} were copied",
-                        inserted.count
+                        forked.copied
                     )));
                 }
-                fixed::<CopyToolCalls, _>(|q| {
-                    q.bind::<Text, _>(owner.as_str())
-                        .bind::<diesel::sql_types::Uuid, _>(created.id)
-                        .bind::<diesel::sql_types::Uuid, _>(source_row.id)
-                        .bind::<BigInt, _>(copied)
-                })
-                .execute(conn)
-                .await?;
-                let id = ConversationId::from_uuid(created.id);
-                let forked = record_messages(
-                    conn,
-                    owner,
-                    id,
-                    copied,
-                    (&inserted, &Tally::default()),
-                    now,
-                )
-                .await?;
-                Ok(ForkOutcome::Forked(forked))
+                Ok(ForkOutcome::Forked(forked.conversation.into()))
             })
             .await
         })
@@ -446,8 +369,7 @@ impl Store {
 }
 
 fixed_text!(pub(super) LockUser = LOCK_USER);
-fixed_text!(pub(super) CopyMessages = tallied(COPY_MESSAGES));
-fixed_text!(pub(super) CopyToolCalls = COPY_TOOL_CALLS);
+fixed_text!(pub(super) Fork = fork_statement());
 
 /// Inserts the user row, or locks it if it exists: `ON CONFLICT DO UPDATE`
 /// locks the conflicting row even when its `WHERE` updates nothing.
@@ -460,7 +382,7 @@ const LOCK_USER: &str = "\
 /// and version of one fresh id, the variant bits untouched (sequences stay
 /// far below 2^62), distinct per message, and no volatile function, so the
 /// statement stays on one shard under Citus, with no per-message array sent.
-/// Summed by [`tallied`]; a prefix keeps its running byte totals.
+/// A prefix keeps its running byte totals.
 const COPY_MESSAGES: &str = "\
     INSERT INTO messages (user_id, conversation_id, sequence, id, role, content, metadata, \
                           create_time, parts, name, model, input_tokens, output_tokens, \
@@ -474,12 +396,61 @@ const COPY_MESSAGES: &str = "\
     FROM messages m \
     WHERE m.user_id = $1 AND m.conversation_id = $4 AND m.sequence <= $5";
 
-/// Copies the tool calls of the source's first `$4` messages into `$2`, so
+/// Copies the tool calls of the source's first `$5` messages into `$2`, so
 /// results appended to the fork can answer them.
 const COPY_TOOL_CALLS: &str = "\
     INSERT INTO tool_calls (user_id, conversation_id, tool_call_id, sequence) \
     SELECT user_id, $2, tool_call_id, sequence FROM tool_calls \
-    WHERE user_id = $1 AND conversation_id = $3 AND sequence <= $4";
+    WHERE user_id = $1 AND conversation_id = $4 AND sequence <= $5";
+
+/// The fork, once the user row and the source are locked: the conversation
+/// `$2` inserted (title `$7`, metadata `$8`, made at `$9`) with the count,
+/// usage and size of the source's first `$5` messages, those messages
+/// copied ([`COPY_MESSAGES`]) and their tool calls ([`COPY_TOOL_CALLS`]).
+/// Returns the new conversation and how many messages were copied.
+///
+/// One statement, where it was four round trips (the insert, the two copies,
+/// then the totals). The copies insert rows whose foreign keys point at the
+/// conversation inserted beside them: PostgreSQL checks those keys at the
+/// end of the statement, when it is there. The totals are summed from the
+/// source's rows, which the copies read in the same snapshot.
+fn fork_statement() -> String {
+    let size = message_size("messages");
+    format!(
+        "\
+WITH kept AS (
+    SELECT input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, {size} AS bytes
+      FROM messages
+     WHERE user_id = $1 AND conversation_id = $4 AND sequence <= $5
+), total AS ({total}), made AS (
+    INSERT INTO conversations (user_id, id, title, metadata, create_time, update_time,
+                               message_count, forked_from_conversation_id, forked_at_sequence,
+                               usage_input_tokens, usage_output_tokens, usage_cached_input_tokens,
+                               usage_reasoning_tokens, total_bytes)
+    SELECT $1, $2, $7, $8, $9, $9, $5, $4, $5, input_tokens, output_tokens, cached_input_tokens,
+           reasoning_tokens, bytes
+      FROM total
+    RETURNING {CONVERSATION_COLUMNS}
+), copied AS (
+    {COPY_MESSAGES}
+    RETURNING 1
+), calls AS (
+    {COPY_TOOL_CALLS}
+)
+SELECT {CONVERSATION_COLUMNS}, (SELECT count(*) FROM copied) AS copied
+  FROM made",
+        total = tally_of("kept"),
+    )
+}
+
+/// What [`Fork`] returns.
+#[derive(QueryableByName)]
+struct Forked {
+    #[diesel(embed)]
+    conversation: ConversationRow,
+    #[diesel(sql_type = BigInt)]
+    copied: i64,
+}
 
 /// The owners' conversations of [`Store::conversation_versions`], as columns.
 const VERSIONS: &str = "\

@@ -80,9 +80,9 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
     statements.push(("resume".to_owned(), sql, binds));
     if citus {
         // The rest are PostgreSQL's alone. On Citus a create is a transaction
-        // of its own statements, and a statement summed by `tallied` runs in
-        // two steps (the write on the user's worker, then its RETURNING rows
-        // summed on the coordinator): it works, but it is not one task.
+        // of its own statements, and a statement that writes several tables
+        // through CTEs (fork's copy, truncate's cut) is pulled to the
+        // coordinator (scale-out rule 11): it works, but it is not one task.
         return statements;
     }
     let (sql, binds) = create::statement().numbered();
@@ -91,11 +91,7 @@ pub fn hot_statements(citus: bool) -> Vec<(String, String, usize)> {
     // prepared like the rest.
     use statement::FixedText;
     let per_conversation = [
-        ("fork: copy messages", conversations::CopyMessages::text()),
-        (
-            "fork: copy tool calls",
-            conversations::CopyToolCalls::text(),
-        ),
+        ("fork", conversations::Fork::text()),
         ("truncate", messages::Truncate::text()),
     ];
     statements.extend(

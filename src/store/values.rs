@@ -4,13 +4,12 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use diesel::{
-    QueryableByName,
     deserialize::{FromSql, FromSqlRow},
     pg::{Pg, PgValue},
-    sql_types::{BigInt, Jsonb, Timestamptz},
+    sql_types::{Jsonb, Timestamptz},
 };
 
-use crate::domain::{Metadata, Usage};
+use crate::domain::Metadata;
 
 /// Metadata is stored as a JSON object of strings (the schema CHECKs that it
 /// is an object).
@@ -108,36 +107,6 @@ impl From<StoredMetadata> for Metadata {
     }
 }
 
-/// How many messages a statement wrote or removed, the usage they carry and
-/// their size (as `bytes_through` counts it): what `… RETURNING` rows summed
-/// in SQL come back as.
-#[derive(Default, QueryableByName)]
-pub(super) struct Tally {
-    #[diesel(sql_type = BigInt)]
-    pub count: i64,
-    #[diesel(sql_type = BigInt)]
-    input_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    output_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    cached_input_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    reasoning_tokens: i64,
-    #[diesel(sql_type = BigInt)]
-    pub bytes: i64,
-}
-
-impl Tally {
-    pub fn usage(&self) -> Usage {
-        Usage {
-            input_tokens: self.input_tokens,
-            output_tokens: self.output_tokens,
-            cached_input_tokens: self.cached_input_tokens,
-            reasoning_tokens: self.reasoning_tokens,
-        }
-    }
-}
-
 /// The size of a message as every byte bound counts it: its content and its
 /// encoded parts, in bytes, given the SQL of the two values. Resume's stored
 /// running totals (`bytes_through`, `total_bytes`) are sums of it.
@@ -150,16 +119,6 @@ pub(super) fn message_size(row: &str) -> String {
     size_of(&format!("{row}.content"), &format!("{row}.parts"))
 }
 
-/// `statement` (an INSERT or DELETE of messages, without RETURNING) with
-/// its rows summed into a [`Tally`]: their count, usage and size.
-pub(super) fn tallied(statement: &str) -> String {
-    format!(
-        "WITH rows AS ({statement} {}) {}",
-        tally_returning(),
-        tally_of("rows")
-    )
-}
-
 /// The RETURNING clause that gives [`tally_of`] a written or removed
 /// message's usage and size.
 pub(super) fn tally_returning() -> String {
@@ -170,8 +129,8 @@ pub(super) fn tally_returning() -> String {
     )
 }
 
-/// The [`Tally`] of the rows of `rows` (a CTE with [`tally_returning`]'s
-/// columns), as one row.
+/// The count of the rows of `rows` (a CTE with [`tally_returning`]'s
+/// columns), their usage and their size summed, as one row.
 pub(super) fn tally_of(rows: &str) -> String {
     format!(
         "SELECT count(*) AS count, \
