@@ -561,33 +561,59 @@ impl Drop for TestDb {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .ok()?;
+                .map_err(|e| e.to_string())?;
             runtime.block_on(async {
-                for worker in &workers {
-                    let mut node = AsyncPgConnection::establish(worker).await.ok()?;
-                    node.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await
-                        .ok()?;
+                // Every node, even after one failed: a database left on a
+                // worker is as much a leak as one left on the coordinator.
+                let mut failures = Vec::new();
+                let drop_database = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                for node in workers.iter().chain([&admin_url]) {
+                    if let Err(e) = until_done(node, &drop_database).await {
+                        failures.push(e);
+                    }
                 }
-                let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
-                admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .ok()?;
                 for role in roles {
-                    admin
-                        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
-                        .await
-                        .ok()?;
+                    if let Err(e) =
+                        until_done(&admin_url, &format!("DROP ROLE IF EXISTS {role}")).await
+                    {
+                        failures.push(e);
+                    }
                 }
-                Some(())
+                if failures.is_empty() {
+                    Ok(())
+                } else {
+                    Err(failures.join("; "))
+                }
             })
         })
-        .join();
-        if !matches!(dropped, Ok(Some(()))) {
-            eprintln!("warning: could not drop test database {}", self.name);
+        .join()
+        .unwrap_or_else(|_| Err("the dropping thread panicked".to_owned()));
+        if let Err(reason) = dropped {
+            eprintln!(
+                "warning: could not drop test database {}: {reason}",
+                self.name
+            );
         }
     }
+}
+
+/// Runs `sql` on the server at `url`, trying again for a while: on a Citus
+/// worker, a DROP DATABASE WITH (FORCE) was refused now and then ("being
+/// accessed by other users"), the database's Citus maintenance daemon not
+/// yet gone.
+async fn until_done(url: &str, sql: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match AsyncPgConnection::establish(url).await {
+            Ok(mut conn) => match conn.batch_execute(sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!("{sql}: {last}"))
 }
 
 /// Settings for a test server; adjust with [`TestApp::spawn_with`].
