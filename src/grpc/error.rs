@@ -36,8 +36,9 @@ impl From<ServiceError> for Status {
                 invalid_argument(&[FieldViolation::new(
                     "up_to_sequence",
                     format!(
-                        "up_to_sequence is {requested} but the conversation has {length} \
-                         messages; use 0 to copy them all"
+                        "up_to_sequence is {requested} but the conversation has {}; \
+                         use 0 to copy them all",
+                        messages(length)
                     ),
                 )])
             }
@@ -45,8 +46,9 @@ impl From<ServiceError> for Status {
                 invalid_argument(&[FieldViolation::new(
                     "after_sequence",
                     format!(
-                        "after_sequence is {requested} but the conversation has {length} \
-                         messages; nothing was removed"
+                        "after_sequence is {requested} but the conversation has {}; \
+                         nothing was removed",
+                        messages(length)
                     ),
                 )])
             }
@@ -179,6 +181,15 @@ fn invalid_argument(violations: &[FieldViolation]) -> Status {
     Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
+/// "1 message", "4 messages": a count as a person would write it.
+fn messages(count: i64) -> String {
+    if count == 1 {
+        "1 message".to_owned()
+    } else {
+        format!("{count} messages")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +231,28 @@ mod tests {
         );
         assert!(transport_refusal(Status::internal("internal error")).is_none());
         assert!(transport_refusal(Status::not_found("conversation not found")).is_none());
+    }
+
+    #[test]
+    fn a_count_of_messages_reads_as_written() {
+        let one = Status::from(ServiceError::TruncateBeyondEnd {
+            requested: 7,
+            length: 1,
+        });
+        assert_eq!(
+            one.message(),
+            "after_sequence: after_sequence is 7 but the conversation has 1 message; \
+             nothing was removed"
+        );
+        let four = Status::from(ServiceError::ForkBeyondEnd {
+            requested: 9,
+            length: 4,
+        });
+        assert!(
+            four.message()
+                .contains("the conversation has 4 messages; use 0"),
+            "{}",
+            four.message()
+        );
     }
 }
