@@ -207,20 +207,20 @@ pub(super) async fn exists_for(
     .await?)
 }
 
-/// Locks the owner's conversation for an append (concurrent appenders to it
-/// take turns) and reads its message count and last change. `FOR NO KEY
-/// UPDATE` is the weakest lock that serializes appenders: it does not wait
-/// for a fork's `FOR KEY SHARE` on the same row, so a long fork does not hold
-/// appends back.
-pub(super) async fn lock_for_append(
+/// Locks the owner's conversation as an append does (so a truncate waits
+/// for appends in flight, and they for it) and reads its message count.
+/// `FOR NO KEY UPDATE` is the weakest lock that serializes them: it does not
+/// wait for a fork's `FOR KEY SHARE` on the same row, so a long fork holds
+/// neither back.
+pub(super) async fn lock_for_truncate(
     conn: &mut AsyncPgConnection,
     owner: &UserId,
     id: ConversationId,
-) -> Result<(i64, DateTime<Utc>), StoreError> {
+) -> Result<i64, StoreError> {
     conversations::table
         .filter(conversations::user_id.eq(owner.as_str()))
         .filter(conversations::id.eq(id.as_uuid()))
-        .select((conversations::message_count, conversations::update_time))
+        .select(conversations::message_count)
         .for_no_key_update()
         .one_row(conn)
         .await

@@ -228,8 +228,7 @@ impl Store {
         self.with_conn(async |conn| {
             conn.transaction(async |conn| {
                 self.bound_lock_waits(conn).await?;
-                let (count, update_time) =
-                    conversations::lock_for_append(conn, owner, conversation_id).await?;
+                let count = conversations::lock_for_truncate(conn, owner, conversation_id).await?;
                 if let Some(expected) = truncate.expected_last_sequence
                     && expected.get() != count
                 {
@@ -238,12 +237,11 @@ impl Store {
                 if after > count {
                     return Ok(TruncateOutcome::BeyondEnd { length: count });
                 }
-                let now = now_micros().max(update_time);
                 let cut: Truncated = fixed::<Truncate, _>(|q| {
                     q.bind::<Text, _>(owner.as_str())
                         .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                         .bind::<BigInt, _>(after)
-                        .bind::<sql::Timestamptz, _>(now)
+                        .bind::<sql::Timestamptz, _>(now_micros())
                 })
                 .one_row(conn)
                 .await?;
@@ -262,7 +260,8 @@ impl Store {
 /// (their tool calls by cascade), the request_ids that wrote any of them are
 /// forgotten (a retry of such a call appends anew instead of returning
 /// removed messages), and the conversation's count, usage and size drop by
-/// what went, its update time set to `$4`. One statement: three would be
+/// what went, its update time set to `$4` (or kept, should the row's be
+/// later: another replica's clock may run ahead). One statement: three would be
 /// three round trips, in a transaction already holding the lock.
 fn truncate_statement() -> String {
     format!(
@@ -277,7 +276,7 @@ WITH forgotten AS (
 ), cut AS ({tally})
 UPDATE conversations
    SET message_count = $3,
-       update_time = $4,
+       update_time = greatest($4, update_time),
        usage_input_tokens = usage_input_tokens - cut.input_tokens,
        usage_output_tokens = usage_output_tokens - cut.output_tokens,
        usage_cached_input_tokens = usage_cached_input_tokens - cut.cached_input_tokens,
