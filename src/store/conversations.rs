@@ -12,7 +12,7 @@ use super::{
     pool::OneRow,
     schema::conversations,
     statement::{fixed, fixed_text, one_text},
-    values::{StoredMetadata, StoredTime, metadata_to_json, now_micros, tally_of, tally_returning},
+    values::{StoredMetadata, StoredTime, message_size, metadata_to_json, now_micros, tally_of},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId, Metadata,
@@ -403,23 +403,25 @@ const COPY_TOOL_CALLS: &str = "\
     SELECT user_id, $2, tool_call_id, sequence FROM tool_calls \
     WHERE user_id = $1 AND conversation_id = $4 AND sequence <= $5";
 
-/// The fork, once the user row and the source are locked: the source's
-/// first `$5` messages copied ([`COPY_MESSAGES`]) with their tool calls
-/// ([`COPY_TOOL_CALLS`]), and the conversation `$2` inserted (title `$7`,
-/// metadata `$8`, made at `$9`) with the copies' count, usage and size.
+/// The fork, once the user row and the source are locked: the conversation
+/// `$2` inserted (title `$7`, metadata `$8`, made at `$9`) with the count,
+/// usage and size of the source's first `$5` messages, those messages
+/// copied ([`COPY_MESSAGES`]) and their tool calls ([`COPY_TOOL_CALLS`]).
 /// Returns the new conversation and how many messages were copied.
 ///
 /// One statement, where it was four round trips (the insert, the two copies,
 /// then the totals). The copies insert rows whose foreign keys point at the
 /// conversation inserted beside them: PostgreSQL checks those keys at the
 /// end of the statement, when it is there. The totals are summed from the
-/// copy's RETURNING rows, so the source's messages are read once.
+/// source's rows, which the copies read in the same snapshot.
 fn fork_statement() -> String {
+    let size = message_size("messages");
     format!(
         "\
-WITH copied AS (
-    {COPY_MESSAGES}
-    {returning}
+WITH kept AS (
+    SELECT input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, {size} AS bytes
+      FROM messages
+     WHERE user_id = $1 AND conversation_id = $4 AND sequence <= $5
 ), total AS ({total}), made AS (
     INSERT INTO conversations (user_id, id, title, metadata, create_time, update_time,
                                message_count, forked_from_conversation_id, forked_at_sequence,
@@ -429,13 +431,15 @@ WITH copied AS (
            reasoning_tokens, bytes
       FROM total
     RETURNING {CONVERSATION_COLUMNS}
+), copied AS (
+    {COPY_MESSAGES}
+    RETURNING 1
 ), calls AS (
     {COPY_TOOL_CALLS}
 )
-SELECT {CONVERSATION_COLUMNS}, total.count AS copied
-  FROM made, total",
-        returning = tally_returning(),
-        total = tally_of("copied"),
+SELECT {CONVERSATION_COLUMNS}, (SELECT count(*) FROM copied) AS copied
+  FROM made",
+        total = tally_of("kept"),
     )
 }
 

@@ -119,8 +119,8 @@ pub(super) fn message_size(row: &str) -> String {
     size_of(&format!("{row}.content"), &format!("{row}.parts"))
 }
 
-/// The RETURNING clause of an INSERT or DELETE of messages that gives
-/// [`tally_of`] each row's usage and size.
+/// The RETURNING clause that gives [`tally_of`] a written or removed
+/// message's usage and size.
 pub(super) fn tally_returning() -> String {
     let size = message_size("messages");
     format!(
