@@ -21,8 +21,8 @@ coordinator="${2:-postgres://postgres@127.0.0.1:9700}"
 bin="${BIN:-target/release}"; rounds="${ROUNDS:-3}"; duration="${DURATION:-6s}"
 workloads="${WORKLOADS:-append resume}"; workers="${WORKERS:-16}"
 here="$(cd "$(dirname "$0")" && pwd)"
-results="$(mktemp)"
-trap 'rm -f "$results"' EXIT
+results="$(mktemp)"; logs="$(mktemp -d)"
+trap 'rm -rf "$results" "$logs"' EXIT
 
 . "$here/serve.sh"
 fresh_database "$plain" convo_citus_bench "$bin"
@@ -47,9 +47,12 @@ for round in $(seq 1 "$rounds"); do
     for side in plain citus citus-cte; do
         port=$((port + 1))
         RUST_LOG=warn "$bin/convo" serve --listen "127.0.0.1:$port" \
-            --database-url "$(url_of "$side")" >/dev/null 2>&1 &
+            --database-url "$(url_of "$side")" >"$logs/$side.log" 2>&1 &
         server=$!
-        wait_for_port "$port"
+        # One run, right after the API suite on the same cluster, found
+        # nothing listening after 10 s: wait longer, and show the server's
+        # log if it never serves.
+        wait_for_port "$port" 60 "$logs/$side.log"
         for workload in $workloads; do
             "$bin/convo-bench" run --addr "http://127.0.0.1:$port" --workload "$workload" \
                 --database-url "$(url_of "$side")" --messages "${MESSAGES:-1000}" \

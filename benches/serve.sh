@@ -10,14 +10,16 @@ fresh_database() {
     "$bin/convo" migrate --database-url "$server/$name" >/dev/null 2>&1
 }
 
-# wait_for_port PORT [SECONDS]: returns once something accepts connections
-# on 127.0.0.1:PORT, as a server does once it serves; fails after SECONDS
-# (10) rather than measure a server that never started.
+# wait_for_port PORT [SECONDS] [LOG]: returns once something accepts
+# connections on 127.0.0.1:PORT, as a server does once it serves; fails after
+# SECONDS (10) rather than measure a server that never started, printing the
+# end of the server's LOG when given one.
 wait_for_port() {
     local deadline=$((SECONDS + ${2:-10}))
     until (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; do
         if [ "$SECONDS" -ge "$deadline" ]; then
             echo "nothing listens on 127.0.0.1:$1 after ${2:-10} s" >&2
+            if [ -n "${3:-}" ]; then tail -n 20 "$3" >&2; fi
             return 1
         fi
         sleep 0.1
