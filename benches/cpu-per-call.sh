@@ -24,6 +24,7 @@ bench="${BENCH:-$bin/convo-bench}"; port="${PORT:-50999}"
 . "$(dirname "$0")/cpu-ticks.sh"
 url="${server%/}/convo_cpu_per_call"
 fresh_database "$server" convo_cpu_per_call "$bin"
+postmaster="$(postmaster_of "$url")"
 # The server's log: to /dev/null, or through a pipe into $LOG.
 if [ -n "${LOG:-}" ]; then exec 4> >(cat >"$LOG"); else exec 4>/dev/null; fi
 RUST_LOG="${RUST_LOG:-warn}" "$bin/convo" serve --listen "127.0.0.1:$port" --database-url "$url" >/dev/null 2>&4 &
@@ -37,9 +38,9 @@ wait_for_port "$port"
     --json >"$report" &
 bench_pid=$!
 sleep 4 # seeding and warm-up
-s0=$(ticks "$server_pid"); u0=$(user_ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
+s0=$(ticks "$server_pid"); u0=$(user_ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
 sleep 5
-s1=$(ticks "$server_pid"); u1=$(user_ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
+s1=$(ticks "$server_pid"); u1=$(user_ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
 wait "$bench_pid"
 python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$u0" "$u1" <<'PY'
 import json, sys

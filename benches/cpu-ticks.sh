@@ -5,9 +5,22 @@
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # A process's user time alone.
 user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
-# Every PostgreSQL process's user + system time, summed (a backend that
-# exits between the two reads drops out: read over a window mid-run).
+# The pid of the postmaster serving URL: the parent of its checkpointer,
+# a process that lives as long as the cluster (reading another user's
+# /proc/PID/stat needs no privilege).
+postmaster_of() {
+    local checkpointer
+    checkpointer=$(psql -Atq "$1" -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+    awk '{print $4}' "/proc/$checkpointer/stat"
+}
+# The user + system time of a postmaster and every process it started,
+# summed: the cluster being measured, not every PostgreSQL on the machine
+# (a Citus cluster beside it opens and closes sessions of its own, and a
+# process that exits inside the window would subtract its whole life's
+# time). A backend that exits between pgrep and its read is skipped: under
+# `set -o pipefail` the failed read would otherwise end the calling script,
+# silently.
 postgres_ticks() {
-    for pid in $(pgrep -x postgres); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done |
+    for pid in "$1" $(pgrep -P "$1"); do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || true; done |
         awk '{s += $1} END {print s + 0}'
 }

@@ -18,21 +18,24 @@
 set -euo pipefail
 script="$1"; url="$2"; shift 2
 window="${DURATION:-6}"
-out="$(mktemp)"
-trap 'rm -f "$out"' EXIT
+out="$(mktemp)"; err="$(mktemp)"
+trap 'rm -f "$out" "$err"' EXIT
 
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 . "$(dirname "$0")/cpu-ticks.sh"
+postmaster="$(postmaster_of "$url")"
 
 # Two seconds either side of the window: connecting, and closing.
 PGOPTIONS="-c plan_cache_mode=force_generic_plan" pgbench -n -c "${CLIENTS:-16}" -j 2 \
-    -T "$((window + 4))" -M prepared "$@" -f "$script" "$url" >"$out" 2>/dev/null &
+    -T "$((window + 4))" -M prepared "$@" -f "$script" "$url" >"$out" 2>"$err" &
 pgbench_pid=$!
+# pgbench gone before the window ends, or ended with an error: say why.
+failed() { echo "pgbench failed:" >&2; grep -v '^progress' "$err" | tail -n 20 >&2; exit 1; }
 sleep 2
-m0=$(busy); b0=$(ticks "$pgbench_pid"); p0=$(postgres_ticks); t0=$(date +%s.%N)
+m0=$(busy); b0=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
 sleep "$window"
-m1=$(busy); b1=$(ticks "$pgbench_pid"); p1=$(postgres_ticks); t1=$(date +%s.%N)
-wait "$pgbench_pid"
+m1=$(busy); b1=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
+wait "$pgbench_pid" || failed
 python3 - "$script" "$(getconf CLK_TCK)" "$m0" "$m1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$(cat "$out")" <<'PY'
 import re, sys
 script, hz = sys.argv[1], float(sys.argv[2])
