@@ -38,14 +38,14 @@ wait_for_port "$port"
     --json >"$report" &
 bench_pid=$!
 sleep 4 # seeding and warm-up
-s0=$(ticks "$server_pid"); u0=$(user_ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
+i0=$(idle_ticks); s0=$(ticks "$server_pid"); u0=$(user_ticks "$server_pid"); b0=$(ticks "$bench_pid"); p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
 sleep 5
-s1=$(ticks "$server_pid"); u1=$(user_ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
+i1=$(idle_ticks); s1=$(ticks "$server_pid"); u1=$(user_ticks "$server_pid"); b1=$(ticks "$bench_pid"); p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
 wait "$bench_pid"
-python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$u0" "$u1" <<'PY'
+python3 - "$report" "$(getconf CLK_TCK)" "$s0" "$s1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$u0" "$u1" "$i0" "$i1" "$(nproc)" <<'PY'
 import json, sys
 report, hz = json.load(open(sys.argv[1])), float(sys.argv[2])
-s0, s1, b0, b1, p0, p1, t0, t1, u0, u1 = map(float, sys.argv[3:])
+s0, s1, b0, b1, p0, p1, t0, t1, u0, u1, i0, i1, cores = map(float, sys.argv[3:])
 calls = report["per_second"] * (t1 - t0)
 per_call = lambda a, b: (b - a) / hz * 1000 / calls
 errors = sum(report["errors"].values())
@@ -53,5 +53,6 @@ print(f'{report["workload"]}: {report["per_second"]:,.0f} calls/s, {errors} erro
       f'CPU ms per call: server {per_call(s0, s1):.3f} ({(u1 - u0) / max(s1 - s0, 1):.0%} user), '
       f'load generator {per_call(b0, b1):.3f}, '
       f'PostgreSQL {per_call(p0, p1):.3f}; '
-      f'cores busy {((s1 - s0) + (b1 - b0) + (p1 - p0)) / hz / (t1 - t0):.2f}')
+      f'cores busy {((s1 - s0) + (b1 - b0) + (p1 - p0)) / hz / (t1 - t0):.2f}, '
+      f'machine idle {(i1 - i0) / hz / (t1 - t0) / cores:.1%}')
 PY

@@ -3,6 +3,8 @@
 
 # A process's user + system time.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The machine's idle time, all cores (idle + iowait in /proc/stat).
+idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }
 # A process's user time alone.
 user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 # The pid of the postmaster serving URL: the parent of its checkpointer,

@@ -32,18 +32,20 @@ pgbench_pid=$!
 # pgbench gone before the window ends, or ended with an error: say why.
 failed() { echo "pgbench failed:" >&2; grep -v '^progress' "$err" | tail -n 20 >&2; exit 1; }
 sleep 2
-m0=$(busy); b0=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
+i0=$(idle_ticks); m0=$(busy); b0=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
 sleep "$window"
-m1=$(busy); b1=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
+i1=$(idle_ticks); m1=$(busy); b1=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
 wait "$pgbench_pid" || failed
-python3 - "$script" "$(getconf CLK_TCK)" "$m0" "$m1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$(cat "$out")" <<'PY'
+python3 - "$script" "$(getconf CLK_TCK)" "$m0" "$m1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$(cat "$out")" "$i0" "$i1" "$(nproc)" <<'PY'
 import re, sys
 script, hz = sys.argv[1], float(sys.argv[2])
 m0, m1, b0, b1, p0, p1, t0, t1 = map(float, sys.argv[3:11])
 tps = float(re.search(r"tps = ([\d.]+)", sys.argv[11]).group(1))
+i0, i1, cores = map(float, sys.argv[12:15])
 tx = tps * (t1 - t0)
 per_tx = lambda ticks: ticks / hz * 1000 / tx
 print(f"{script}: {tps:,.0f} tps; CPU ms per transaction: machine less pgbench "
       f"{per_tx(m1 - m0 - (b1 - b0)):.3f}, PostgreSQL's processes {per_tx(p1 - p0):.3f}, "
-      f"pgbench {per_tx(b1 - b0):.3f}; cores busy {((p1 - p0) + (b1 - b0)) / hz / (t1 - t0):.2f}")
+      f"pgbench {per_tx(b1 - b0):.3f}; cores busy {((p1 - p0) + (b1 - b0)) / hz / (t1 - t0):.2f}, "
+      f"machine idle {(i1 - i0) / hz / (t1 - t0) / cores:.1%}")
 PY
