@@ -2,9 +2,11 @@
 # Where one call's CPU goes: serves a build on a fresh database, drives one
 # workload with convo-bench, and prints CPU milliseconds per call of the
 # server (and how much of it was user time, not the kernel's), of the load
-# generator and of all PostgreSQL processes, read from /proc over 5 s in the
-# middle of the run, and how many cores the three kept busy together (below
-# the machine's count: time lost waiting, not working). On a machine whose
+# generator and of the PostgreSQL cluster's processes, read from /proc over
+# 5 s in the middle of the run, how many cores the three kept busy together,
+# and the machine's idle share (what the three leave unused: time lost
+# waiting, not working; kernel work no process is charged for, such as
+# softirq time for loopback traffic, is the rest). On a machine whose
 # cores the three share, these say more about a change than ops/s, which
 # drift with the machine:
 #
