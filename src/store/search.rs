@@ -27,6 +27,11 @@ use crate::domain::{Message, Page, SearchCursor, SearchHit, SearchMessages, User
 /// the service to trim, so snippets and rows are made for about one
 /// response's worth of hits (see `list.rs`).
 ///
+/// Snippets keep short words at their edges (`ShortWord=0`): with
+/// PostgreSQL's default, words of three letters or fewer are dropped there,
+/// and a chat message "It is sunny in Nice, so we go out." came back as
+/// "<mark>sunny</mark> in Nice".
+///
 /// Parameters: $1 user_id, $2 query text, $3 conversation filter or NULL,
 /// $4-$6 the cursor (rank, conversation_id, sequence) or NULLs, $7 the limit,
 /// $8 the byte budget.
@@ -39,7 +44,7 @@ SELECT page.id, page.conversation_id, page.sequence, page.role, page.content, pa
        page.rank, c.title AS conversation_title, \
        ts_headline('simple', left(page.content, 65536), websearch_to_tsquery('simple', $2), \
                    'StartSel=<mark>, StopSel=</mark>, MaxWords=24, MinWords=8, \
-                    MaxFragments=2, FragmentDelimiter=\" … \"') AS snippet \
+                    MaxFragments=2, FragmentDelimiter=\" … \", ShortWord=0') AS snippet \
 FROM ( \
     SELECT ranked.*, \
            coalesce(sum({size}) \

@@ -85,6 +85,34 @@ async fn hits_are_ranked_by_relevance_with_marked_snippets() {
 }
 
 #[tokio::test]
+async fn snippets_keep_the_short_words_of_a_message() {
+    let app = TestApp::spawn().await;
+    let mut alice = app.client("alice");
+    let weather = create(&mut alice, "Weather").await;
+    append(&mut alice, &weather.id, "18C sunny").await;
+    append(
+        &mut alice,
+        &weather.id,
+        "It is sunny in Nice, so we go out.",
+    )
+    .await;
+
+    let mut snippets: Vec<String> = hits(&mut alice, search("sunny"))
+        .await
+        .into_iter()
+        .map(|hit| hit.snippet)
+        .collect();
+    snippets.sort();
+    assert_eq!(
+        snippets,
+        [
+            "18C <mark>sunny</mark>",
+            "It is <mark>sunny</mark> in Nice, so we go out",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn search_is_scoped_to_the_caller_and_optionally_one_conversation() {
     let app = TestApp::spawn().await;
     let mut alice = app.client("alice");
