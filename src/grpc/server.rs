@@ -104,10 +104,14 @@ pub async fn serve(
     })?;
     // Both reflection services describe everything served, both of them
     // included: each listed only itself, so `grpcurl list` (which asks
-    // v1alpha) named no v1 and could not describe it.
+    // v1alpha) named no v1 and could not describe it. The google.rpc error
+    // details are described too, so that a client working from reflection
+    // (grpcurl) decodes the BadRequest of a refusal instead of printing its
+    // bytes.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(

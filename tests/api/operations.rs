@@ -118,6 +118,31 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         ),
         "{reply:?}"
     );
+
+    // The error details a refusal carries are described too, so a client
+    // working from reflection alone (grpcurl) can decode them.
+    for detail in ["google.rpc.BadRequest", "google.rpc.PreconditionFailure"] {
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1::server_reflection_request::MessageRequest::FileContainingSymbol(detail.into()),
+            ),
+        };
+        let mut replies = v1::server_reflection_client::ServerReflectionClient::new(app.channel())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let reply = replies.next().await.expect("a reply").expect("an OK reply");
+        assert!(
+            matches!(
+                reply.message_response,
+                Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(ref files))
+                    if !files.file_descriptor_proto.is_empty()
+            ),
+            "{detail}: {reply:?}"
+        );
+    }
 }
 
 #[tokio::test]
