@@ -13,10 +13,13 @@ from convo.v1 import convo_pb2
 from convo_client import (
     AsyncConvoClient,
     ConvoClient,
+    FieldViolation,
     Retry,
     StillRacing,
+    field_violations,
     new_message,
     pb,
+    precondition_violations,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -217,6 +220,43 @@ def test_watch_reconnects_from_the_last_sequence_it_saw(convo_addr, proxy, user)
         writer.append_messages(conversation.id, [text("four"), text("five")])
         assert done.wait(15), f"watch stalled at {received}"
         assert received == [1, 2, 3, 4, 5]
+
+
+def test_refusals_name_the_fields_and_conditions_they_fail_on(convo_addr, user):
+    with ConvoClient(convo_addr, user_id=user) as client:
+        conversation = client.create_conversation()
+        with pytest.raises(grpc.RpcError) as raised:
+            client.append_messages(
+                conversation.id, [text("fine"), new_message(pb.ROLE_UNSPECIFIED, "")]
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        fields = [violation.field for violation in field_violations(raised.value)]
+        assert fields == ["messages[1].role", "messages[1].content"]
+        assert precondition_violations(raised.value) == []
+
+        answer = pb.Part(tool_result=pb.ToolResult(tool_call_id="call_9", content="18C"))
+        with pytest.raises(grpc.RpcError) as raised:
+            client.append_message(conversation.id, new_message(pb.ROLE_TOOL, parts=[answer]))
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        [violation] = precondition_violations(raised.value)
+        assert (violation.type, violation.subject) == ("TOOL_CALL_NOT_FOUND", "call_9")
+        assert "call_9" in violation.description
+        assert field_violations(raised.value) == []
+
+        # An error without details (here NOT_FOUND) has none to read.
+        with pytest.raises(grpc.RpcError) as raised:
+            client.get_conversation("00000000-0000-0000-0000-000000000000")
+        assert field_violations(raised.value) == []
+
+    async def scenario():
+        async with AsyncConvoClient(convo_addr, user_id=user) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await client.get_conversation("not-an-id")
+            [violation] = field_violations(raised.value)
+            assert isinstance(violation, FieldViolation)
+            assert violation.field == "conversation_id"
+
+    asyncio.run(scenario())
 
 
 def test_the_asyncio_client(convo_addr, user):

@@ -11,15 +11,20 @@ from convo.v1 import convo_pb2 as pb
 from ._aio import AsyncConvoClient
 from ._client import ConvoClient
 from ._common import NO_RETRY, ConvoError, Retry, StillRacing, Truncated, new_message
+from ._details import FieldViolation, PreconditionViolation, field_violations, precondition_violations
 
 __all__ = [
     "AsyncConvoClient",
     "ConvoClient",
     "ConvoError",
+    "FieldViolation",
     "NO_RETRY",
+    "PreconditionViolation",
     "Retry",
     "StillRacing",
     "Truncated",
+    "field_violations",
     "new_message",
     "pb",
+    "precondition_violations",
 ]
