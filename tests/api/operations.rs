@@ -96,51 +96,36 @@ async fn reflection_lists_the_service_in_v1_and_v1alpha() {
         assert!(names.contains(&reflection.to_string()), "{names:?}");
     }
 
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "convo.v1.ConversationService".into(),
-            ),
-        ),
-    };
-    let mut replies = v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel())
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1alpha")
-        .into_inner();
-    let reply = replies.next().await.expect("a reply").expect("an OK reply");
-    assert!(
-        matches!(
-            reply.message_response,
-            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref files))
-                if !files.file_descriptor_proto.is_empty()
-        ),
-        "{reply:?}"
-    );
-
-    // The error details a refusal carries are described too, so a client
-    // working from reflection alone (grpcurl) can decode them.
-    for detail in ["google.rpc.BadRequest", "google.rpc.PreconditionFailure"] {
-        let request = v1::ServerReflectionRequest {
+    // The service is described, and so are the error details a refusal
+    // carries, so a client working from reflection alone (grpcurl) can
+    // decode them.
+    for symbol in [
+        "convo.v1.ConversationService",
+        "google.rpc.BadRequest",
+        "google.rpc.PreconditionFailure",
+    ] {
+        let request = v1alpha::ServerReflectionRequest {
             host: String::new(),
             message_request: Some(
-                v1::server_reflection_request::MessageRequest::FileContainingSymbol(detail.into()),
+                v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    symbol.into(),
+                ),
             ),
         };
-        let mut replies = v1::server_reflection_client::ServerReflectionClient::new(app.channel())
-            .server_reflection_info(tokio_stream::iter([request]))
-            .await
-            .expect("reflection v1")
-            .into_inner();
+        let mut replies =
+            v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel())
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .expect("reflection v1alpha")
+                .into_inner();
         let reply = replies.next().await.expect("a reply").expect("an OK reply");
         assert!(
             matches!(
                 reply.message_response,
-                Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(ref files))
+                Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref files))
                     if !files.file_descriptor_proto.is_empty()
             ),
-            "{detail}: {reply:?}"
+            "{symbol}: {reply:?}"
         );
     }
 }
