@@ -12,7 +12,7 @@ use super::{
     pool::OneRow,
     schema::conversations,
     statement::{fixed, fixed_text, one_text},
-    values::{StoredMetadata, StoredTime, message_size, metadata_to_json, now_micros, tally_of},
+    values::{StoredMetadata, StoredTime, metadata_to_json, now_micros, tally_columns, tally_of},
 };
 use crate::domain::{
     Conversation, ConversationChanges, ConversationId, ForkConversation, MessageId, Metadata,
@@ -341,7 +341,7 @@ impl Store {
                 // with n mixed into its random low bits (see COPY_MESSAGES).
                 let base = MessageId::generate().as_uuid().as_u64_pair();
                 let id = ConversationId::generate();
-                let forked: Forked = fixed::<Fork, _>(|q| {
+                let forked: CountedConversation = fixed::<Fork, _>(|q| {
                     q.bind::<Text, _>(owner.as_str())
                         .bind::<diesel::sql_types::Uuid, _>(id.as_uuid())
                         .bind::<BigInt, _>(base.0 as i64)
@@ -354,10 +354,10 @@ impl Store {
                 })
                 .one_row(conn)
                 .await?;
-                if forked.copied != copied {
+                if forked.messages != copied {
                     return Err(StoreError::Corrupt(format!(
                         "conversation {source} counts {copied} messages up to the fork point but {} were copied",
-                        forked.copied
+                        forked.messages
                     )));
                 }
                 Ok(ForkOutcome::Forked(forked.conversation.into()))
@@ -415,11 +415,10 @@ const COPY_TOOL_CALLS: &str = "\
 /// end of the statement, when it is there. The totals are summed from the
 /// source's rows, which the copies read in the same snapshot.
 fn fork_statement() -> String {
-    let size = message_size("messages");
     format!(
         "\
 WITH kept AS (
-    SELECT input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, {size} AS bytes
+    SELECT {kept}
       FROM messages
      WHERE user_id = $1 AND conversation_id = $4 AND sequence <= $5
 ), total AS ({total}), made AS (
@@ -437,19 +436,21 @@ WITH kept AS (
 ), calls AS (
     {COPY_TOOL_CALLS}
 )
-SELECT {CONVERSATION_COLUMNS}, (SELECT count(*) FROM copied) AS copied
+SELECT {CONVERSATION_COLUMNS}, (SELECT count(*) FROM copied) AS messages
   FROM made",
+        kept = tally_columns(),
         total = tally_of("kept"),
     )
 }
 
-/// What [`Fork`] returns.
+/// A conversation as a statement left it, and how many messages that
+/// statement wrote or removed (a fork's copies, a truncate's cut).
 #[derive(QueryableByName)]
-struct Forked {
+pub(super) struct CountedConversation {
     #[diesel(embed)]
-    conversation: ConversationRow,
+    pub(super) conversation: ConversationRow,
     #[diesel(sql_type = BigInt)]
-    copied: i64,
+    pub(super) messages: i64,
 }
 
 /// The owners' conversations of [`Store::conversation_versions`], as columns.

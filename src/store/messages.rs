@@ -8,13 +8,13 @@ use uuid::Uuid;
 
 use super::{
     Store, StoreError,
-    conversations::{self, CONVERSATION_COLUMNS},
+    conversations::{self, CONVERSATION_COLUMNS, CountedConversation},
     list::{ListStatement, NewestFirst, OldestFirst},
     parts,
     pool::OneRow,
     schema::messages,
     statement::{fixed, fixed_text},
-    values::{StoredMetadata, StoredTime, now_micros, tally_of, tally_returning},
+    values::{StoredMetadata, StoredTime, now_micros, tally_columns, tally_of},
 };
 use crate::domain::{
     Conversation, ConversationId, ListMessages, Message, MessageCursor, MessageId, MessageOrder,
@@ -237,7 +237,8 @@ impl Store {
                 if after > count {
                     return Ok(TruncateOutcome::BeyondEnd { length: count });
                 }
-                let cut: Truncated = fixed::<Truncate, _>(|q| {
+                // The conversation after the cut, and how many messages went.
+                let cut: CountedConversation = fixed::<Truncate, _>(|q| {
                     q.bind::<Text, _>(owner.as_str())
                         .bind::<sql::Uuid, _>(conversation_id.as_uuid())
                         .bind::<BigInt, _>(after)
@@ -247,7 +248,7 @@ impl Store {
                 .await?;
                 Ok(TruncateOutcome::Truncated {
                     conversation: cut.conversation.into(),
-                    removed: cut.removed,
+                    removed: cut.messages,
                 })
             })
             .await
@@ -272,7 +273,7 @@ WITH forgotten AS (
 ), removed AS (
     DELETE FROM messages
      WHERE user_id = $1 AND conversation_id = $2 AND sequence > $3
-    {returning}
+    RETURNING {returned}
 ), cut AS ({tally})
 UPDATE conversations
    SET message_count = $3,
@@ -284,20 +285,10 @@ UPDATE conversations
        total_bytes = total_bytes - cut.bytes
   FROM cut
  WHERE user_id = $1 AND id = $2
-RETURNING {CONVERSATION_COLUMNS}, cut.count AS removed",
-        returning = tally_returning(),
+RETURNING {CONVERSATION_COLUMNS}, cut.count AS messages",
+        returned = tally_columns(),
         tally = tally_of("removed"),
     )
 }
 
 fixed_text!(pub(super) Truncate = truncate_statement());
-
-/// What [`Truncate`] returns: the conversation after the cut, and how many
-/// messages went.
-#[derive(QueryableByName)]
-struct Truncated {
-    #[diesel(embed)]
-    conversation: conversations::ConversationRow,
-    #[diesel(sql_type = BigInt)]
-    removed: i64,
-}

@@ -119,18 +119,16 @@ pub(super) fn message_size(row: &str) -> String {
     size_of(&format!("{row}.content"), &format!("{row}.parts"))
 }
 
-/// The RETURNING clause that gives [`tally_of`] a written or removed
-/// message's usage and size.
-pub(super) fn tally_returning() -> String {
+/// A row of `messages`' usage and size, the columns [`tally_of`] sums: what
+/// a statement that writes or removes messages returns, or what a read of
+/// them selects.
+pub(super) fn tally_columns() -> String {
     let size = message_size("messages");
-    format!(
-        "RETURNING input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, \
-                   {size} AS bytes"
-    )
+    format!("input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, {size} AS bytes")
 }
 
-/// The count of the rows of `rows` (a CTE with [`tally_returning`]'s
-/// columns), their usage and their size summed, as one row.
+/// The count of the rows of `rows` (a CTE of [`tally_columns`]), their
+/// usage and their size summed, as one row.
 pub(super) fn tally_of(rows: &str) -> String {
     format!(
         "SELECT count(*) AS count, \
