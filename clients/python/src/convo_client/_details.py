@@ -1,17 +1,16 @@
 """The details convo attaches to a refusal, read off a `grpc.RpcError`:
 which fields a request got wrong (`INVALID_ARGUMENT` carries a
 `google.rpc.BadRequest`) and which condition failed (`FAILED_PRECONDITION`
-carries a `google.rpc.PreconditionFailure`). They travel in the status's
-trailing metadata, which grpcio leaves undecoded."""
+carries a `google.rpc.PreconditionFailure`). grpcio-status decodes the
+status they travel in."""
 
 from __future__ import annotations
 
 from typing import List, NamedTuple
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
-
-_STATUS_DETAILS = "grpc-status-details-bin"
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 class FieldViolation(NamedTuple):
@@ -31,11 +30,10 @@ class PreconditionViolation(NamedTuple):
 
 
 def _details(error: grpc.RpcError) -> list:
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == _STATUS_DETAILS:
-            return list(status_pb2.Status.FromString(value).details)
-    return []
+    # grpcio's errors and grpc.aio's both answer the calls from_call makes
+    # (code, details, trailing metadata); an RpcError of another making may not.
+    status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+    return list(status.details) if status is not None else []
 
 
 def field_violations(error: grpc.RpcError) -> List[FieldViolation]:
