@@ -3,7 +3,9 @@
 
 # A process's user + system time.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# The machine's idle time, all cores (idle + iowait in /proc/stat).
+# The machine's busy time, all cores (user, nice, system, irq and softirq
+# in /proc/stat), and its idle time (idle + iowait).
+busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 idle_ticks() { awk '/^cpu /{print $5 + $6}' /proc/stat; }
 # A process's user time alone.
 user_ticks() { awk '{print $14}' "/proc/$1/stat"; }

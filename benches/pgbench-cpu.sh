@@ -21,7 +21,6 @@ window="${DURATION:-6}"
 out="$(mktemp)"; err="$(mktemp)"
 trap 'rm -f "$out" "$err"' EXIT
 
-busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 . "$(dirname "$0")/cpu-ticks.sh"
 postmaster="$(postmaster_of "$url")"
 
@@ -32,9 +31,9 @@ pgbench_pid=$!
 # pgbench gone before the window ends, or ended with an error: say why.
 failed() { echo "pgbench failed:" >&2; grep -v '^progress' "$err" | tail -n 20 >&2; exit 1; }
 sleep 2
-i0=$(idle_ticks); m0=$(busy); b0=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
+i0=$(idle_ticks); m0=$(busy_ticks); b0=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p0=$(postgres_ticks "$postmaster"); t0=$(date +%s.%N)
 sleep "$window"
-i1=$(idle_ticks); m1=$(busy); b1=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
+i1=$(idle_ticks); m1=$(busy_ticks); b1=$(ticks "$pgbench_pid" 2>/dev/null) || failed; p1=$(postgres_ticks "$postmaster"); t1=$(date +%s.%N)
 wait "$pgbench_pid" || failed
 python3 - "$script" "$(getconf CLK_TCK)" "$m0" "$m1" "$b0" "$b1" "$p0" "$p1" "$t0" "$t1" "$(cat "$out")" "$i0" "$i1" "$(nproc)" <<'PY'
 import re, sys
