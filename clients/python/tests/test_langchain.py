@@ -1,6 +1,11 @@
-"""The LangChain adapter, proven with LangChain's own classes: a
-RunnableWithMessageHistory over LangChain's fake chat model that calls a
-tool, and a history read back by a fresh object, as another process would."""
+"""The LangChain adapter, proven with LangChain's own classes: a turn of
+LangChain's fake chat model that calls a tool, run directly (read the
+history, invoke, add what the turn produced), then one through the deprecated
+RunnableWithMessageHistory that older code still uses, each read back by a
+fresh history object, as another process would."""
+
+import grpc
+import pytest
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -69,6 +74,7 @@ def same_turn(stored, original):
         assert stored.status == original.status
 
 
+@pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
 def test_a_tool_using_chain_with_history_round_trips(convo_addr, user):
     model = scripted_model()
     seen_by_model = []
@@ -85,13 +91,10 @@ def test_a_tool_using_chain_with_history_round_trips(convo_addr, user):
 
     with ConvoClient(convo_addr, user_id=user) as client:
         conversation = client.create_conversation("weather")
-        chain = RunnableWithMessageHistory(
-            RunnableLambda(agent),
-            lambda session_id: ConvoChatMessageHistory(client, session_id),
-        )
-        config = {"configurable": {"session_id": conversation.id}}
+        history = ConvoChatMessageHistory(client, conversation.id)
         question = HumanMessage(content="What's the weather in Lisbon?")
-        produced = chain.invoke([question], config=config)
+        produced = agent(history.messages + [question])
+        history.add_messages([question, *produced])
         assert [type(m).__name__ for m in produced] == ["AIMessage", "ToolMessage", "AIMessage"]
 
     # Another process, another client, a fresh history object.
@@ -106,7 +109,8 @@ def test_a_tool_using_chain_with_history_round_trips(convo_addr, user):
         assert stored[1].tool_calls[0]["args"] == {"city": "Lisbon"}
         assert all(m.id for m in stored)  # convo's message ids
 
-        # The next turn sees the whole conversation.
+        # The next turn sees the whole conversation, here through
+        # RunnableWithMessageHistory (deprecated by LangChain, still in use).
         chain = RunnableWithMessageHistory(
             RunnableLambda(agent),
             lambda session_id: ConvoChatMessageHistory(elsewhere, session_id),
@@ -162,3 +166,39 @@ def test_every_mapped_field_survives_the_store(convo_addr, user):
     assert len(stored) == len(originals)
     for s, o in zip(stored, originals):
         same_turn(s, o)
+
+
+def test_a_turn_is_not_added_on_top_of_another_replicas(convo_addr, user):
+    with ConvoClient(convo_addr, user_id=user) as client:
+        conversation = client.create_conversation("two replicas")
+        first = ConvoChatMessageHistory(client, conversation.id, if_unchanged=True)
+        second = ConvoChatMessageHistory(client, conversation.id, if_unchanged=True)
+        question = HumanMessage(content="Hi!")
+        first.add_messages([question])  # nothing read yet: no expectation
+        assert [m.content for m in first.messages] == ["Hi!"]
+        assert [m.content for m in second.messages] == ["Hi!"]
+
+        # Both answer the same question; the second to add is refused.
+        first.add_messages([AIMessage(content="Hello from the first.")])
+        with pytest.raises(grpc.RpcError) as refused:
+            second.add_messages([AIMessage(content="Hello from the second.")])
+        assert refused.value.code() == grpc.StatusCode.ABORTED
+        assert [m.content for m in second.messages] == ["Hi!", "Hello from the first."]
+
+        # Having re-read, it adds; the first's next turn follows its own.
+        second.add_messages([HumanMessage(content="And you?")])
+        with pytest.raises(grpc.RpcError):
+            first.add_messages([AIMessage(content="stale")])
+        assert len(first.messages) == 3  # re-read
+        first.add_messages([AIMessage(content="Fine.")])
+        first.add_messages([HumanMessage(content="Good.")])  # after its own add
+
+        # Without the option, a history appends whatever came before.
+        ConvoChatMessageHistory(client, conversation.id).add_messages(
+            [AIMessage(content="unchecked")]
+        )
+        with pytest.raises(grpc.RpcError):
+            first.add_messages([AIMessage(content="stale again")])
+        first.clear()
+        first.add_messages([HumanMessage(content="From the start.")])
+        assert [m.content for m in second.messages] == ["From the start."]

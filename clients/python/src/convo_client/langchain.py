@@ -1,10 +1,11 @@
 """LangChain chat history backed by one convo conversation.
 
-`ConvoChatMessageHistory` is a `BaseChatMessageHistory`: give it to
-`RunnableWithMessageHistory` (or use it directly) and every message goes to
-convo as typed parts, so a history built by another process, another
-replica, or another framework reading the same conversation, sees the same
-turns.
+`ConvoChatMessageHistory` is a `BaseChatMessageHistory`: read `messages`
+before a turn and `add_messages` what the turn produced (around a chat
+model, an agent or a LangGraph node), or hand it to the older
+`RunnableWithMessageHistory`. Every message goes to convo as typed parts, so
+another process, another replica, or another framework reading the same
+conversation sees the same turns.
 
 What maps, both ways:
 - `HumanMessage` ↔ ROLE_USER, `SystemMessage` ↔ ROLE_SYSTEM,
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import (
@@ -220,19 +221,41 @@ class ConvoChatMessageHistory(BaseChatMessageHistory):
 
     `add_messages` appends a batch in one call (all or nothing, retried
     safely with one request_id); `clear` truncates the conversation to empty.
+
+    With `if_unchanged=True`, a turn cannot be added on top of someone
+    else's: once this object has read `messages` (or added or cleared),
+    `add_messages` appends only if the conversation still ends where it left
+    it (`expected_last_sequence`), and otherwise raises the call's
+    `grpc.RpcError` with `ABORTED`, having added nothing. Re-read `messages`
+    and run the turn again. Two replicas answering the same conversation at
+    once cannot interleave their turns this way.
     """
 
-    def __init__(self, client: ConvoClient, conversation_id: str):
+    def __init__(self, client: ConvoClient, conversation_id: str, *, if_unchanged: bool = False):
         self.client = client
         self.conversation_id = conversation_id
+        self.if_unchanged = if_unchanged
+        # The sequence of the last message this object saw; None until it
+        # has read, added or cleared.
+        self._last_sequence: Optional[int] = None
 
     @property
     def messages(self) -> List[BaseMessage]:  # type: ignore[override]
-        return [to_langchain(m) for m in self.client.iter_messages(self.conversation_id)]
+        stored = list(self.client.iter_messages(self.conversation_id))
+        self._last_sequence = stored[-1].sequence if stored else 0
+        return [to_langchain(m) for m in stored]
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        if messages:
-            self.client.append_messages(self.conversation_id, [to_convo(m) for m in messages])
+        if not messages:
+            return
+        expected = self._last_sequence if self.if_unchanged else None
+        appended = self.client.append_messages(
+            self.conversation_id,
+            [to_convo(m) for m in messages],
+            expected_last_sequence=expected,
+        )
+        self._last_sequence = appended[-1].sequence
 
     def clear(self) -> None:
         self.client.truncate_conversation(self.conversation_id, 0)
+        self._last_sequence = 0
