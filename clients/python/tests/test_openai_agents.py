@@ -4,6 +4,8 @@ SQLiteSession."""
 
 import asyncio
 
+import grpc
+
 from agents import Agent, Runner, SQLiteSession, function_tool, set_tracing_disabled
 from agents.items import ModelResponse
 from agents.models.interface import Model
@@ -145,5 +147,56 @@ def test_two_workers_never_pop_the_same_item(convo_addr, user):
             popped = await asyncio.gather(*(workers[i % 2].pop_item() for i in range(10)))
             assert sorted(p["content"] for p in popped) == sorted(i["content"] for i in items)
             assert await workers[0].get_items() == []
+
+    asyncio.run(scenario())
+
+
+class HeldModel(ScriptedModel):
+    """A scripted model that answers only once `release` is set."""
+
+    def __init__(self, turns):
+        super().__init__(turns)
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get_response(self, *args, **kwargs):
+        self.called.set()
+        await self.release.wait()
+        return await super().get_response(*args, **kwargs)
+
+
+def test_overlapping_runs_cannot_interleave_their_turns(convo_addr, user):
+    async def scenario():
+        async with AsyncConvoClient(convo_addr, user_id=user) as client:
+            conversation = await client.create_conversation("two workers")
+
+            def session():
+                return ConvoSession(client, conversation.id, if_unchanged=True)
+
+            # Runs one after the other are not refused.
+            await run_both_turns(session)
+            before = await session().get_items()
+
+            # A run whose model is slow, and another that starts and ends
+            # while it thinks: the slow one's answer would land after the
+            # other's, so it is refused and adds nothing more.
+            slow = HeldModel(second_run_script())
+            held = asyncio.create_task(Runner.run(agent(slow), "Still there?", session=session()))
+            await slow.called.wait()
+            fast = ScriptedModel(second_run_script())
+            await Runner.run(agent(fast), "Thanks again!", session=session())
+            settled = await session().get_items()
+            slow.release.set()
+            try:
+                await held
+                raise AssertionError("the slow run added its items after the other's")
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.ABORTED
+            assert await session().get_items() == settled
+            # The slow run's question was saved when it started; its answer
+            # never was. The other run answered its own question after it.
+            added = settled[len(before):]
+            assert [i["content"] for i in added[:2]] == ["Still there?", "Thanks again!"]
+            assert added[2]["role"] == "assistant" and len(added) == 3
 
     asyncio.run(scenario())

@@ -20,6 +20,8 @@ text annotations and other item types are not stored: adding one raises
 
 `pop_item` truncates with `expected_last_sequence`, so two workers popping at
 once cannot both remove the same item: the loser re-reads and pops the next.
+With `if_unchanged=True`, `add_items` appends the same way: a run whose
+session another run added to since it read is refused (`ABORTED`).
 """
 
 from __future__ import annotations
@@ -153,14 +155,28 @@ def to_item(message: pb.Message) -> Dict[str, Any]:
 
 
 class ConvoSession(_Base):
-    """The items of one convo conversation, as the Agents SDK sees a session."""
+    """The items of one convo conversation, as the Agents SDK sees a session.
+
+    With `if_unchanged=True`, a run cannot add its items on top of another
+    run's: once this session has read (`get_items`), added or cleared,
+    `add_items` appends only if the conversation still ends where it left it
+    (`expected_last_sequence`), and otherwise raises the call's
+    `grpc.aio.AioRpcError` with `ABORTED`, having added nothing. Two workers
+    running the same session at once cannot interleave their turns this way.
+    """
 
     session_settings = None
 
-    def __init__(self, client: AsyncConvoClient, conversation_id: str):
+    def __init__(
+        self, client: AsyncConvoClient, conversation_id: str, *, if_unchanged: bool = False
+    ):
         self.client = client
         self.conversation_id = conversation_id
         self.session_id = conversation_id
+        self.if_unchanged = if_unchanged
+        # The sequence of the last message this session saw; None until it
+        # has read, added or cleared.
+        self._last_sequence: Optional[int] = None
 
     async def get_items(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         if limit is None:
@@ -174,13 +190,21 @@ class ConvoSession(_Base):
                     break
                 messages.append(message)
             messages.reverse()
+        if messages or limit is None or limit > 0:
+            # A limit of 0 reads nothing, so it says nothing of the end.
+            self._last_sequence = messages[-1].sequence if messages else 0
         return [to_item(m) for m in messages]
 
     async def add_items(self, items: List[Dict[str, Any]]) -> None:
-        if items:
-            await self.client.append_messages(
-                self.conversation_id, [to_convo(dict(i)) for i in items]
-            )
+        if not items:
+            return
+        expected = self._last_sequence if self.if_unchanged else None
+        appended = await self.client.append_messages(
+            self.conversation_id,
+            [to_convo(dict(i)) for i in items],
+            expected_last_sequence=expected,
+        )
+        self._last_sequence = appended[-1].sequence
 
     async def pop_item(self) -> Optional[Dict[str, Any]]:
         while True:
@@ -196,8 +220,10 @@ class ConvoSession(_Base):
                 if error.code() == grpc.StatusCode.ABORTED:
                     continue  # another writer moved the end: pop what is last now
                 raise
+            self._last_sequence = count - 1
             return to_item(resumed.messages[-1])
 
     async def clear_session(self) -> None:
         await self.client.truncate_conversation(self.conversation_id, 0)
+        self._last_sequence = 0
 
