@@ -195,6 +195,8 @@ impl Store {
             .max_size(settings.max_size)
             .min_idle(None)
             .connection_timeout(settings.acquire_timeout)
+            // Sessions::connect retries on its own, more often (see there).
+            .retry_connection(false)
             .build_unchecked(sessions);
         Ok(Self {
             pool,
@@ -532,12 +534,19 @@ pub(super) struct Session {
     abandoned: bool,
 }
 
-impl bb8::ManageConnection for Sessions {
-    type Connection = Session;
-    type Error = PoolError;
+/// How long after a failed attempt to open a session the next one starts:
+/// at first, and at most. bb8's own retries wait up to half the acquire
+/// timeout between attempts (2.5 s by default), so a call that began during
+/// an outage waited out its whole acquire timeout and failed although
+/// PostgreSQL had been back for seconds. Retried at most this far apart, the
+/// pool has a session again within a quarter second of PostgreSQL's return.
+const RETRY_FIRST: Duration = Duration::from_millis(25);
+const RETRY_MOST: Duration = Duration::from_millis(250);
 
-    async fn connect(&self) -> Result<Session, PoolError> {
-        let mut conn = connect(&self.target, self.connect_timeout)
+impl Sessions {
+    /// One attempt: connect within `timeout`, then set the session up.
+    async fn open_session(&self, timeout: Duration) -> Result<Session, PoolError> {
+        let mut conn = connect(&self.target, timeout)
             .await
             .map_err(PoolError::ConnectionError)?;
         conn.batch_execute(&self.setup).await.map_err(|e| {
@@ -548,6 +557,28 @@ impl bb8::ManageConnection for Sessions {
             conn,
             abandoned: false,
         })
+    }
+}
+
+impl bb8::ManageConnection for Sessions {
+    type Connection = Session;
+    type Error = PoolError;
+
+    /// Attempts until one succeeds or the connect timeout has passed.
+    async fn connect(&self) -> Result<Session, PoolError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let mut pause = RETRY_FIRST;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.open_session(left).await {
+                Ok(session) => return Ok(session),
+                Err(error) if tokio::time::Instant::now() + pause >= deadline => return Err(error),
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MOST);
+                }
+            }
+        }
     }
 
     /// Lends no session that is known to be closed, without the round trip

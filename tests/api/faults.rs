@@ -218,6 +218,65 @@ async fn an_outage_fails_fast_with_unavailable_and_recovery_needs_no_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_session_gets_one_soon_after_the_database_returns() {
+    // The default acquire timeout: a call may wait 5 s for a session.
+    let world = FaultyWorld::start(|settings| {
+        settings.pool.acquire_timeout = Duration::from_secs(5);
+        settings.pool.max_size = 2;
+    })
+    .await;
+    let mut alice = world.client("alice");
+    let created = create(&mut alice, "waits").await;
+
+    world.proxy.cut();
+    let cut = Instant::now();
+    let restore_after = Duration::from_secs(3);
+    let proxy = &world.proxy;
+    let call = async {
+        loop {
+            let started = Instant::now();
+            let answer = alice
+                .get_conversation(with_deadline(
+                    proto::GetConversationRequest {
+                        conversation_id: created.id.clone(),
+                    },
+                    Duration::from_secs(10),
+                ))
+                .await;
+            match answer {
+                Ok(_) => return Instant::now(),
+                // A pooled session the cut killed fails at once; the next
+                // call waits for a new one.
+                Err(status)
+                    if status.code() == Code::Unavailable
+                        && started.elapsed() < Duration::from_secs(1) =>
+                {
+                    assert!(cut.elapsed() < restore_after, "{status:?}");
+                }
+                Err(status) => panic!(
+                    "a call that waited {:?} for a session failed: {status:?}",
+                    started.elapsed()
+                ),
+            }
+        }
+    };
+    let restore = async {
+        sleep(restore_after).await;
+        proxy.restore();
+        Instant::now()
+    };
+    let (answered, restored) = tokio::join!(call, restore);
+    // Before, the pool's next attempt came 2.5 s after its previous one, so
+    // the call waited out its 5 s and failed with the database back.
+    assert!(
+        answered.saturating_duration_since(restored) < Duration::from_secs(1),
+        "answered {:?} after the database returned",
+        answered.saturating_duration_since(restored)
+    );
+    world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_are_survived_and_dead_connections_are_not_reused() {
     let mut world = FaultyWorld::start(|settings| settings.pool.max_size = 4).await;
     let mut alice = world.client("alice");
