@@ -145,6 +145,12 @@ pub struct DatabaseArgs {
     /// it, /var/lib/convo/convo-data-<hash> with a link at ./convo-data].
     #[arg(long, env = "CONVO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// How long to keep trying the database at --database-url when it does not
+    /// answer yet (not listening, starting up, its host name not resolving yet)
+    /// before giving up; 0 gives up at once.
+    #[arg(long, env = "CONVO_WAIT_FOR_DATABASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait_for_database: Duration,
 }
 
 /// Where the private PostgreSQL keeps its data unless told otherwise.

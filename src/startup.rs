@@ -74,6 +74,9 @@ impl Database {
                 )));
             }
             tracing::info!(database = %redact(&parsed), "using the database at DATABASE_URL");
+            store::wait_for_database(url, args.wait_for_database)
+                .await
+                .map_err(|e| StartupError::Migrations(e.to_string()))?;
             return Ok(Self {
                 url: url.clone(),
                 app_url: url.clone(),

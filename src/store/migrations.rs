@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use diesel::{
     connection::BoxableConnection,
     migration::{Migration, MigrationMetadata, MigrationName, MigrationSource},
@@ -230,6 +232,53 @@ pub async fn revert_last_migration(database_url: &str) -> Result<String, BoxErro
         Ok(reverted.to_string())
     })
     .await
+}
+
+/// Waits up to `wait` for the server at `database_url` to answer, when it
+/// does not yet for a reason that may pass (see `tls::Unreached`): convo
+/// started beside a PostgreSQL that is still starting is not an error. Any
+/// other answer, a refusal included, ends the wait: what comes next reports
+/// it. Fails with the last reason once `wait` has passed.
+pub async fn wait_for_database(database_url: &str, wait: Duration) -> Result<(), BoxError> {
+    /// One attempt's limit: a server that accepts and never answers. (The
+    /// last attempt may end this much after `wait`.)
+    const ATTEMPT: Duration = Duration::from_secs(5);
+    const PAUSE_MOST: Duration = Duration::from_secs(1);
+    if wait.is_zero() {
+        return Ok(());
+    }
+    let target = super::tls::DatabaseTarget::parse(database_url)?;
+    let started = tokio::time::Instant::now();
+    let deadline = started + wait;
+    let mut pause = Duration::from_millis(100);
+    let mut waiting = false;
+    loop {
+        let reason = match tokio::time::timeout(ATTEMPT, target.reach()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(unreached)) if !unreached.may_pass => None,
+            Ok(Err(unreached)) => Some(unreached.reason),
+            Err(_) => Some(format!("no answer within {ATTEMPT:?}")),
+        };
+        let Some(reason) = reason else {
+            if waiting {
+                tracing::info!(waited = ?started.elapsed(), "the database answers");
+            }
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "{reason} (still after waiting {wait:?} for the database: see --wait-for-database)"
+            )
+            .into());
+        }
+        if !waiting {
+            tracing::warn!(error = %reason, "the database does not answer yet; waiting up to {wait:?}");
+            waiting = true;
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(PAUSE_MOST);
+    }
 }
 
 /// Creates the database named in `database_url` if the server does not have it,

@@ -47,7 +47,7 @@ pub use error::StoreError;
 pub use messages::TruncateOutcome;
 pub use migrations::{
     create_database_if_missing, distribute, ensure_schema_current, grant_app_role,
-    revert_last_migration, run_pending_migrations,
+    revert_last_migration, run_pending_migrations, wait_for_database,
 };
 pub use pool::{DatabaseHealth, HealthProbe, PoolSettings, Store};
 /// Test support: the statements of the hot paths, and the per-conversation

@@ -411,6 +411,87 @@ impl<C: TlsConnect<BufferedSocket>> TlsConnect<Socket> for BufferedConnect<C> {
     }
 }
 
+/// Why one attempt to reach the server failed, and whether repeating it may
+/// succeed.
+pub(super) struct Unreached {
+    pub reason: String,
+    /// The server is not listening yet, is starting or stopping, is full, or
+    /// its name does not resolve yet (a container starting beside convo's);
+    /// not a refusal that repeating cannot change, such as a wrong password,
+    /// a missing database or a certificate that does not verify.
+    pub may_pass: bool,
+}
+
+impl DatabaseTarget {
+    /// Opens a session and ends it at once: whether the server answers.
+    pub(super) async fn reach(&self) -> Result<(), Unreached> {
+        let config = self.config().map_err(|error| Unreached {
+            reason: error.to_string(),
+            may_pass: false,
+        })?;
+        let reached = match &self.tls {
+            None => part(config.connect(NoTls).await).await,
+            Some(tls) => part(config.connect(tls.clone()).await).await,
+        };
+        reached.map_err(|error| Unreached {
+            reason: with_causes(&error),
+            may_pass: may_pass(&error),
+        })
+    }
+}
+
+/// Ends a session just opened, with a goodbye.
+async fn part<S, T>(
+    connected: Result<
+        (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+        tokio_postgres::Error,
+    >,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (client, connection) = connected?;
+    drop(client); // the connection then says goodbye and ends
+    let _ = tokio::time::timeout(CLOSE_LIMIT, connection).await;
+    Ok(())
+}
+
+/// See [`Unreached::may_pass`].
+fn may_pass(error: &tokio_postgres::Error) -> bool {
+    use std::io::ErrorKind;
+    use tokio_postgres::error::SqlState;
+    if error.is_closed() {
+        // Closed before the session began: a proxy or balancer in front of a
+        // server not up yet, or a server going down.
+        return true;
+    }
+    if let Some(refusal) = error.as_db_error() {
+        // 57P03: starting up, shutting down, not yet accepting connections.
+        return [SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS]
+            .contains(refusal.code());
+    }
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotFound // a Unix socket not made yet
+                    | ErrorKind::TimedOut
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+            ) || io.to_string().contains("lookup address");
+        }
+        cause = inner.source();
+    }
+    false
+}
+
 /// An error and its causes on one line ("error performing TLS handshake:
 /// invalid peer certificate: UnknownIssuer"), for the operator's log.
 fn with_causes(error: &dyn std::error::Error) -> String {

@@ -14,6 +14,7 @@ use convo::{
     config::Settings,
     grpc::proto::{self, AppendMessageRequest, Role},
     startup::{self, Application},
+    store,
 };
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -274,6 +275,51 @@ async fn a_call_waiting_for_a_session_gets_one_soon_after_the_database_returns()
         answered.saturating_duration_since(restored)
     );
     world.stop().await.expect("the server ran without error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_a_database_that_is_not_up_yet() {
+    let cluster = DedicatedCluster::start().await;
+    let proxy = Proxy::start(cluster.addr()).await;
+    let url = proxy.url("postgres");
+    proxy.cut();
+
+    // Nothing answers: it gives up after its wait, and says which setting
+    // that is.
+    let error = store::wait_for_database(&url, Duration::from_millis(600))
+        .await
+        .expect_err("nothing answers");
+    assert!(error.to_string().contains("--wait-for-database"), "{error}");
+
+    // The database comes up while it waits.
+    let started = Instant::now();
+    let (waited, ()) = tokio::join!(
+        store::wait_for_database(&url, Duration::from_secs(30)),
+        async {
+            sleep(Duration::from_secs(1)).await;
+            proxy.restore();
+        }
+    );
+    waited.expect("the database came up");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // A refusal that waiting cannot change ends the wait at once; what
+    // comes next reports it.
+    let started = Instant::now();
+    store::wait_for_database(
+        &format!("postgres://nobody@{}/postgres", proxy.addr),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("a refusal is not waited on");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    drop(proxy);
+    cluster.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
