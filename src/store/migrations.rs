@@ -247,7 +247,12 @@ pub async fn wait_for_database(database_url: &str, wait: Duration) -> Result<(),
     if wait.is_zero() {
         return Ok(());
     }
-    let target = super::tls::DatabaseTarget::parse(database_url)?;
+    // The server's own database, which the next step connects to anyway: the
+    // one named may not exist yet, and asking for it would leave a FATAL line
+    // in PostgreSQL's log before it is created.
+    let mut maintenance = url::Url::parse(database_url)?;
+    maintenance.set_path("/postgres");
+    let target = super::tls::DatabaseTarget::parse(maintenance.as_str())?;
     let started = tokio::time::Instant::now();
     let deadline = started + wait;
     let mut pause = Duration::from_millis(100);

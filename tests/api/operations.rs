@@ -144,6 +144,8 @@ async fn configuration_errors_exit_non_zero_with_one_clear_line() {
         (
             vec![
                 "serve",
+                "--wait-for-database",
+                "0",
                 "--database-url",
                 "postgres://postgres@127.0.0.1:1/convo",
             ],
@@ -165,6 +167,27 @@ async fn configuration_errors_exit_non_zero_with_one_clear_line() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // Given a wait, it says what it waits for, then ends as clearly.
+    let output = convo_binary()
+        .args([
+            "serve",
+            "--wait-for-database",
+            "300ms",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/convo",
+        ])
+        .output()
+        .await
+        .expect("run convo");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the database does not answer yet")
+            && stderr.lines().last().is_some_and(
+                |last| last.starts_with("convo: ") && last.contains("--wait-for-database")
+            ),
+        "{stderr}"
+    );
     let output = convo_binary()
         .args(["serve", "--listen", "nowhere"])
         .output()
