@@ -161,17 +161,40 @@ impl DatabaseTarget {
     /// until the session has closed them and said goodbye (Terminate), as
     /// libpq does, and hands over the notifications a LISTEN brings.
     pub async fn connect(&self) -> ConnectionResult<Opened> {
+        self.attempt().await?.map_err(bad_connection)
+    }
+
+    /// [`DatabaseTarget::connect`], with a failure to connect kept as
+    /// tokio-postgres reported it (see [`may_pass`]).
+    async fn attempt(&self) -> ConnectionResult<Result<Opened, tokio_postgres::Error>> {
         let config = self.config()?;
-        match &self.tls {
-            None => {
-                let (client, connection) = config.connect(NoTls).await.map_err(bad_connection)?;
-                self.adopt(client, connection).await
+        Ok(match &self.tls {
+            None => match config.connect(NoTls).await {
+                Ok((client, connection)) => Ok(self.adopt(client, connection).await?),
+                Err(error) => Err(error),
+            },
+            Some(tls) => match config.connect(tls.clone()).await {
+                Ok((client, connection)) => Ok(self.adopt(client, connection).await?),
+                Err(error) => Err(error),
+            },
+        })
+    }
+
+    /// Opens a session and ends it at once: whether the server answers.
+    pub(super) async fn reach(&self) -> Result<(), Unreached> {
+        match self.attempt().await {
+            Ok(Ok(opened)) => {
+                opened.close().await;
+                Ok(())
             }
-            Some(tls) => {
-                let (client, connection) =
-                    config.connect(tls.clone()).await.map_err(bad_connection)?;
-                self.adopt(client, connection).await
-            }
+            Ok(Err(error)) => Err(Unreached {
+                reason: with_causes(&error),
+                may_pass: may_pass(&error),
+            }),
+            Err(error) => Err(Unreached {
+                reason: error.to_string(),
+                may_pass: false,
+            }),
         }
     }
 
@@ -420,41 +443,6 @@ pub(super) struct Unreached {
     /// not a refusal that repeating cannot change, such as a wrong password,
     /// a missing database or a certificate that does not verify.
     pub may_pass: bool,
-}
-
-impl DatabaseTarget {
-    /// Opens a session and ends it at once: whether the server answers.
-    pub(super) async fn reach(&self) -> Result<(), Unreached> {
-        let config = self.config().map_err(|error| Unreached {
-            reason: error.to_string(),
-            may_pass: false,
-        })?;
-        let reached = match &self.tls {
-            None => part(config.connect(NoTls).await).await,
-            Some(tls) => part(config.connect(tls.clone()).await).await,
-        };
-        reached.map_err(|error| Unreached {
-            reason: with_causes(&error),
-            may_pass: may_pass(&error),
-        })
-    }
-}
-
-/// Ends a session just opened, with a goodbye.
-async fn part<S, T>(
-    connected: Result<
-        (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
-        tokio_postgres::Error,
-    >,
-) -> Result<(), tokio_postgres::Error>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let (client, connection) = connected?;
-    drop(client); // the connection then says goodbye and ends
-    let _ = tokio::time::timeout(CLOSE_LIMIT, connection).await;
-    Ok(())
 }
 
 /// See [`Unreached::may_pass`].
