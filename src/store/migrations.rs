@@ -10,7 +10,10 @@ use diesel_async::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use super::{pool::OneRow, tls::Opened};
+use super::{
+    pool::OneRow,
+    tls::{Opened, Unreached},
+};
 
 /// The schema, compiled into the binary so `convo serve` and `convo migrate`
 /// need nothing but a database URL. Diesel's harness keeps the books
@@ -243,7 +246,6 @@ pub async fn wait_for_database(database_url: &str, wait: Duration) -> Result<(),
     /// One attempt's limit: a server that accepts and never answers. (The
     /// last attempt may end this much after `wait`.)
     const ATTEMPT: Duration = Duration::from_secs(5);
-    const PAUSE_MOST: Duration = Duration::from_secs(1);
     if wait.is_zero() {
         return Ok(());
     }
@@ -254,35 +256,42 @@ pub async fn wait_for_database(database_url: &str, wait: Duration) -> Result<(),
     maintenance.set_path("/postgres");
     let target = super::tls::DatabaseTarget::parse(maintenance.as_str())?;
     let started = tokio::time::Instant::now();
-    let deadline = started + wait;
-    let mut pause = Duration::from_millis(100);
     let mut waiting = false;
-    loop {
-        let reason = match tokio::time::timeout(ATTEMPT, target.reach()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(unreached)) if !unreached.may_pass => None,
-            Ok(Err(unreached)) => Some(unreached.reason),
-            Err(_) => Some(format!("no answer within {ATTEMPT:?}")),
-        };
-        let Some(reason) = reason else {
+    let reached = super::retry::until(
+        started + wait,
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+        || async {
+            match tokio::time::timeout(ATTEMPT, target.reach()).await {
+                Ok(reached) => reached,
+                Err(_) => Err(Unreached {
+                    reason: format!("no answer within {ATTEMPT:?}"),
+                    may_pass: true,
+                }),
+            }
+        },
+        |unreached| unreached.may_pass,
+        |unreached| {
+            if !std::mem::replace(&mut waiting, true) {
+                let reason = &unreached.reason;
+                tracing::warn!(error = %reason, "the database does not answer yet; waiting up to {wait:?}");
+            }
+        },
+    )
+    .await;
+    match reached {
+        Err(unreached) if unreached.may_pass => Err(format!(
+            "{} (still after waiting {wait:?} for the database: see --wait-for-database)",
+            unreached.reason
+        )
+        .into()),
+        // Answered, or refused: what comes next says why.
+        _ => {
             if waiting {
                 tracing::info!(waited = ?started.elapsed(), "the database answers");
             }
-            return Ok(());
-        };
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "{reason} (still after waiting {wait:?} for the database: see --wait-for-database)"
-            )
-            .into());
+            Ok(())
         }
-        if !waiting {
-            tracing::warn!(error = %reason, "the database does not answer yet; waiting up to {wait:?}");
-            waiting = true;
-        }
-        tokio::time::sleep(pause.min(left)).await;
-        pause = (pause * 2).min(PAUSE_MOST);
     }
 }
 

@@ -30,6 +30,7 @@ mod parts;
 mod pool;
 mod resume;
 mod retention;
+mod retry;
 pub mod schema;
 mod script;
 mod search;

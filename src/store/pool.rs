@@ -567,18 +567,19 @@ impl bb8::ManageConnection for Sessions {
     /// Attempts until one succeeds or the connect timeout has passed.
     async fn connect(&self) -> Result<Session, PoolError> {
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        let mut pause = RETRY_FIRST;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.open_session(left).await {
-                Ok(session) => return Ok(session),
-                Err(error) if tokio::time::Instant::now() + pause >= deadline => return Err(error),
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(RETRY_MOST);
-                }
-            }
-        }
+        super::retry::until(
+            deadline,
+            RETRY_FIRST,
+            RETRY_MOST,
+            // The last attempt, at the deadline, still gets a moment.
+            || {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.open_session(left.max(RETRY_MOST))
+            },
+            |_| true,
+            |_| {},
+        )
+        .await
     }
 
     /// Lends no session that is known to be closed, without the round trip
